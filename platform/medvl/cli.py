@@ -1,0 +1,51 @@
+"""`medvl` command line: ingest | train | eval | tune | submit | jobs.
+
+    medvl ingest digits --out runs/corpora/digits
+    medvl ingest csv data.tsv --out corpora/x --image-key filepath --text-key title
+    medvl ingest folder images/ --out corpora/y --template "a photo of {}."
+    medvl train jobs/digits_clip.yaml [key.sub=value ...]
+    medvl eval jobs/digits_clip.yaml [--checkpoint PATH]
+    medvl tune jobs/sweep_digits_lr_temp.yaml [key=value ...]
+    medvl submit jobs/digits_clip.yaml --address http://127.0.0.1:8265
+    medvl jobs status|logs|stop <job-id> --address ...
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    from medvl.config import ConfigError
+    from medvl.data.corpus import CorpusError
+    try:
+        if cmd == "ingest":
+            from medvl.data.ingest import main as run
+        elif cmd == "train":
+            from medvl.train.cli import train_main as run
+        elif cmd == "eval":
+            from medvl.train.cli import eval_main as run
+        elif cmd == "tune":
+            from medvl.tune.cli import main as run
+        elif cmd == "submit":
+            from medvl.submit import submit_main as run
+        elif cmd == "jobs":
+            from medvl.submit import jobs_main as run
+        else:
+            print(f"medvl: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
+            return 2
+        return int(run(rest) or 0)
+    except (ConfigError, CorpusError) as e:
+        print(f"medvl {cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

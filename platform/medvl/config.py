@@ -1,0 +1,379 @@
+"""Typed recipe configuration: YAML file -> dataclass tree, strict validation, `key.sub=value` overrides.
+
+A recipe in `jobs/*.yaml` chooses values; the dataclasses below define every key, its type and its meaning.
+Unknown keys and wrong types are errors that name the dotted key. Ray passes configs as dicts and Tune samples
+flat dotted keys, so everything round-trips: `Recipe` <-> nested dict <-> flat `{"optim.lr": ...}`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    corpus: str = ""
+    """Corpus directory (manifest.json + Parquet shards), local path or shared-storage path."""
+    train_split: str = "train"
+    """Split whose shards are streamed into training."""
+    val_split: Optional[str] = "val"
+    """Held-out split for evaluation (zero-shot + retrieval); None disables evaluation."""
+    val_corpus: Optional[str] = None
+    """Evaluate on another corpus' `val_split` instead (default: `corpus`)."""
+    batch_size: int = 64
+    """Global batch size (split evenly over the train workers)."""
+    shuffle_buffer: int = 256
+    """Rows in each worker's local shuffle buffer (0 = no local shuffle)."""
+    shuffle_files: bool = True
+    """Shuffle shard order every epoch (seeded, reseeded per epoch)."""
+    prefetch_batches: int = 2
+    """Batches each worker prefetches from Ray Data."""
+    decode_batch_size: int = 64
+    """Rows per Ray Data `map_batches` decode+augment call."""
+    decode_tasks: int = 2
+    """Max concurrent Ray Data decode tasks (TaskPoolStrategy size)."""
+    text_sampling: Literal["random", "first", "join"] = "random"
+    """How one caption is chosen from a row's `texts`: a random one per epoch, the first, or all joined."""
+    max_rows: Optional[int] = None
+    """Use only the first N rows of the training corpus (debugging)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits-vit-tiny"
+    """open_clip model name (built-in, from this package's configs, or from `config_dir`)."""
+    config_dir: Optional[str] = None
+    """Directory of extra open_clip JSON model configs (registered with open_clip.add_model_config)."""
+    pretrained: Optional[str] = None
+    """Path to a local checkpoint file to load (never downloaded)."""
+    lock_image: bool = False
+    """Freeze the image tower."""
+    lock_text: bool = False
+    """Freeze the text tower."""
+    init_logit_scale: Optional[float] = None
+    """Initial temperature as logit scale = log(1/T); None keeps open_clip's default (log(1/0.07))."""
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["clip", "siglip"] = "clip"
+    """open_clip loss: `clip` = ClipLoss (InfoNCE), `siglip` = SigLipLoss."""
+    local_loss: bool = True
+    """ClipLoss: each rank computes local x global logits (linear scaling)."""
+    gather_with_grad: bool = True
+    """ClipLoss: all-gather features with autograd (exact gradients)."""
+    siglip_dist_impl: Literal["bidir", "shift", "reduce", "gather"] = "bidir"
+    """SigLipLoss distributed implementation."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.1
+    """Weight decay; never applied to norms, biases, logit scale/bias, embeddings of size < 2-D."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    """Linear warm-up steps before the cosine schedule."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: Optional[float] = 1.0
+    """Max global grad norm (None = no clipping)."""
+    accum_freq: int = 1
+    """Gradient accumulation over k micro-batches with feature caching (open_clip style)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    seed: int = 0
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision on GPU (bf16/fp16); CPU always runs fp32."""
+    torch_threads: Optional[int] = None
+    """torch intra-op threads per worker (default: cpus_per_worker)."""
+    log_every: int = 10
+    """Log metrics to MLflow every N steps (rank 0)."""
+    ckpt_every: int = 50
+    """Report a checkpoint every N steps (and at every epoch end)."""
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    """Worker-group restarts allowed (Ray Train FailureConfig)."""
+
+
+@dataclass
+class EvalConfig:
+    every_epoch: bool = True
+    """Evaluate on `data.val` at the end of each epoch (rank 0)."""
+    classnames: list[str] = field(default_factory=list)
+    """Class names for zero-shot classification (index = label id); empty = from the val manifest."""
+    templates: list[str] = field(default_factory=lambda: ["a photo of {}."])
+    """Prompt templates; the class embedding is the mean of the templates' text embeddings."""
+    label_field: Optional[str] = None
+    """Which `labels` key holds the class index (default: the manifest's `label_field`)."""
+    retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    batch_size: int = 256
+
+
+@dataclass
+class TrackConfig:
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite in `runtime.run_root`."""
+    experiment: str = "medvl"
+    run_name: Optional[str] = None
+    """MLflow run name and Ray Train run name; default: the recipe name. Same name again = resume."""
+    log_model: bool = True
+    """Log the final model with mlflow.pytorch."""
+
+
+@dataclass
+class RuntimeConfig:
+    ray_address: Optional[str] = None
+    """Ray cluster address; None = $RAY_ADDRESS or an embedded local Ray."""
+    num_cpus: Optional[int] = None
+    """Logical CPUs for an embedded local Ray (default: max(4, 2*cores) so data + train actors fit)."""
+    run_root: str = "runs"
+    """Where checkpoints, Ray Train state and the default MLflow store live (shared storage on clusters)."""
+
+
+@dataclass
+class Recipe:
+    name: str = "experiment"
+    method: Literal["clip"] = "clip"
+    """Training method (more methods register later)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def validate(self) -> "Recipe":
+        checks = [
+            (self.data.batch_size > 0, "data.batch_size must be > 0"),
+            (self.data.batch_size % max(1, self.train.num_workers) == 0,
+             f"data.batch_size ({self.data.batch_size}) must be divisible by train.num_workers ({self.train.num_workers})"),
+            (self.train.num_workers >= 1, "train.num_workers must be >= 1"),
+            (self.train.epochs >= 1, "train.epochs must be >= 1"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+            (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+            (self.optim.accum_freq >= 1, "optim.accum_freq must be >= 1"),
+            (self.train.log_every >= 1, "train.log_every must be >= 1"),
+            (self.train.ckpt_every >= 1, "train.ckpt_every must be >= 1"),
+            (self.train.max_failures >= -1, "train.max_failures must be >= -1"),
+            (bool(self.data.corpus), "data.corpus must name a corpus directory"),
+            (self.train.max_steps is None or self.train.max_steps > 0, "train.max_steps must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.track.run_name or self.name
+
+
+# --------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert the few safe cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = args[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<recipe>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def field_type(path: str, cls: type = Recipe) -> Any:
+    """The annotation of a dotted key (`optim.lr` -> float); ConfigError if the path does not exist."""
+    tp: Any = cls
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"unknown key {path}: {'.'.join(parts[:i])} has no sub-keys")
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            raise ConfigError(f"unknown key {path} (valid under {'.'.join(parts[:i]) or 'recipe'}: "
+                              f"{', '.join(sorted(hints))})")
+        tp = hints[part]
+    return tp
+
+
+def set_path(d: dict, path: str, value: Any) -> None:
+    parts = path.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any] | list[str]) -> dict:
+    """Apply `{"optim.lr": 1e-3}` or `["optim.lr=1e-3", ...]` to a nested recipe dict (values parsed as YAML)."""
+    data = copy.deepcopy(data)
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for ov in overrides:
+            if "=" not in ov:
+                raise ConfigError(f"override {ov!r} must look like key.sub=value")
+            k, v = ov.split("=", 1)
+            items.append((k.strip(), yaml.safe_load(v) if v != "" else "")) 
+    for k, v in items:
+        field_type(k)  # raises for unknown paths
+        set_path(data, k, v)
+    return data
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {p}")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a YAML mapping")
+    return data
+
+
+def _resolve_paths(data: dict, base: Path) -> dict:
+    """Relative corpus/config paths in a recipe are relative to the project root (cwd) unless they exist
+    relative to the recipe file's directory."""
+    for key in ("data.corpus", "data.val_corpus", "model.config_dir", "model.pretrained"):
+        parts = key.split(".")
+        sect = data.get(parts[0])
+        if isinstance(sect, dict) and isinstance(sect.get(parts[1]), str):
+            v = sect[parts[1]]
+            if "://" in v or os.path.isabs(v) or os.path.exists(v):
+                continue
+            cand = base / v
+            if cand.exists():
+                sect[parts[1]] = str(cand)
+    return data
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[str] | None = None,
+                data: dict | None = None) -> Recipe:
+    """Load a recipe YAML (or a dict), apply overrides, validate and return the typed `Recipe`."""
+    raw = load_yaml(path) if path is not None else copy.deepcopy(data or {})
+    if path is not None:
+        raw = _resolve_paths(raw, Path(path).resolve().parent)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    try:
+        recipe = from_dict(Recipe, raw)
+    except ConfigError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{e}") from None
+    return recipe.validate()
+
+
+def recipe_from_dict(d: dict) -> Recipe:
+    return from_dict(Recipe, d).validate()
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
