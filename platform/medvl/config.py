@@ -46,8 +46,6 @@ class DataConfig:
     """Max concurrent Ray Data decode tasks (TaskPoolStrategy size)."""
     text_sampling: Literal["random", "first", "join"] = "random"
     """How one caption is chosen from a row's `texts`: a random one per epoch, the first, or all joined."""
-    max_rows: Optional[int] = None
-    """Use only the first N rows of the training corpus (debugging)."""
 
 
 @dataclass
@@ -131,6 +129,8 @@ class EvalConfig:
     """Which `labels` key holds the class index (default: the manifest's `label_field`)."""
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 256
+    max_rows: int = 20000
+    """Evaluate on at most this many held-out rows (decoded once, cached on rank 0)."""
 
 
 @dataclass
@@ -340,18 +340,18 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
-    """Relative corpus/config paths in a recipe are relative to the project root (cwd) unless they exist
-    relative to the recipe file's directory."""
+    """Local relative paths in a recipe (corpus, model dir/weights) become absolute, so Ray workers (whose
+    working directory differs) find them: relative to the current directory if they exist there, else to the
+    recipe file's directory. URIs (s3://...) and absolute paths are left alone."""
     for key in ("data.corpus", "data.val_corpus", "model.config_dir", "model.pretrained"):
         parts = key.split(".")
         sect = data.get(parts[0])
         if isinstance(sect, dict) and isinstance(sect.get(parts[1]), str):
             v = sect[parts[1]]
-            if "://" in v or os.path.isabs(v) or os.path.exists(v):
+            if "://" in v or os.path.isabs(v):
                 continue
-            cand = base / v
-            if cand.exists():
-                sect[parts[1]] = str(cand)
+            cand = Path(v) if os.path.exists(v) or not (base / v).exists() else base / v
+            sect[parts[1]] = str(cand.resolve())
     return data
 
 
@@ -359,10 +359,9 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[st
                 data: dict | None = None) -> Recipe:
     """Load a recipe YAML (or a dict), apply overrides, validate and return the typed `Recipe`."""
     raw = load_yaml(path) if path is not None else copy.deepcopy(data or {})
-    if path is not None:
-        raw = _resolve_paths(raw, Path(path).resolve().parent)
     if overrides:
         raw = apply_overrides(raw, overrides)
+    raw = _resolve_paths(raw, Path(path).resolve().parent if path is not None else Path.cwd())
     try:
         recipe = from_dict(Recipe, raw)
     except ConfigError as e:

@@ -1,0 +1,111 @@
+"""Models by name: open_clip architectures (built-in JSON configs, this package's configs, or a local dir),
+optional local weights, and the offline pretrained two-tower model (`minilm-efficientnet-lite0`)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+
+from medvl.config import ConfigError, ModelConfig
+
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+PRETRAINED_TWO_TOWER = "minilm-efficientnet-lite0"
+_registered: set[str] = set()
+
+
+def register_configs(config_dir: str | None = None) -> None:
+    """Make this package's model JSONs (and an optional user dir) known to open_clip; idempotent."""
+    for d in [str(PACKAGE_CONFIGS)] + ([config_dir] if config_dir else []):
+        if d in _registered:
+            continue
+        if not Path(d).exists():
+            raise ConfigError(f"model.config_dir: {d} does not exist")
+        open_clip.add_model_config(d)
+        _registered.add(d)
+
+
+def _ensure_known(cfg: ModelConfig) -> None:
+    register_configs(cfg.config_dir)
+    if cfg.name == PRETRAINED_TWO_TOWER:
+        from medvl.models.pretrained import register_pretrained_two_tower
+        register_pretrained_two_tower()
+    if open_clip.get_model_config(cfg.name) is None:
+        raise ConfigError(f"model.name: unknown model {cfg.name!r}; open_clip knows "
+                          f"{len(open_clip.list_models())} models, e.g. {', '.join(open_clip.list_models()[:5])}; "
+                          f"add a JSON config with model.config_dir")
+
+
+def model_arch(cfg: ModelConfig) -> dict[str, Any]:
+    _ensure_known(cfg)
+    return open_clip.get_model_config(cfg.name)
+
+
+def create_model(cfg: ModelConfig, loss_kind: str = "clip") -> torch.nn.Module:
+    """Build the model (random init unless `cfg.pretrained` names a local checkpoint file)."""
+    _ensure_known(cfg)
+    kwargs: dict[str, Any] = {}
+    if cfg.init_logit_scale is not None:
+        kwargs["init_logit_scale"] = cfg.init_logit_scale
+    if loss_kind == "siglip":
+        kwargs.setdefault("init_logit_scale", math.log(10))
+        kwargs["init_logit_bias"] = -10.0
+    model = open_clip.create_model(cfg.name, pretrained=None, output_dict=True, **kwargs)
+    if cfg.name == PRETRAINED_TWO_TOWER:
+        from medvl.models.pretrained import load_efficientnet_lite0_weights
+        load_efficientnet_lite0_weights(model)
+    if cfg.pretrained:
+        p = Path(cfg.pretrained)
+        if not p.is_file():
+            raise ConfigError(f"model.pretrained: checkpoint file {p} not found (weights are never downloaded)")
+        sd = torch.load(p, map_location="cpu", weights_only=False)
+        sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if len(missing) > 0.5 * len(list(model.state_dict())):
+            raise ConfigError(f"model.pretrained: {p} does not fit {cfg.name} ({len(missing)} missing keys, "
+                              f"e.g. {missing[:3]})")
+    if cfg.lock_image:
+        for prm in model.visual.parameters():
+            prm.requires_grad = False
+        proj = getattr(getattr(model.visual, "head", None), "proj", None) or getattr(model.visual, "proj", None)
+        if isinstance(proj, torch.nn.Module):
+            for prm in proj.parameters():
+                prm.requires_grad = True
+        elif isinstance(proj, torch.nn.Parameter):
+            proj.requires_grad = True
+    if cfg.lock_text:
+        text = getattr(model, "text", None)
+        if text is not None:  # HF tower: keep the projection trainable
+            for name, prm in text.named_parameters():
+                prm.requires_grad = name.startswith("proj")
+        else:
+            for name in ("transformer", "token_embedding", "ln_final"):
+                for prm in getattr(model, name).parameters():
+                    prm.requires_grad = False
+            model.positional_embedding.requires_grad = False
+    return model
+
+
+def image_transforms(cfg: ModelConfig) -> tuple[Callable, Callable]:
+    """The model's own open_clip train/eval preprocessing (PIL -> tensor), without building the model."""
+    arch = model_arch(cfg)
+    vis = arch.get("vision_cfg", {})
+    size = vis.get("image_size", 224)
+    pp = arch.get("preprocess_cfg", {})
+    mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = pp.get("std", open_clip.OPENAI_DATASET_STD)
+    kw = dict(mean=mean, std=std, resize_mode=pp.get("resize_mode"), interpolation=pp.get("interpolation"))
+    return (open_clip.image_transform(size, is_train=True, **kw),
+            open_clip.image_transform(size, is_train=False, **kw))
+
+
+def tokenizer(cfg: ModelConfig):
+    _ensure_known(cfg)
+    return open_clip.get_tokenizer(cfg.name)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model

@@ -1,0 +1,75 @@
+"""`medvl train RECIPE [key.sub=value ...]` and `medvl eval RECIPE [--checkpoint DIR]`."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from medvl.config import load_recipe
+
+
+def _parse(prog: str, argv: list[str], extra=None):
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("recipe", help="YAML recipe in jobs/")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4")
+    if extra:
+        extra(p)
+    a = p.parse_args(argv)
+    return a, load_recipe(a.recipe, a.overrides)
+
+
+def _ui_hint(uri: str, run_id: str, experiment: str) -> str:
+    if uri.startswith("sqlite:"):
+        return (f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000, "
+                f"experiment '{experiment}', run {run_id}")
+    return f"open {uri} -> experiment '{experiment}', run {run_id}"
+
+
+def train_main(argv: list[str]) -> int:
+    a, recipe = _parse("medvl train", argv)
+    from medvl.train.launcher import run_training
+    t0 = time.time()
+    job, metrics = run_training(recipe)
+    print(f"\nrun '{recipe.run_name}' finished in {time.time() - t0:.0f}s: step {metrics.get('step')}, "
+          f"epoch {metrics.get('epoch')}")
+    for k in sorted(metrics):
+        if k.startswith("val/"):
+            print(f"  {k} = {metrics[k]:.4f}")
+    print(f"resolved recipe: {job.run_dir / 'recipe.yaml'}")
+    print(f"MLflow: {_ui_hint(job.tracking_uri, job.mlflow_run_id, recipe.track.experiment)}")
+    if "val/zero_shot_accuracy" in metrics:
+        print(f"zero_shot_accuracy={metrics['val/zero_shot_accuracy']:.4f}")
+    return 0
+
+
+def eval_main(argv: list[str]) -> int:
+    def extra(p):
+        p.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
+    a, recipe = _parse("medvl eval", argv, extra)
+    from pathlib import Path
+
+    from medvl.eval.zeroshot import evaluate, load_val_set
+    from medvl.track import runs
+    from medvl.train.launcher import load_model_from_checkpoint
+    ckpt = a.checkpoint
+    if ckpt is None:
+        cands = sorted((runs.run_root(recipe) / "ray" / recipe.run_name).glob("checkpoint_step=*"))
+        if not cands:
+            print(f"medvl eval: no checkpoint for run '{recipe.run_name}' under {runs.run_root(recipe)}")
+            return 2
+        ckpt = str(cands[-1])
+    model, state = load_model_from_checkpoint(recipe, ckpt)
+    val = load_val_set(recipe)
+    if val is None:
+        print("medvl eval: no held-out rows (data.val_split)")
+        return 2
+    metrics = evaluate(model, recipe, val)
+    id_file = runs.run_root(recipe) / "jobs" / recipe.run_name / runs.RUN_ID_FILE
+    if id_file.exists():
+        logger = runs.RankZeroLogger(runs.tracking_uri(recipe), id_file.read_text().strip(), True)
+        logger.log({k.replace("val/", "eval/"): v for k, v in metrics.items()}, step=int(state["step"]))
+    print(f"checkpoint {Path(ckpt).name} (step {state['step']}):")
+    for k, v in sorted(metrics.items()):
+        print(f"  {k} = {v:.4f}")
+    if "val/zero_shot_accuracy" in metrics:
+        print(f"zero_shot_accuracy={metrics['val/zero_shot_accuracy']:.4f}")
+    return 0

@@ -1,0 +1,170 @@
+"""Driver side of a training job: Ray, the MLflow run, the streaming dataset, the TorchTrainer, and what
+happens after `fit()` (loss-curve plot, final model).
+
+Re-running the same recipe with the same run name resumes: Ray Train V2 restores the run's checkpoint state
+from `<run_root>/ray/<run name>/`, and the job reuses its MLflow run (id kept in `<run_root>/jobs/<name>/`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from medvl.config import Recipe, dump_yaml, to_dict
+from medvl.data.corpus import load_manifest
+from medvl.track import runs
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(recipe: Optional[Recipe] = None) -> None:
+    """Connect to `runtime.ray_address` / $RAY_ADDRESS, or start an embedded local Ray."""
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    addr = (recipe.runtime.ray_address if recipe else None) or os.environ.get("RAY_ADDRESS")
+    if addr:
+        ray.init(address=addr, logging_level=logging.WARNING)
+        return
+    cpus = (recipe.runtime.num_cpus if recipe else None) or max(4, 2 * (os.cpu_count() or 2))
+    # Logical CPUs above the core count give Ray Data's decode tasks and the Train controller room next to
+    # the train workers on a small machine (the workers still set their own torch thread counts).
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+                                       "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+
+
+def quiet_ray_data() -> None:
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+@dataclass
+class Job:
+    recipe: Recipe
+    run_dir: Path
+    storage_path: Path
+    tracking_uri: str
+    mlflow_run_id: str
+    steps_per_epoch: int
+    total_steps: int
+
+
+def prepare_job(recipe: Recipe, parent_run_id: Optional[str] = None, tags: Optional[dict] = None) -> Job:
+    root = runs.run_root(recipe)
+    run_dir = root / "jobs" / recipe.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))  # the fully resolved config, with every run
+    manifest = load_manifest(recipe.data.corpus)
+    rows = manifest.rows(recipe.data.train_split)
+    steps_per_epoch = rows // recipe.data.batch_size
+    if steps_per_epoch < 1:
+        from medvl.config import ConfigError
+        raise ConfigError(f"data.batch_size ({recipe.data.batch_size}) is larger than the "
+                          f"{rows} rows of split {recipe.data.train_split!r} in {recipe.data.corpus}")
+    total = steps_per_epoch * recipe.train.epochs
+    if recipe.train.max_steps:
+        total = min(total, recipe.train.max_steps)
+    uri = runs.tracking_uri(recipe)
+    run_id = runs.start_or_resume_run(recipe, run_dir, parent_run_id, tags)
+    try:
+        runs.log_dataset(run_id, uri, recipe.data.corpus, recipe.data.train_split, "training")
+    except Exception as e:  # noqa: BLE001 - lineage is best effort, the manifest artifact is the fallback
+        log.warning("could not log dataset lineage: %s", e)
+    return Job(recipe, run_dir, root / "ray", uri, run_id, steps_per_epoch, total)
+
+
+def build_trainer(job: Job, callbacks: Optional[list] = None):
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from medvl.data.stream import TrainStreamFactory, skip_counter
+    from medvl.train.worker import train_fn_per_worker
+
+    r = job.recipe
+    counter_name = f"medvl-skips-{job.mlflow_run_id}"
+    skip_counter(counter_name, namespace="medvl")
+    storage_dir = job.storage_path / r.run_name
+    factory = TrainStreamFactory(to_dict(r), str(storage_dir), counter_name, namespace="medvl")
+    quiet_ray_data()
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"recipe": to_dict(r), "mlflow_uri": job.tracking_uri,
+                           "mlflow_run_id": job.mlflow_run_id, "counter_name": counter_name,
+                           "counter_namespace": "medvl", "steps_per_epoch": job.steps_per_epoch,
+                           "total_steps": job.total_steps},
+        scaling_config=ray.train.ScalingConfig(num_workers=r.train.num_workers, use_gpu=r.train.use_gpu,
+                                               resources_per_worker={"CPU": r.train.cpus_per_worker}),
+        datasets={"train": factory},
+        run_config=ray.train.RunConfig(
+            name=r.run_name, storage_path=str(job.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=r.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.train.keep_checkpoints),
+            callbacks=callbacks or None),
+    )
+
+
+def finalize(job: Job, result, status: str = "FINISHED") -> dict[str, Any]:
+    """Plot the curves, log the final model, close the MLflow run; return the final metrics."""
+    metrics = dict(result.metrics or {}) if result is not None else {}
+    with tempfile.TemporaryDirectory() as d:
+        plot = runs.plot_loss_curve(job.tracking_uri, job.mlflow_run_id, Path(d) / "loss_curve.png")
+        if plot:
+            runs._client(job.tracking_uri).log_artifact(job.mlflow_run_id, str(plot), artifact_path="plots")
+    ckpt = getattr(result, "checkpoint", None)
+    if job.recipe.track.log_model and ckpt is not None:
+        log_final_model(job, ckpt)
+    summary = {k: v for k, v in metrics.items() if k in ("step", "epoch", "val/zero_shot_accuracy")}
+    runs.finish_run(job.tracking_uri, job.mlflow_run_id, status, summary)
+    return metrics
+
+
+def load_model_from_checkpoint(recipe: Recipe, ckpt_dir: str):
+    import torch
+
+    from medvl.models.factory import create_model
+    from medvl.train.worker import STATE_FILE
+    model = create_model(recipe.model, recipe.loss.kind)
+    state = torch.load(os.path.join(ckpt_dir, STATE_FILE), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def log_final_model(job: Job, ckpt) -> None:
+    import mlflow
+    with ckpt.as_directory() as d:
+        model, _ = load_model_from_checkpoint(job.recipe, d)
+    mlflow.set_tracking_uri(job.tracking_uri)
+    with mlflow.start_run(run_id=job.mlflow_run_id):
+        mlflow.pytorch.log_model(pytorch_model=model, name="model", serialization_format="pickle")
+
+
+def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
+                 tags: Optional[dict] = None) -> tuple[Job, dict[str, Any]]:
+    """Run one training job end to end (used by `medvl train` and by each sweep trial)."""
+    ensure_ray(recipe)
+    job = prepare_job(recipe, parent_run_id, tags)
+    trainer = build_trainer(job, callbacks)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED")
+        raise
+    return job, finalize(job, result)
+
+
+def expected_steps(recipe: Recipe) -> int:
+    rows = load_manifest(recipe.data.corpus).rows(recipe.data.train_split)
+    total = (rows // recipe.data.batch_size) * recipe.train.epochs
+    return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
+
+
+__all__ = ["ensure_ray", "prepare_job", "build_trainer", "finalize", "run_training", "Job", "math"]

@@ -1,0 +1,187 @@
+"""`train_fn_per_worker`: the only Ray-aware training code; everything per-step is plain PyTorch (step.py).
+
+Numbered comments mark the Ray Train specifics, as in Ray's own examples.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from medvl.config import recipe_from_dict
+from medvl.eval.zeroshot import evaluate, load_val_set
+from medvl.losses import build_loss
+from medvl.models.factory import create_model, unwrap
+from medvl.track.runs import RankZeroLogger
+from medvl.train.optim import build_optimizer, build_scheduler
+from medvl.train.step import StepSettings, train_step
+
+STATE_FILE = "state.pt"
+POSITION_FILE = "position.json"
+
+
+def _save_checkpoint(model, opt, sched, scaler, pos: dict) -> str:
+    d = tempfile.mkdtemp(prefix="medvl-ckpt-")  # not TemporaryDirectory: Ray may upload asynchronously
+    torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None, **pos},
+               os.path.join(d, STATE_FILE))
+    with open(os.path.join(d, POSITION_FILE), "w") as f:
+        json.dump(pos, f)
+    return d
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    recipe = recipe_from_dict(config["recipe"])
+    t = recipe.train
+    ctx = ray.train.get_context()  # [1] rank/world from Ray Train
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(t.torch_threads or t.cpus_per_worker)
+    torch.manual_seed(t.seed + rank)
+    device = ray.train.torch.get_device()  # [2] cuda:<local rank> or cpu
+
+    model = create_model(recipe.model, recipe.loss.kind).to(device)
+    opt = build_optimizer(model, recipe.optim)
+    total_steps = config["total_steps"]
+    sched = build_scheduler(opt, recipe.optim, total_steps)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and t.precision == "fp16" else None
+    pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+
+    ckpt = ray.train.get_checkpoint()  # [3] latest reported checkpoint after a restart / re-run
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        pos = {k: state[k] for k in pos}
+    resumed_from = pos["step"]
+
+    model = ray.train.torch.prepare_model(model)  # [4] DDP (gloo on CPU, nccl on GPU); no-op for 1 worker
+    loss_fn = build_loss(recipe.loss, rank, world)
+    s = StepSettings(recipe.optim.accum_freq, recipe.optim.grad_clip, t.precision, device.type)
+    logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0)
+    counter = _counter(config)
+    val = load_val_set(recipe) if (rank == 0 and recipe.eval.every_epoch) else None
+    if rank == 0 and resumed_from:
+        logger.log({"train/resumed_from_step": resumed_from}, step=resumed_from)
+
+    steps_per_epoch = config["steps_per_epoch"]
+    per_worker_batch = recipe.data.batch_size // world
+    shard = ray.train.get_dataset_shard("train")  # [5] this worker's split of the streaming dataset
+    batches = shard.iter_torch_batches(
+        batch_size=per_worker_batch, drop_last=True, device=device,
+        dtypes={"image": torch.float32, "text": torch.long},
+        local_shuffle_buffer_size=recipe.data.shuffle_buffer or None,
+        local_shuffle_seed=(t.seed + rank + 1000 * pos["epoch"]) if recipe.data.shuffle_buffer else None,
+        prefetch_batches=recipe.data.prefetch_batches)
+
+    eval_metrics: dict[str, float] = {}
+    window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+    skip = pos["batch_in_epoch"]  # data position: batches of the current epoch already trained on
+    model.train()
+    it = iter(batches)
+    t_last = time.perf_counter()
+    while pos["step"] < total_steps:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        if skip > 0:
+            skip -= 1
+            t_last = time.perf_counter()
+            continue
+        wait = time.perf_counter() - t0
+        loss = train_step(model, batch, loss_fn, opt, sched, s, scaler)
+        pos["step"] += 1
+        pos["batch_in_epoch"] += 1
+        now = time.perf_counter()
+        window["loss"] += loss
+        window["n"] += 1
+        window["wait"] += wait
+        window["time"] += now - t_last
+        t_last = now
+
+        epoch_end = pos["batch_in_epoch"] >= steps_per_epoch or pos["step"] >= total_steps
+        if rank == 0 and (pos["step"] % t.log_every == 0 or epoch_end):
+            n = max(1, window["n"])
+            logger.log({
+                "train/loss": window["loss"] / n,
+                "train/lr": opt.param_groups[0]["lr"],
+                "train/logit_scale": float(unwrap(model).logit_scale.exp()),
+                "train/samples_per_s": recipe.data.batch_size * n / max(window["time"], 1e-9),
+                "train/data_wait_s": window["wait"] / n,
+                "train/skipped_samples": _skipped(counter),
+                "train/epoch": pos["epoch"] + pos["batch_in_epoch"] / steps_per_epoch,
+            }, step=pos["step"])
+            last_loss = window["loss"] / n
+            window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+        else:
+            last_loss = loss
+        if epoch_end:
+            pos["epoch"] += 1
+            pos["batch_in_epoch"] = 0
+            if val is not None:
+                eval_metrics = evaluate(model, recipe, val, device)
+                logger.log(eval_metrics, step=pos["step"])
+            _report(model, opt, sched, scaler, pos, last_loss, eval_metrics, rank)
+            t_last = time.perf_counter()
+        elif pos["step"] % t.ckpt_every == 0:
+            _report(model, opt, sched, scaler, pos, last_loss, eval_metrics, rank)
+            t_last = time.perf_counter()
+
+    if pos["step"] == resumed_from:  # nothing left to do (re-run of a finished run): report final state once
+        if val is not None:
+            eval_metrics = evaluate(model, recipe, val, device)
+        _report(model, opt, sched, scaler, pos, float("nan"), eval_metrics, rank, with_ckpt=False)
+    logger.flush()
+
+
+def _report(model, opt, sched, scaler, pos, loss, eval_metrics, rank, with_ckpt: bool = True) -> None:
+    import ray.train
+    metrics = {"step": pos["step"], "epoch": pos["epoch"], "train/loss": loss, **eval_metrics}
+    ckpt_dir = _save_checkpoint(model, opt, sched, scaler, dict(pos)) if (rank == 0 and with_ckpt) else None
+    # [6] every rank reports; only rank 0 attaches the (DDP-replicated) checkpoint
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
+                     checkpoint_dir_name=f"checkpoint_step={pos['step']:07d}" if ckpt_dir else None)
+
+
+def _counter(config: dict):
+    name = config.get("counter_name")
+    if not name:
+        return None
+    import ray
+    try:
+        return ray.get_actor(name, namespace=config.get("counter_namespace"))
+    except ValueError:
+        return None
+
+
+def _skipped(counter) -> float:
+    if counter is None:
+        return 0.0
+    import ray
+    return float(ray.get(counter.get.remote())[0])
+
+
+def latest_position(storage_dir: Path) -> Optional[dict]:
+    """The data position of the newest complete checkpoint of a run (read by the dataset factory)."""
+    best = None
+    for p in Path(storage_dir).glob("checkpoint_step=*/" + POSITION_FILE):
+        try:
+            pos = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (p.parent / STATE_FILE).exists() and (best is None or pos["step"] > best["step"]):
+            best = pos
+    return best
