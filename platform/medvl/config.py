@@ -244,6 +244,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -361,7 +366,8 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[st
     raw = load_yaml(path) if path is not None else copy.deepcopy(data or {})
     if overrides:
         raw = apply_overrides(raw, overrides)
-    raw = _resolve_paths(raw, Path(path).resolve().parent if path is not None else Path.cwd())
+    if path is not None:
+        raw = _resolve_paths(raw, Path(path).resolve().parent)
     try:
         recipe = from_dict(Recipe, raw)
     except ConfigError as e:

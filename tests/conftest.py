@@ -1,0 +1,41 @@
+"""Shared fixtures: real local Ray clusters, the real digits corpus, isolated run roots."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+import pytest  # noqa: E402
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session")
+def digits_corpus(tmp_path_factory) -> str:
+    """scikit-learn's handwritten digits ingested through `medvl ingest digits` (the demo corpus)."""
+    from medvl.data.ingest import ingest_digits
+    out = tmp_path_factory.mktemp("corpora") / "digits"
+    ingest_digits(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray cluster for one test module (4 logical CPUs on this 2-core machine)."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    # PYTHONPATH: Ray workers unpickle train functions defined in test modules by module name
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": TESTS_DIR}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def run_root(tmp_path, monkeypatch) -> str:
+    root = tmp_path / "runs"
+    monkeypatch.setenv("MEDVL_RUN_ROOT", str(root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return str(root)
