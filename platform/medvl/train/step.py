@@ -2,7 +2,8 @@
 
 With `accum_freq > 1` it follows open_clip_train: features of all micro-batches are computed first without
 grad, then each micro-batch is re-forwarded with grad against the cached features of the others, so the
-contrastive batch (the negatives) is the full accumulated batch, not one micro-batch.
+contrastive batch (the negatives) is the full accumulated batch, not one micro-batch. Unlike open_clip_train,
+the logit scale/bias get their gradient from one pass only, so the step equals the full-batch step exactly.
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def train_step(model, batch: dict, loss_fn, optimizer, scheduler, s: StepSetting
                 for key in ("image_features", "text_features"):
                     merged[key] = torch.cat([c[key] for c in cached[:j]] + [out[key]] +
                                             [c[key] for c in cached[j + 1:]])
+                if j > 0:  # every pass sees the whole batch: let only one carry the temperature's gradient
+                    for key in ("logit_scale", "logit_bias"):
+                        if merged.get(key) is not None:
+                            merged[key] = merged[key].detach()
                 loss = compute_loss(loss_fn, merged)
             _backward(loss, scaler)
             total += loss.detach()
