@@ -65,6 +65,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             scaler.load_state_dict(state["scaler"])
         pos = {k: state[k] for k in pos}
     resumed_from = pos["step"]
+    if rank == 0:
+        print(f"medvl: {'resuming from checkpoint at step ' + str(resumed_from) if ckpt else 'starting fresh'} "
+              f"(epoch {pos['epoch']}, batch {pos['batch_in_epoch']}), {total_steps} steps in all", flush=True)
 
     model = ray.train.torch.prepare_model(model)  # [4] DDP (gloo on CPU, nccl on GPU); no-op for 1 worker
     loss_fn = build_loss(recipe.loss, rank, world)
@@ -175,13 +178,11 @@ def _skipped(counter) -> float:
 
 
 def latest_position(storage_dir: Path) -> Optional[dict]:
-    """The data position of the newest complete checkpoint of a run (read by the dataset factory)."""
-    best = None
-    for p in Path(storage_dir).glob("checkpoint_step=*/" + POSITION_FILE):
-        try:
-            pos = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if (p.parent / STATE_FILE).exists() and (best is None or pos["step"] > best["step"]):
-            best = pos
-    return best
+    """Data position of the run's latest *registered* checkpoint (the one `get_checkpoint()` will return),
+    read from Ray Train's checkpoint-manager snapshot; used by the dataset factory."""
+    snap = Path(storage_dir) / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
+        return json.loads((Path(storage_dir) / latest["checkpoint_dir_name"] / POSITION_FILE).read_text())
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
