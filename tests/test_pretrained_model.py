@@ -81,20 +81,20 @@ def test_state_dict_mapping_covers_every_tensor():
 def test_trunk_features_match_wheel_model(built, wheel_net):
     model = built[0]
     torch.manual_seed(1)
-    x = torch.randn(3, 3, 224, 224)
+    x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        ref = wheel_net.extract_features(x)  # (3, 1280, 7, 7)
+        ref = wheel_net.extract_features(x)  # (2, 1280, 7, 7)
         ref_pooled = ref.mean(dim=(2, 3))
-        ours = model.visual.trunk(x)  # open_clip's trunk: global avg pool, no classifier -> (3, 1280)
+        ours = model.visual.trunk(x)  # open_clip's trunk: global avg pool, no classifier -> (2, 1280)
         ours_map = model.visual.trunk.forward_features(x)
-    assert ours.shape == (3, 1280)
+    assert ours.shape == (2, 1280)
     diff = (ours - ref_pooled).abs().max().item()
     print(f"max abs diff pooled features: {diff:.3g} (feature scale {ref_pooled.abs().max().item():.3g})")
     assert torch.allclose(ours, ref_pooled, atol=1e-4, rtol=1e-4), diff
     assert torch.allclose(ours_map, ref, atol=1e-4, rtol=1e-4)
     assert ref_pooled.std().item() > 0.1  # real features, not a collapsed/blown-up backbone
     emb = model.encode_image(x, normalize=True)
-    assert emb.shape == (3, 256) and torch.isfinite(emb).all()
+    assert emb.shape == (2, 256) and torch.isfinite(emb).all()
 
 
 def test_imagenet_classifier_path(wheel_net):
@@ -154,7 +154,7 @@ def test_freezing_semantics(built):
     bn = trunk.blocks[3][0].bn1
     before = bn.running_mean.clone()
     torch.manual_seed(2)
-    images = torch.randn(4, 3, 224, 224)
+    images = torch.randn(4, 3, 160, 160)  # any size works for the conv trunk; smaller is faster on CPU
     texts = built[3](["a", "b", "c", "d"])
     out = model(images, texts)
     img_f, txt_f, scale = (out["image_features"], out["text_features"], out["logit_scale"]) \

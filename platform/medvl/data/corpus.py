@@ -122,10 +122,19 @@ def shard_paths(corpus: str | os.PathLike, split: Optional[str]) -> list[str]:
     return paths
 
 
+def open_file(path: str):
+    """Open a local path or a URI (s3://, gs://, ... through fsspec) for reading."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        import fsspec
+        return fsspec.open(str(path), "rb").open()
+    return open(str(path).removeprefix("file://"), "rb")
+
+
 def check_shard_schema(path: str | os.PathLike) -> pa.Schema:
     """Read only the footer of a shard and check it against SCHEMA; errors name the file and the field."""
     try:
-        schema = pq.read_schema(path)
+        with open_file(str(path)) as f:
+            schema = pq.read_schema(f)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise CorpusError(f"{path}: not a readable Parquet file ({e})") from None
     for name in REQUIRED_FIELDS:
@@ -157,7 +166,7 @@ def validate_corpus(corpus: str | os.PathLike, split: Optional[str] = None) -> l
     """Check every shard of `split` exists and has the right schema; return their paths."""
     paths = shard_paths(corpus, split)
     for p in paths:
-        if not os.path.exists(p):
+        if "://" not in p and not os.path.exists(p):
             raise CorpusError(f"{p}: shard listed in {manifest_path(corpus)} does not exist")
         check_shard_schema(p)
     return paths

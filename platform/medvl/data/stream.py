@@ -1,9 +1,12 @@
 """Ray Data streaming: Parquet shards -> decode + augment (the model's own open_clip preprocessing) ->
 tokenise -> per-worker `iter_torch_batches`.
 
-Memory stays bounded because every stage streams (read -> map_batches -> split) with Ray Data's backpressure;
-nothing materialises the corpus. Shard order is reshuffled every epoch (`FileShuffleConfig`, reseeded after
-each execution) and each worker shuffles locally in a buffer. A row whose image or text cannot be decoded is
+The dataset is a list of shard paths (one entry per shard per epoch, each epoch in its own seeded order);
+one `map_batches` generator task reads a shard row group by row group and yields decoded, tokenised batches.
+Raw image bytes therefore never sit in the object store: only decoded batches do, and the bounded number of
+decode tasks plus Ray Data's streaming backpressure keep memory flat however large the corpus (tested with a
+corpus 4x the object store). All epochs stream in one execution, so the pipeline stays full across epoch
+boundaries. Each worker also shuffles locally in a buffer. A row whose image or text cannot be decoded is
 dropped in `map_batches`, counted by a named `SkipCounter` actor (read by rank 0 as a metric) and never kills
 the epoch; iter_torch_batches re-batches, so every batch stays full and ranks stay in step.
 """
@@ -23,6 +26,7 @@ from medvl.data.corpus import validate_corpus
 log = logging.getLogger(__name__)
 
 READ_COLUMNS = ["sample_id", "image", "image_uri", "texts"]
+
 
 
 @ray.remote(num_cpus=0)
@@ -148,25 +152,39 @@ def epoch_file_order(paths: list[str], epochs: range, seed: int, shuffle: bool) 
     return out
 
 
+def read_and_decode(paths: dict[str, np.ndarray], *, read_rows: int, **decode_kw):
+    """Generator UDF: for each shard path, stream its rows in chunks of `read_rows` and yield decoded batches."""
+    import pyarrow.parquet as pq
+
+    from medvl.data.corpus import check_shard_schema, open_file
+    for path in paths["path"]:
+        path = str(path)
+        check_shard_schema(path)
+        with open_file(path) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in READ_COLUMNS if c in pf.schema_arrow.names]
+            for rb in pf.iter_batches(batch_size=read_rows, columns=cols):
+                batch = {c: np.asarray(rb.column(c).to_pylist(), dtype=object) for c in cols}
+                out = decode_batch(batch, **decode_kw)
+                if len(out["text"]):
+                    yield out
+
+
 def build_dataset(data: DataConfig, model: ModelConfig, split: str, *, train: bool = True, seed: int = 0,
                   epochs: range = range(1), counter_name: Optional[str] = None,
                   namespace: Optional[str] = None) -> "ray.data.Dataset":
-    """One streaming execution over `epochs` passes of a split (validated shards, per-epoch shard order,
-    decode tasks). Streaming all epochs in one execution keeps the pipeline full across epoch boundaries
-    instead of paying Ray Data's start-up (seconds) every epoch."""
+    """One streaming execution over `epochs` passes of a split: validated shards, a seeded shard order per
+    epoch, `data.decode_tasks` concurrent read+decode tasks."""
     from dataclasses import asdict
 
     paths = validate_corpus(data.corpus, split)
-    columns = READ_COLUMNS if _has_uri(paths) else [c for c in READ_COLUMNS if c != "image_uri"]
-    # one read per epoch (read_parquet de-duplicates repeated paths), streamed back to back
-    reads = [ray.data.read_parquet(epoch_file_order(paths, range(e, e + 1), seed, train and data.shuffle_files),
-                                   columns=columns) for e in epochs]
-    ds = reads[0].union(*reads[1:]) if len(reads) > 1 else reads[0]
-    return ds.map_batches(
-        decode_batch,
-        fn_kwargs=dict(model_cfg=asdict(model), text_sampling=data.text_sampling,
+    ordered = epoch_file_order(paths, epochs, seed, train and data.shuffle_files)
+    items = ray.data.from_items([{"path": p} for p in ordered], override_num_blocks=len(ordered))
+    return items.map_batches(
+        read_and_decode,
+        fn_kwargs=dict(read_rows=data.decode_batch_size, model_cfg=asdict(model), text_sampling=data.text_sampling,
                        counter_name=counter_name, train=train, seed=seed, namespace=namespace),
-        batch_size=data.decode_batch_size,
+        batch_size=1,
         compute=ray.data.TaskPoolStrategy(size=max(1, data.decode_tasks)),
         num_cpus=1,
     )
@@ -191,7 +209,3 @@ class TrainStreamFactory:
         return build_dataset(r.data, r.model, r.data.train_split, train=True, seed=r.train.seed, epochs=epochs,
                              counter_name=self.counter_name, namespace=self.namespace)
 
-
-def _has_uri(paths: list[str]) -> bool:
-    import pyarrow.parquet as pq
-    return "image_uri" in pq.read_schema(paths[0]).names

@@ -1,0 +1,75 @@
+"""A corpus several times larger than Ray's object store streams through decode + augment with bounded
+memory: every row arrives, nothing like the whole corpus is spilled, the driver's memory stays flat."""
+import io
+import os
+import re
+import resource
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medvl.config import DataConfig, ModelConfig
+from medvl.data.corpus import Manifest, ShardWriter, write_manifest
+
+OBJECT_STORE = 100 * 1024**2
+
+
+def _noise_png(rng, size=512):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG",
+                                                                                 compress_level=0)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    w = ShardWriter(out, shard_size=50)
+    total = 0
+    for i in range(500):  # ~790 KB of incompressible pixels per row -> ~390 MB, ~4x the object store
+        img = _noise_png(rng)
+        total += len(img)
+        w.add({"sample_id": f"n{i}", "image": img, "texts": [f"noise sample {i % 10}"], "split": "train",
+               "labels": {"k": float(i % 10)}})
+    write_manifest(out, Manifest(source="noise", shards=w.close()))
+    return str(out), total
+
+
+def _spilled_mib() -> float:
+    from ray._private.internal_api import memory_summary
+    m = re.search(r"Spilled ([\d.]+) MiB", memory_summary(stats_only=True))
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_corpus_larger_than_object_store_streams(big_corpus):
+    import ray
+    from medvl.data.stream import build_dataset
+    corpus, nbytes = big_corpus
+    assert nbytes > 3.5 * OBJECT_STORE
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    try:
+        ds = build_dataset(DataConfig(corpus=corpus, decode_batch_size=16), ModelConfig(name="test-vit-micro"),
+                           "train", epochs=range(2))
+        batches = iter(ds.iter_torch_batches(batch_size=32))
+        rows = len(next(batches)["image"])  # first batch: imports torch in the driver, starts the pipeline
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        for batch in batches:
+            assert batch["image"].shape[1:] == (3, 32, 32)
+            rows += len(batch["image"])
+        rss_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+        spilled = _spilled_mib()
+    finally:
+        ray.shutdown()
+    assert rows == 2 * 500
+    # streaming: the 2 x 390 MB pass never had to be parked in (or spilled from) the 100 MB store
+    assert spilled < 0.25 * nbytes / 1024**2, f"spilled {spilled} MiB"
+    assert rss_growth < 300, f"driver RSS grew by {rss_growth:.0f} MiB"
+    print(f"streamed {2 * nbytes / 1024**2:.0f} MiB through a {OBJECT_STORE / 1024**2:.0f} MiB object store; "
+          f"spilled {spilled:.0f} MiB; driver peak RSS growth {rss_growth:.0f} MiB")
