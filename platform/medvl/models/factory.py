@@ -67,7 +67,10 @@ def create_model(cfg: ModelConfig, loss_kind: str = "clip") -> torch.nn.Module:
         if len(missing) > 0.5 * len(list(model.state_dict())):
             raise ConfigError(f"model.pretrained: {p} does not fit {cfg.name} ({len(missing)} missing keys, "
                               f"e.g. {missing[:3]})")
-    if cfg.lock_image:
+    if cfg.lock_image and cfg.name == PRETRAINED_TWO_TOWER:
+        from medvl.models.pretrained import freeze_image_trunk
+        freeze_image_trunk(model)  # frozen timm trunk stays in eval mode (BN stats), projection trains
+    elif cfg.lock_image:
         for prm in model.visual.parameters():
             prm.requires_grad = False
         proj = getattr(getattr(model.visual, "head", None), "proj", None) or getattr(model.visual, "proj", None)
@@ -76,7 +79,10 @@ def create_model(cfg: ModelConfig, loss_kind: str = "clip") -> torch.nn.Module:
                 prm.requires_grad = True
         elif isinstance(proj, torch.nn.Parameter):
             proj.requires_grad = True
-    if cfg.lock_text:
+    if cfg.lock_text and cfg.name == PRETRAINED_TWO_TOWER:
+        from medvl.models.pretrained import lock_text_transformer
+        lock_text_transformer(model)
+    elif cfg.lock_text:
         text = getattr(model, "text", None)
         if text is not None:  # HF tower: keep the projection trainable
             for name, prm in text.named_parameters():

@@ -1,0 +1,192 @@
+"""Data-path benchmark: medvl's Ray Data stream vs a torch DataLoader + PIL on the same Parquet shards.
+
+    ./dev bench data [--model cxr-vit-small] [--scale 1 10] [--workers 2]
+
+Both decode the same encoded images with the model's own open_clip train transform and tokenise the captions;
+both use 2 parallel decoders (Ray Data decode tasks / DataLoader workers) and batch 64. For each corpus scale
+(the digits train split copied 1x and 10x) it prints rows/s (steady state, after the first batch) and the peak
+resident memory of the whole process tree (driver + Ray / DataLoader workers), then, as the last line,
+`ratio_ray_vs_dataloader=<x> rss_growth_10x_ray=<y> rss_growth_10x_dataloader=<z>`.
+One invocation measures everything: compare numbers only within one run (the machine is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def tree_rss_mib(root_pid: int) -> float:
+    """Resident memory of root_pid and all its descendants (Ray's raylet/workers are descendants of the driver)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(d.name)] = int((d / "statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    keep, frontier = {root_pid}, [root_pid]
+    while frontier:
+        p = frontier.pop()
+        for c, pp in parents.items():
+            if pp == p and c not in keep:
+                keep.add(c)
+                frontier.append(c)
+    return sum(rss.get(p, 0) for p in keep) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakSampler:
+    def __init__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_mib(os.getpid()))
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self._t.join()
+
+
+def scaled_corpus(src: str, dst: Path, scale: int) -> str:
+    from medvl.data.corpus import Manifest, Shard, load_manifest, write_manifest
+    m = load_manifest(src)
+    (dst / "shards").mkdir(parents=True, exist_ok=True)
+    shards = []
+    for k in range(scale):
+        for s in m.shards:
+            if s.split != "train":
+                continue
+            rel = f"shards/train-{k:03d}-{Path(s.path).name}"
+            shutil.copy(Path(src) / s.path, dst / rel)
+            shards.append(Shard(rel, "train", s.rows))
+    write_manifest(dst, Manifest(source=f"{src} x{scale}", shards=shards))
+    return str(dst)
+
+
+def run_ray(corpus: str, model: str, workers: int, batch: int) -> tuple[float, int, float]:
+    import ray
+
+    from medvl.config import DataConfig, ModelConfig
+    from medvl.data.stream import build_dataset
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ds = build_dataset(DataConfig(corpus=corpus, decode_tasks=workers, decode_batch_size=batch),
+                           ModelConfig(name=model), "train")
+        with PeakSampler() as ps:
+            it = iter(ds.iter_torch_batches(batch_size=batch, prefetch_batches=2))
+            n = len(next(it)["image"])
+            t0, rows = time.perf_counter(), 0
+            for b in it:
+                rows += len(b["image"])
+            dt = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return rows / dt, rows + n, ps.peak
+
+
+class ShardStream:
+    """torch IterableDataset over the same shards: each DataLoader worker takes every k-th shard."""
+
+    def __init__(self, corpus: str, model: str):
+        self.corpus, self.model = corpus, model
+
+    def __iter__(self):
+        import io
+
+        import pyarrow.parquet as pq
+        import torch
+        from PIL import Image
+
+        from medvl.config import ModelConfig
+        from medvl.data.corpus import shard_paths
+        from medvl.models.factory import image_transforms, tokenizer
+        torch.set_num_threads(1)
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        tr, _ = image_transforms(ModelConfig(name=self.model))
+        tok = tokenizer(ModelConfig(name=self.model))
+        for i, p in enumerate(shard_paths(self.corpus, "train")):
+            if i % nw != wid:
+                continue
+            for rb in pq.ParquetFile(p).iter_batches(batch_size=256, columns=["image", "texts"]):
+                for img, texts in zip(rb.column("image").to_pylist(), rb.column("texts").to_pylist()):
+                    with Image.open(io.BytesIO(img)) as im:
+                        yield tr(im.convert("RGB")), tok([texts[0]])[0]
+
+
+def run_dataloader(corpus: str, model: str, workers: int, batch: int) -> tuple[float, int, float]:
+    import torch
+    dl = torch.utils.data.DataLoader(ShardStream(corpus, model), batch_size=batch, num_workers=workers,
+                                     prefetch_factor=2, persistent_workers=False)
+    with PeakSampler() as ps:
+        it = iter(dl)
+        n = len(next(it)[0])
+        t0, rows = time.perf_counter(), 0
+        for img, _ in it:
+            rows += len(img)
+        dt = time.perf_counter() - t0
+    return rows / dt, rows + n, ps.peak
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cxr-vit-small", help="its train transform is applied (224 px default)")
+    ap.add_argument("--scale", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--which", choices=["ray", "dataloader"], help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.which:  # child process: one measurement in a fresh interpreter, so RSS peaks don't mix
+        fn = run_ray if a.which == "ray" else run_dataloader
+        print(json.dumps(dict(zip(["rows_per_s", "rows", "peak_rss_mib"],
+                                  fn(a.corpus, a.model, a.workers, a.batch_size)))))
+        return 0
+    import subprocess
+
+    from medvl.data.ingest import ingest_digits
+    tmp = Path(tempfile.mkdtemp(prefix="medvl-bench-data-"))
+    base = str(tmp / "digits")
+    ingest_digits(base)
+    results: dict[tuple[str, int], dict] = {}
+    for scale in a.scale:
+        corpus = scaled_corpus(base, tmp / f"x{scale}", scale)
+        for which in ("ray", "dataloader"):
+            out = subprocess.run([sys.executable, __file__, "--which", which, "--corpus", corpus, "--model", a.model,
+                                  "--workers", str(a.workers), "--batch-size", str(a.batch_size)],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[(which, scale)] = r
+            print(f"{which:>10} x{scale:<3} rows={r['rows']:>6}  {r['rows_per_s']:8.1f} rows/s  "
+                  f"peak RSS (process tree) {r['peak_rss_mib']:7.0f} MiB", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    lo, hi = min(a.scale), max(a.scale)
+    ratio = results[("ray", hi)]["rows_per_s"] / results[("dataloader", hi)]["rows_per_s"]
+    g_ray = results[("ray", hi)]["peak_rss_mib"] / results[("ray", lo)]["peak_rss_mib"]
+    g_dl = results[("dataloader", hi)]["peak_rss_mib"] / results[("dataloader", lo)]["peak_rss_mib"]
+    print(f"ratio_ray_vs_dataloader={ratio:.2f} rss_growth_{hi}x_ray={g_ray:.2f} rss_growth_{hi}x_dataloader={g_dl:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
