@@ -104,7 +104,7 @@ def run_ray(corpus: str, model: str, workers: int, batch: int) -> tuple[float, i
     return rows / dt, rows + n, ps.peak
 
 
-class ShardStream:
+class ShardStream(__import__("torch").utils.data.IterableDataset):
     """torch IterableDataset over the same shards: each DataLoader worker takes every k-th shard."""
 
     def __init__(self, corpus: str, model: str):
