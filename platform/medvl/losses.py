@@ -1,7 +1,12 @@
 """The contrastive losses, all from open_clip (one place to choose them, by explicit name)."""
 from __future__ import annotations
 
+import warnings
+
 from open_clip.loss import ClipLoss, SigLipLoss
+
+# open_clip 3.3.0 gathers with torch.distributed.nn.all_gather (autograd-aware); torch warns on every call
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 from medvl.config import LossConfig
 

@@ -34,8 +34,10 @@ def ensure_ray(recipe: Optional[Recipe] = None) -> None:
     cpus = (recipe.runtime.num_cpus if recipe else None) or max(4, 2 * (os.cpu_count() or 2))
     # Logical CPUs above the core count give Ray Data's decode tasks and the Train controller room next to
     # the train workers on a small machine (the workers still set their own torch thread counts).
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+                                       "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
                                        "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
 
 
