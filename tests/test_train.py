@@ -118,3 +118,32 @@ def test_corrupt_samples_are_skipped_and_counted(ray_local, digits_corpus, run_r
     assert metrics["step"] == job.total_steps  # the epoch completed
     skipped = _metric(recipe, job.mlflow_run_id, "train/skipped_samples")
     assert skipped[-1].value == len(bad) == 7
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_training_run_reads_back_from_real_mlflow_server(ray_local, digits_corpus, run_root, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from medvl.track.server import start_server, stop_server
+    url, proc = start_server(tmp_path / "mlflow")
+    try:
+        recipe = _recipe(digits_corpus, "server-readback", train__epochs=1, train__num_workers=2,
+                         track__tracking_uri=url, optim__lr=2e-3)
+        job, metrics = run_training(recipe)
+        client = MlflowClient(url)
+        run = client.get_run(job.mlflow_run_id)
+        assert run.info.status == "FINISHED" and run.info.run_name == "server-readback"
+        assert run.data.params["optim.lr"] == "0.002" and run.data.params["model.name"] == "test-vit-micro"
+        loss = client.get_metric_history(run.info.run_id, "train/loss")
+        assert len(loss) >= 10 and loss[-1].step == job.total_steps
+        for key in ("train/lr", "train/logit_scale", "train/samples_per_s", "train/data_wait_s",
+                    "train/skipped_samples", "val/zero_shot_accuracy", "val/i2t_r1", "val/t2i_r10"):
+            assert key in run.data.metrics, key
+        arts = {a.path for d in ("config", "plots", "dataset/training") for a in client.list_artifacts(run.info.run_id, d)}
+        assert {"config/recipe.yaml", "plots/loss_curve.png", "dataset/training/manifest.json"} <= arts
+        assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
+        models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+        assert any(m.source_run_id == run.info.run_id for m in models)
+    finally:
+        stop_server(proc)

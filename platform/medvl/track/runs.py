@@ -90,28 +90,24 @@ def log_recipe(client, run_id: str, recipe: Recipe) -> None:
 
 
 def log_dataset(run_id: str, uri: str, corpus: str, split: str, context: str) -> None:
-    """Corpus manifest as dataset lineage (an MLflow input with digest) + the manifest file itself."""
-    import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.http_dataset_source import HTTPDatasetSource  # noqa: F401 (registers sources)
+    """Corpus lineage: the manifest file as an artifact, and the corpus (its shard table) as an MLflow dataset
+    input with a digest, source path, schema and row counts shown on the run page."""
+    from dataclasses import asdict
+
+    import mlflow.data
+    import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
+
     from medvl.data.corpus import load_manifest, manifest_path
     mp = manifest_path(corpus)
     manifest = load_manifest(corpus)
     client = _client(uri)
     client.log_artifact(run_id, str(mp), artifact_path=f"dataset/{context}")
-    try:
-        from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
-        src = FileSystemDatasetSource(str(mp.parent.resolve()))
-    except Exception:  # noqa: BLE001
-        src = None
-    if src is not None:
-        import hashlib
-        digest = hashlib.sha1(mp.read_bytes()).hexdigest()[:16]
-        ds = MetaDataset(source=src, name=f"{Path(manifest.source).name or mp.parent.name}:{split}", digest=digest)
-        client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
-                                                         tags=[InputTag("mlflow.data.context", context)])])
-    del mlflow
+    shards = pd.DataFrame([asdict(s) for s in manifest.shards if s.split == split])
+    name = f"{mp.parent.name}:{split}"
+    ds = mlflow.data.from_pandas(shards, source=str(mp.parent.resolve()), name=name)
+    client.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
+                                                     tags=[InputTag("mlflow.data.context", context)])])
 
 
 class RankZeroLogger:
