@@ -91,6 +91,14 @@ def test_killed_worker_recovers_and_rerun_resumes_same_run(ray_local, digits_cor
     arts = {a.path for a in client.list_artifacts(job.mlflow_run_id, "plots")}
     assert "plots/loss_curve.png" in arts
 
+    # `medvl eval` re-evaluates the latest checkpoint and logs into the same run
+    from medvl.config import dump_yaml
+    from medvl.train.cli import eval_main
+    rfile = Path(run_root) / "fault.yaml"
+    rfile.write_text(dump_yaml(recipe))
+    assert eval_main([str(rfile)]) == 0
+    assert client.get_metric_history(job.mlflow_run_id, "eval/zero_shot_accuracy")[-1].step == job.total_steps
+
 
 def _corrupt_corpus(src, dst, n_bad=7):
     """Copy the digits train split and corrupt some image bytes *after* ingest (storage bit rot)."""
@@ -147,3 +155,13 @@ def test_training_run_reads_back_from_real_mlflow_server(ray_local, digits_corpu
         assert any(m.source_run_id == run.info.run_id for m in models)
     finally:
         stop_server(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_siglip_loss_trains_on_two_workers(ray_local, digits_corpus, run_root):
+    import math
+    recipe = _recipe(digits_corpus, "siglip", loss__kind="siglip", train__max_steps=12, data__val_split=None)
+    job, metrics = run_training(recipe)
+    losses = [m.value for m in _metric(recipe, job.mlflow_run_id, "train/loss")]
+    assert metrics["step"] == 12 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
