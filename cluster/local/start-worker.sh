@@ -10,6 +10,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
+case "${1:-}" in -h|--help) sed -n '2,9p' "$0"; exit 0 ;; esac
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
   echo "usage: start-worker.sh HEAD_HOST:PORT [--num-cpus N] [--num-gpus N] [-- extra ray start args]" >&2
   exit 2

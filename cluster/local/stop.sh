@@ -30,12 +30,17 @@ fi
 
 [ -d "$TEMP_DIR" ] || { echo "stop.sh: no such temp dir: $TEMP_DIR" >&2; exit 2; }
 TEMP_DIR="$(cd "$TEMP_DIR" && pwd)"
-# The python next to the ray CLI has psutil (a ray dependency).
+# The python next to the ray CLI has ray (which bundles psutil).
 PY="$(dirname "$RAY_BIN")/python"
 [ -x "$PY" ] || PY=python3
 exec "$PY" - "$TEMP_DIR" "${FORCE:-}" <<'PYEOF'
 import sys
-import psutil
+
+try:
+    import psutil
+except ImportError:  # ray ships psutil in ray/thirdparty_files and puts it on sys.path on import
+    import ray  # noqa: F401
+    import psutil
 
 temp_dir, force = sys.argv[1], bool(sys.argv[2])
 me = psutil.Process()

@@ -1,0 +1,350 @@
+"""Sweep spec: `jobs/sweep_*.yaml` -> typed `SweepSpec`, as strict as the recipe config.
+
+    name: sweep-digits-small              # parent MLflow run name, `<run_root>/sweeps/<name>/`
+    base: digits_clip.yaml                # recipe, relative to this file (or the current directory)
+    overrides: {train.epochs: 3}          # dotted recipe keys applied to the base for every trial
+    search_space:                         # any recipe key; see medvl.tune.space for the types
+      optim.lr: {type: loguniform, low: 3.0e-4, high: 1.0e-2}
+    metric: val/zero_shot_accuracy
+    mode: max
+    num_samples: 6
+    scheduler: {kind: asha, grace_period: 1, reduction_factor: 2}
+    resources: {workers: 1, cpus_per_worker: 1}
+
+`load_sweep(path, ["num_samples=2", "train.epochs=1"])` applies command-line overrides: a key whose first part
+is a sweep field changes the spec (`scheduler.kind=none`, `search_space.optim.lr.high=1e-2`); any other key
+must be a recipe key and joins `overrides`. `validate_sweep(spec)` then checks everything that can be checked
+before a trial starts (parameter paths, ranges vs field types, the objective metric, the scheduler horizon)
+and returns the resolved base recipe.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from medvl.config import ConfigError, Recipe, field_type, from_dict, load_recipe, load_yaml, to_dict
+
+
+class SweepError(ConfigError):
+    """A sweep spec is invalid (or cannot start); the message names the key."""
+
+
+@dataclass
+class ParamSpec:
+    """One search dimension (see `medvl.tune.space` for how each type is checked and sampled)."""
+    type: Literal["uniform", "loguniform", "int", "choice"]
+    low: Optional[Union[int, float]] = None
+    """Lower bound (uniform, loguniform, int)."""
+    high: Optional[Union[int, float]] = None
+    """Upper bound, inclusive (uniform, loguniform, int); must be > low."""
+    values: Optional[list[Any]] = None
+    """Candidates of a `choice` (scalars: numbers, strings, true/false, null)."""
+    log: bool = False
+    """`int` only: sample on a log scale."""
+    step: Optional[Union[int, float]] = None
+    """Optional discretisation step (uniform, int)."""
+    when: Optional[dict[str, Any]] = None
+    """Condition: sample this dimension only when every `{key: value}` (or `{key: [values]}`) holds; a key is
+    an earlier `choice` dimension or a fixed recipe key (e.g. `{loss.kind: siglip}`)."""
+
+
+@dataclass
+class SchedulerSpec:
+    kind: Literal["asha", "hyperband", "none"] = "asha"
+    """asha = ASHA (one bracket); hyperband = asynchronous HyperBand (`brackets` ASHA brackets, never pauses
+    trials); none = every trial runs to the end."""
+    time_attr: Literal["epoch"] = "epoch"
+    """Progress unit the scheduler compares trials at (completed epochs, reported after each epoch's eval)."""
+    grace_period: int = 1
+    """Epochs every trial trains before it can be stopped."""
+    max_t: Optional[int] = None
+    """The scheduler's horizon in epochs; defaults to (and must equal) the epochs a trial trains."""
+    reduction_factor: float = 2
+    """Keep the top 1/reduction_factor of trials at each rung."""
+    brackets: int = 3
+    """hyperband only: number of ASHA brackets."""
+
+
+@dataclass
+class ResourcesSpec:
+    workers: Optional[int] = None
+    """Ray Train workers per trial (sets `train.num_workers`; default: the base recipe's)."""
+    cpus_per_worker: Optional[int] = None
+    """CPUs per train worker (sets `train.cpus_per_worker`; default: the base recipe's)."""
+    driver_cpus: int = 1
+    """CPUs for each trial's driver (the Tune trial actor that runs the TorchTrainer)."""
+    data_cpus: int = 1
+    """CPUs kept free per trial so its Ray Data decode tasks can run next to the workers."""
+    max_concurrent_trials: Optional[int] = None
+    """Cap on trials running at once (default: as many as the cluster's CPUs/GPUs fit)."""
+
+
+@dataclass
+class SweepSpec:
+    base: str
+    """Base recipe file, relative to the sweep file (or the current directory)."""
+    name: str = ""
+    """Sweep name: parent MLflow run name and `<run_root>/sweeps/<name>/` (default: the file name)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted recipe keys applied to the base recipe for every trial."""
+    search_space: dict[str, ParamSpec] = field(default_factory=dict)
+    metric: str = "val/zero_shot_accuracy"
+    """Objective: a metric the trainer reports at epoch ends."""
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = 8
+    seed: int = 0
+    """Seed of Optuna's TPE sampler (the trials' own seed is `train.seed`)."""
+    n_startup_trials: int = 10
+    """Trials TPE samples at random before it models the objective (Optuna's default: 10)."""
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    optuna_storage: Optional[str] = None
+    """Optuna RDB storage URL, e.g. sqlite:///runs/sweeps/<name>/optuna.db (relative sqlite paths are resolved
+    against the current directory); the study persists there across sessions."""
+    study_name: Optional[str] = None
+    """Optuna study name (default: the sweep name)."""
+    source: str = ""
+    """The sweep file this spec was read from (set by `load_sweep`)."""
+
+    @property
+    def sweep_name(self) -> str:
+        return self.name or Path(self.source).stem.replace("_", "-") or "sweep"
+
+
+SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"source"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_spec(raw: dict, where: str) -> SweepSpec:
+    raw = dict(raw)
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise SweepError(f"{where}unknown key {unknown[0]} (valid keys: {', '.join(sorted(SWEEP_KEYS))})")
+    if "base" not in raw:
+        raise SweepError(f"{where}missing key base (the recipe the sweep starts from)")
+    if isinstance(raw.get("scheduler"), str):
+        raw["scheduler"] = {"kind": raw["scheduler"]}
+    space = raw.pop("search_space", None) or {}
+    if not isinstance(space, dict):
+        raise SweepError(f"{where}search_space: expected a mapping of recipe keys to dimensions")
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise SweepError(f"{where}overrides: expected a mapping of dotted recipe keys to values")
+    raw["overrides"] = overrides
+    try:
+        spec = from_dict(SweepSpec, raw)
+        spec.search_space = {str(k): from_dict(ParamSpec, v, prefix=f"search_space.{k}")
+                             for k, v in space.items()}
+    except SweepError:
+        raise
+    except ConfigError as e:
+        raise SweepError(f"{where}{e}") from None
+    return spec
+
+
+def _split_override(key: str) -> tuple[str, ...]:
+    """`search_space.optim.lr.high` -> ("search_space", "optim.lr", "high"); others split on the first dot."""
+    head, _, rest = key.partition(".")
+    if head == "search_space" and rest:
+        path, _, attr = rest.rpartition(".")
+        param_fields = {f.name for f in dataclasses.fields(ParamSpec)}
+        return (head, path, attr) if path and attr in param_fields else (head, rest)
+    if head == "overrides" and rest:
+        return (head, rest)
+    return tuple(key.split("."))
+
+
+def apply_sweep_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`["num_samples=2", "scheduler.kind=none", "train.epochs=1", "overrides.name=x"]` -> updated raw spec."""
+    raw = copy.deepcopy(raw)
+    for ov in overrides:
+        if "=" not in ov:
+            raise SweepError(f"override {ov!r} must look like key=value or key.sub=value")
+        key, val = ov.split("=", 1)
+        key = key.strip()
+        value = yaml.safe_load(val) if val != "" else ""
+        parts = _split_override(key)
+        if parts[0] not in SWEEP_KEYS:
+            try:
+                field_type(key)
+            except ConfigError:
+                raise SweepError(f"unknown key {key}: neither a sweep key ({', '.join(sorted(SWEEP_KEYS))}) "
+                                 f"nor a recipe key") from None
+            parts = ("overrides", key)
+        cur = raw
+        for p in parts[:-1]:
+            nxt = cur.get(p)
+            if isinstance(nxt, str) and p == "scheduler":
+                nxt = {"kind": nxt}
+            if not isinstance(nxt, dict):
+                nxt = {}
+            cur[p] = nxt
+            cur = nxt
+        cur[parts[-1]] = value
+    return raw
+
+
+def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> SweepSpec:
+    """Read a sweep file, apply command-line overrides, parse strictly (no validation against the recipe)."""
+    raw = load_yaml(path)
+    if overrides:
+        raw = apply_sweep_overrides(raw, overrides)
+    spec = _parse_spec(raw, f"{path}: ")
+    spec.source = str(Path(path).resolve())
+    return spec
+
+
+def resolve_base(spec: SweepSpec) -> Path:
+    """The base recipe path: relative to the sweep file's directory, else to the current directory."""
+    cands = [Path(spec.base)] if os.path.isabs(spec.base) else []
+    if spec.source and not cands:
+        cands.append(Path(spec.source).parent / spec.base)
+    cands.append(Path(spec.base))
+    for c in cands:
+        if c.is_file():
+            return c.resolve()
+    raise SweepError(f"base: recipe file {spec.base!r} not found (looked at {', '.join(str(c) for c in cands)})")
+
+
+def spec_to_dict(spec: SweepSpec) -> dict:
+    d = dataclasses.asdict(spec)
+    d["name"] = spec.sweep_name
+    d["search_space"] = {k: {a: v for a, v in dataclasses.asdict(p).items() if v is not None and v is not False}
+                         for k, p in spec.search_space.items()}
+    return d
+
+
+# --------------------------------------------------------------------------- validation
+
+# Recipe keys the sweep itself controls: the run identity, tracking and cluster (same for every trial), and the
+# trial's resources (`resources:` sets them, so concurrency can be derived).
+RESERVED = ("track.", "runtime.", "train.num_workers", "train.cpus_per_worker", "train.use_gpu", "name")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def reported_metrics(recipe: Recipe) -> set[str]:
+    """The metric names `medvl.train.worker` reports at epoch ends for this recipe."""
+    names = {"step", "epoch", "train/loss"}
+    if recipe.data.val_split is None or not recipe.eval.every_epoch:
+        return names
+    names.add("val/rows")
+    for k in recipe.eval.retrieval_ks:
+        names |= {f"val/i2t_r{k}", f"val/t2i_r{k}"}
+    if _has_labels(recipe):
+        names |= {"val/zero_shot_accuracy", "val/zero_shot_balanced_accuracy"}
+    return names
+
+
+def _has_labels(recipe: Recipe) -> bool:
+    """Zero-shot accuracy needs class names and a label field (recipe `eval.*` or the val corpus manifest)."""
+    from medvl.data.corpus import load_manifest
+    m = load_manifest(recipe.data.val_corpus or recipe.data.corpus)
+    return bool(recipe.eval.classnames or m.classnames) and bool(recipe.eval.label_field or m.label_field)
+
+
+def trial_epochs(recipe: Recipe) -> int:
+    """Completed epochs a trial reports last (fewer than `train.epochs` when `train.max_steps` cuts it short)."""
+    if not recipe.train.max_steps:
+        return recipe.train.epochs
+    from medvl.train.launcher import expected_steps
+    from medvl.data.corpus import load_manifest
+    per_epoch = load_manifest(recipe.data.corpus).rows(recipe.data.train_split) // recipe.data.batch_size
+    return max(1, math.ceil(expected_steps(recipe) / max(1, per_epoch)))
+
+
+def base_recipe(spec: SweepSpec) -> Recipe:
+    """Base recipe + sweep overrides + resources, validated, local paths made absolute."""
+    path = resolve_base(spec)
+    ov = dict(spec.overrides)
+    if "track.run_name" in ov:
+        raise SweepError("overrides.track.run_name: trial run names are set by the sweep (<sweep>-<trial id>)")
+    for key, v in (("train.num_workers", spec.resources.workers),
+                   ("train.cpus_per_worker", spec.resources.cpus_per_worker)):
+        if v is None:
+            continue
+        if key in ov and ov[key] != v:
+            raise SweepError(f"overrides.{key} ({ov[key]}) contradicts resources.{key.split('.')[1].replace('num_', '')}"
+                             f" ({v}); set it in one place (resources:)")
+        ov[key] = v
+    try:
+        return load_recipe(path, ov)
+    except ConfigError as e:
+        raise SweepError(f"base recipe with the sweep's overrides: {e}") from None
+
+
+def validate_sweep(spec: SweepSpec) -> Recipe:
+    """Every check that needs no cluster: returns the validated base recipe (base + overrides + resources)."""
+    from medvl.tune.space import SearchSpace
+    name = spec.sweep_name
+    if not NAME_RE.match(name):
+        raise SweepError(f"name: {name!r} must be letters, digits, '.', '_' or '-' (it names runs and a folder)")
+    if spec.num_samples < 1:
+        raise SweepError("num_samples must be >= 1")
+    if spec.n_startup_trials < 0:
+        raise SweepError("n_startup_trials must be >= 0")
+    r = spec.resources
+    for key, v in (("workers", r.workers), ("cpus_per_worker", r.cpus_per_worker)):
+        if v is not None and v < 1:
+            raise SweepError(f"resources.{key} must be >= 1")
+    if r.driver_cpus < 0 or r.data_cpus < 0:
+        raise SweepError("resources.driver_cpus and resources.data_cpus must be >= 0")
+    if r.max_concurrent_trials is not None and r.max_concurrent_trials < 1:
+        raise SweepError("resources.max_concurrent_trials must be >= 1")
+    if spec.study_name and not spec.optuna_storage:
+        raise SweepError("study_name needs optuna_storage (an in-memory study has no name to resume by)")
+
+    recipe = base_recipe(spec)
+    SearchSpace(spec.search_space).validate(to_dict(recipe))
+
+    metrics = reported_metrics(recipe)
+    if spec.metric not in metrics:
+        hint = ""
+        if spec.metric.startswith("val/") and recipe.data.val_split is None:
+            hint = " (data.val_split is null, so nothing is evaluated)"
+        raise SweepError(f"metric: the trainer never reports {spec.metric!r}{hint}; it reports: "
+                         f"{', '.join(sorted(metrics))}")
+
+    s = spec.scheduler
+    if s.kind != "none":
+        epochs = _max_trial_epochs(recipe, spec)
+        if s.grace_period < 1:
+            raise SweepError("scheduler.grace_period must be >= 1")
+        if s.reduction_factor <= 1:
+            raise SweepError("scheduler.reduction_factor must be > 1")
+        if s.brackets < 1:
+            raise SweepError("scheduler.brackets must be >= 1")
+        if s.max_t is not None and s.max_t != epochs:
+            raise SweepError(f"scheduler.max_t ({s.max_t}) must equal the epochs a trial trains ({epochs}): "
+                             f"a trial is only complete after its last epoch (the LR schedule spans "
+                             f"train.epochs); change train.epochs instead")
+        if s.grace_period > epochs:
+            raise SweepError(f"scheduler.grace_period ({s.grace_period}) exceeds the {epochs} epoch(s) a trial "
+                             f"trains")
+    return recipe
+
+
+def _max_trial_epochs(recipe: Recipe, spec: SweepSpec) -> int:
+    """The scheduler horizon: the base recipe's epochs, or the top of a searched `train.epochs` range."""
+    p = spec.search_space.get("train.epochs")
+    if p is not None:
+        return int(max(p.values or [p.high or 1]))
+    return trial_epochs(recipe)
+
+
+def scheduler_horizon(recipe: Recipe, spec: SweepSpec) -> int:
+    return spec.scheduler.max_t or _max_trial_epochs(recipe, spec)
+
+
+__all__ = ["SweepSpec", "ParamSpec", "SchedulerSpec", "ResourcesSpec", "SweepError", "load_sweep",
+           "validate_sweep", "reported_metrics", "base_recipe", "resolve_base", "spec_to_dict",
+           "scheduler_horizon", "to_dict"]

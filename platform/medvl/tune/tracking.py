@@ -1,0 +1,309 @@
+"""MLflow side of a sweep: the parent run, closing stopped trials' child runs, and the end-of-sweep summary.
+
+- Parent run: one per sweep, in the base recipe's experiment, tagged `medvl.sweep=<name>`; its id is kept in
+  `<run_root>/sweeps/<name>/mlflow_parent_run_id`, so a resumed sweep logs into the same run.
+- Children: each trial's job run carries `mlflow.parentRunId` (set by `prepare_job`), so the MLflow UI nests
+  them under the parent. `SweepCallback` (a Tune callback on the driver) closes a child that a scheduler stopped
+  (status KILLED; `finalize` never ran in the killed trial actor) and records trial start/end times.
+- Summary: a table of all trials (`results.csv` + `mlflow.log_table`), the best trial's params (`best/<key>`)
+  and objective, and Optuna's optimisation-history and parameter-importance plots as PNG artifacts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from ray.tune import Callback
+
+from medvl.config import Recipe, dump_yaml
+from medvl.track import runs
+from medvl.tune.trial import release_skip_counter, trial_run_name
+
+log = logging.getLogger(__name__)
+
+PARENT_ID_FILE = "mlflow_parent_run_id"
+EVENTS_FILE = "trial_events.jsonl"
+RESULTS_FILE = "results.csv"
+
+
+# --------------------------------------------------------------------------- parent run
+
+
+def start_or_resume_parent(name: str, spec_dict: dict, recipe: Recipe, uri: str, sweep_dir: Path) -> str:
+    """Create the sweep's parent run, or reopen the one an earlier session of this sweep created."""
+    client = runs._client(uri)
+    id_file = sweep_dir / PARENT_ID_FILE
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "active":
+                client.update_run(run_id, status="RUNNING")
+                client.set_tag(run_id, "medvl.resumed", "true")
+                return run_id
+        except Exception:  # noqa: BLE001 - another tracking server: start a new parent
+            pass
+    exp_id = runs.ensure_experiment(uri, recipe.track.experiment, runs.run_root(recipe))
+    run = client.create_run(exp_id, run_name=name, tags={
+        "mlflow.runName": name, "medvl.sweep": name, "medvl.kind": "sweep", "medvl.recipe": recipe.name,
+        "mlflow.note.content": f"Hyperparameter sweep `{name}`: {spec_dict['num_samples']} trials, objective "
+                               f"{spec_dict['mode']} `{spec_dict['metric']}`; trials are the nested runs."})
+    run_id = run.info.run_id
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    from mlflow.entities import Param
+    params = {"sweep.metric": spec_dict["metric"], "sweep.mode": spec_dict["mode"],
+              "sweep.num_samples": spec_dict["num_samples"], "sweep.seed": spec_dict["seed"],
+              "sweep.scheduler": json.dumps(spec_dict["scheduler"]), "sweep.base": spec_dict["base"]}
+    params.update({f"space.{k}": json.dumps(v) for k, v in spec_dict["search_space"].items()})
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "sweep.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
+        (Path(d) / "base_recipe.yaml").write_text(dump_yaml(recipe))
+        client.log_artifacts(run_id, d, artifact_path="config")
+    return run_id
+
+
+def child_runs(uri: str, parent_run_id: str) -> dict[str, Any]:
+    """Child runs of the sweep by trial id."""
+    client = runs._client(uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    found = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                               max_results=5000)
+    return {r.data.tags.get("medvl.trial_id", r.info.run_name): r for r in found}
+
+
+def close_dangling_children(uri: str, parent_run_id: str, status: str = "KILLED", reason: str = "") -> int:
+    """Set every child still RUNNING to `status` (after the Tuner returned, no trial is alive)."""
+    client = runs._client(uri)
+    n = 0
+    for r in child_runs(uri, parent_run_id).values():
+        if r.info.status == "RUNNING":
+            if reason:
+                client.set_tag(r.info.run_id, "medvl.end_reason", reason)
+            client.set_terminated(r.info.run_id, status=status)
+            release_skip_counter(r.info.run_id)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- Tune callback (driver side)
+
+
+class SweepCallback(Callback):
+    """Records trial start/end times and closes the MLflow child runs of trials a scheduler stopped.
+
+    Pickled into the Tune experiment state (`Tuner.restore` brings it back), so it holds only plain data."""
+
+    def __init__(self, sweep: str, sweep_dir: str, run_root: str, tracking_uri: str, parent_run_id: str):
+        self.sweep, self.sweep_dir, self.run_root = sweep, sweep_dir, run_root
+        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+
+    def _event(self, trial, event: str, **extra) -> None:
+        rec = {"trial_id": trial.trial_id, "event": event, "t": time.time(), **extra}
+        with open(Path(self.sweep_dir) / EVENTS_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _run_id(self, trial) -> Optional[str]:
+        f = Path(self.run_root) / "jobs" / trial_run_name(self.sweep, trial.trial_id) / runs.RUN_ID_FILE
+        return f.read_text().strip() if f.exists() else None
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._event(trial, "start")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        last = dict(trial.last_result or {})
+        self._event(trial, "complete", epoch=last.get("epoch"))
+        self._close(trial, "KILLED", last, "stopped by the scheduler")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._event(trial, "error")
+        self._close(trial, "FAILED", dict(trial.last_result or {}), "trial error")
+
+    def _close(self, trial, status: str, last: dict, reason: str) -> None:
+        run_id = self._run_id(trial)
+        if not run_id:
+            return
+        try:
+            client = runs._client(self.tracking_uri)
+            if client.get_run(run_id).info.status != "RUNNING":
+                return  # finalize() closed it: the trial ran to its end
+            client.set_tag(run_id, "medvl.end_reason", reason)
+            if status == "KILLED":
+                client.set_tag(run_id, "medvl.stopped_early", "true")
+                client.set_tag(run_id, "medvl.stopped_at_epoch", str(last.get("epoch")))
+                with tempfile.TemporaryDirectory() as d:
+                    plot = runs.plot_loss_curve(self.tracking_uri, run_id, Path(d) / "loss_curve.png")
+                    if plot:
+                        client.log_artifact(run_id, str(plot), artifact_path="plots")
+            summary = {k: last[k] for k in ("step", "epoch") if k in last}
+            runs.finish_run(self.tracking_uri, run_id, status, summary)
+            release_skip_counter(run_id)
+        except Exception as e:  # noqa: BLE001 - never break the Tune loop over bookkeeping
+            log.warning("could not close MLflow run %s of trial %s: %s", run_id, trial.trial_id, e)
+
+
+def trial_times(sweep_dir: Path) -> dict[str, dict[str, float]]:
+    """{trial_id: {"start": t, "end": t}} from the callback's event log (first start, last end)."""
+    out: dict[str, dict[str, float]] = {}
+    p = sweep_dir / EVENTS_FILE
+    if not p.exists():
+        return out
+    for line in p.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        t = out.setdefault(e["trial_id"], {})
+        if e["event"] == "start":
+            t.setdefault("start", e["t"])
+        else:
+            t["end"] = e["t"]
+    return out
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int, uri: str, parent_run_id: str,
+                 sweep_dir: Path):
+    """One row per Tune trial (`ResultGrid`'s trials): id, MLflow child run, statuses, sampled params,
+    objective, epochs trained, whether the scheduler stopped it, trial start/end times."""
+    import pandas as pd
+    children = child_runs(uri, parent_run_id)
+    times = trial_times(sweep_dir)
+    rows = []
+    for trial in trials:
+        m = dict(trial.last_result or {})
+        tid = trial.trial_id
+        cfg = dict(trial.config or {})
+        child = children.get(tid)
+        t = times.get(tid, {})
+        epoch = m.get("epoch")
+        rows.append({
+            "trial_id": tid, "run_name": child.info.run_name if child else None,
+            "mlflow_run_id": child.info.run_id if child else None,
+            "tune_status": trial.status, "mlflow_status": child.info.status if child else None,
+            "error": trial.status == "ERROR",
+            **{k: cfg.get(k) for k in space_keys},
+            metric: m.get(metric), "epoch": epoch, "step": m.get("step"),
+            "stopped_early": bool(trial.status == "TERMINATED" and epoch is not None and epoch < horizon),
+            "trial_start": t.get("start"), "trial_end": t.get("end"),
+            "trial_wall_s": (t["end"] - t["start"]) if "start" in t and "end" in t else None,
+        })
+    return pd.DataFrame(rows)
+
+
+def best_row(df, metric: str, mode: str) -> Optional[dict]:
+    if not len(df):
+        return None
+    ok = df[(df["tune_status"] == "TERMINATED")
+            & df[metric].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
+    if not len(ok):
+        return None
+    idx = ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()
+    return ok.loc[idx].to_dict()
+
+
+def rebuild_study(df, space, metric: str, mode: str):
+    """An Optuna study holding the trials' params and objective values (for the visualisation functions)."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    dists = space.distributions()
+    for _, r in df.sort_values("trial_start", na_position="last").iterrows():
+        v = r.get(metric)
+        if r.get("tune_status") != "TERMINATED" or _missing(v) or not math.isfinite(float(v)):
+            continue
+        params = {k: r[k] for k in dists if k in r and not _missing(r[k])}
+        params = {k: (int(v_) if isinstance(dists[k], optuna.distributions.IntDistribution) else v_)
+                  for k, v_ in params.items()}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  value=float(v)))
+    return study
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def save_plots(study, out_dir: Path) -> dict[str, str]:
+    """Optimisation history + parameter importances as PNGs; returns {name: path or 'skipped: reason'}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+    out: dict[str, str] = {}
+    plots = {"optimization_history": ovm.plot_optimization_history,
+             "param_importances": ovm.plot_param_importances}
+    for name, fn in plots.items():
+        if name == "param_importances":
+            n = len(study.trials)
+            if n < 2:
+                out[name] = f"skipped: needs >= 2 completed trials (have {n})"
+                continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            p = out_dir / f"{name}.png"
+            fig.savefig(p, dpi=100)
+            plt.close(fig)
+            out[name] = str(p)
+        except Exception as e:  # noqa: BLE001 - e.g. importance of a single parameter / constant objective
+            out[name] = f"skipped: {type(e).__name__}: {e}"
+    return out
+
+
+def _log_param_once(client, run_id: str, key: str, value: Any) -> None:
+    """MLflow params are immutable: an identical re-log is fine, a changed value goes to a tag instead."""
+    try:
+        client.log_param(run_id, key, value)
+    except Exception:  # noqa: BLE001
+        client.set_tag(run_id, key, str(value))
+
+
+def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, metric: str, mode: str,
+                sweep_dir: Path, complete: bool) -> dict[str, str]:
+    """Write results.csv and log table, best params/metric and the Optuna plots to the parent run."""
+    client = runs._client(uri)
+    csv = sweep_dir / RESULTS_FILE
+    df.to_csv(csv, index=False)
+    client.log_artifact(parent_run_id, str(csv), artifact_path="sweep")
+    table = df.astype(object).where(df.notna(), None)
+    client.log_table(parent_run_id, data=table, artifact_file="sweep/trials_table.json")
+    done = df[~df["error"]] if len(df) else df
+    client.log_metric(parent_run_id, "sweep/trials", float(len(df)))
+    client.log_metric(parent_run_id, "sweep/stopped_early", float(done["stopped_early"].sum()) if len(df) else 0.0)
+    client.log_metric(parent_run_id, "sweep/errors", float(df["error"].sum()) if len(df) else 0.0)
+    plots: dict[str, str] = {}
+    if best is not None:
+        for k in space.params:
+            v = best.get(k)
+            if not _missing(v):
+                _log_param_once(client, parent_run_id, f"best/{k}", v)
+        _log_param_once(client, parent_run_id, "best/trial_id", best["trial_id"])
+        client.log_metric(parent_run_id, f"best/{metric}", float(best[metric]))
+        client.set_tag(parent_run_id, "medvl.best_trial", best["trial_id"])
+        if best.get("mlflow_run_id"):
+            client.set_tag(parent_run_id, "medvl.best_run_id", best["mlflow_run_id"])
+        study = rebuild_study(df, space, metric, mode)
+        with tempfile.TemporaryDirectory() as d:
+            plots = save_plots(study, Path(d))
+            for name, p in plots.items():
+                if not p.startswith("skipped"):
+                    client.log_artifact(parent_run_id, p, artifact_path="optuna")
+                else:
+                    client.set_tag(parent_run_id, f"medvl.plot.{name}", p[:5000])
+    client.set_tag(parent_run_id, "medvl.complete", str(complete).lower())
+    return plots

@@ -1,0 +1,93 @@
+"""One sweep trial = one Ray Train job (the Train V2 pattern: the Tune trial function is the Train driver).
+
+`run_trial(config, ctx)` runs inside a Tune trial actor: base recipe + the sampled `config` (flat dotted keys)
+-> the trial recipe (run name `<sweep>-<trial id>`, the sweep's run root and tracking URI) -> `prepare_job`
+(MLflow child run under the sweep's parent run) -> `build_trainer(job, [EpochReportCallback(...)])` ->
+`fit()` -> `finalize(job, result)` -> the final result goes to Tune last.
+
+Why the final epoch is reported to Tune only after `finalize`: a scheduler may answer any result with STOP (ASHA
+at a rung that coincides with the last epoch), and Tune then kills the trial actor at once; holding the last
+result back until the model and plots are logged and the MLflow run is closed makes that harmless. Trials that
+a scheduler stops earlier are closed (status KILLED) by `medvl.tune.tracking.SweepCallback` on the driver.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from medvl.config import apply_overrides, recipe_from_dict
+
+
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    return f"{sweep}-{trial_id}"
+
+
+@dataclass
+class SweepContext:
+    """What every trial needs from the sweep driver (passed with `tune.with_parameters`)."""
+    sweep: str
+    base: dict
+    """Resolved base recipe dict: absolute corpus paths, `runtime.run_root`, `track.tracking_uri` filled in."""
+    parent_run_id: str
+    metric: str
+
+
+class EpochReportCallback(TuneReportCallback):
+    """Forward to Tune one result per completed epoch that carries the objective (mid-epoch checkpoint reports
+    repeat the last eval, or have none yet); hold back the final one (see the module docstring)."""
+
+    def __init__(self, metric: str, total_steps: int):
+        super().__init__()  # [1] must be created inside the Tune trial (it binds to the trial's session)
+        self.metric = metric
+        self.total_steps = total_steps
+        self.last_epoch = -1
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        m = metrics[0]  # rank 0's metrics
+        if self.metric not in m or m.get("epoch", 0) <= self.last_epoch:
+            return
+        if m.get("step", 0) >= self.total_steps:
+            return  # the trial function reports the final result after finalize()
+        self.last_epoch = m["epoch"]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def trial_recipe(ctx: SweepContext, params: dict[str, Any], trial_id: str):
+    d = apply_overrides(ctx.base, {**params, "track.run_name": trial_run_name(ctx.sweep, trial_id)})
+    return recipe_from_dict(d)
+
+
+def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
+    """The Tune trainable (a function): train one sampled configuration and report its epoch results."""
+    import ray.tune
+
+    from medvl.track import runs
+    from medvl.train.launcher import build_trainer, finalize, prepare_job
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    recipe = trial_recipe(ctx, config, trial_id)
+    job = prepare_job(recipe, parent_run_id=ctx.parent_run_id,  # [2] MLflow child run of the sweep's parent
+                      tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id})
+    trainer = build_trainer(job, callbacks=[EpochReportCallback(ctx.metric, job.total_steps)])
+    try:
+        result = trainer.fit()  # [3] Train V2: the controller + workers run as their own actors
+        final = finalize(job, result)
+    except BaseException:
+        runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED")
+        raise
+    release_skip_counter(job.mlflow_run_id)
+    out = {k: v for k, v in final.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))}
+    ray.tune.report(out)  # [4] the final epoch's result, after the run is complete in MLflow
+
+
+def release_skip_counter(mlflow_run_id: Optional[str]) -> None:
+    """`build_trainer` creates a detached per-run counter actor; a finished trial no longer needs it."""
+    import ray
+    try:
+        ray.kill(ray.get_actor(f"medvl-skips-{mlflow_run_id}", namespace="medvl"))
+    except Exception:  # noqa: BLE001 - already gone
+        pass
