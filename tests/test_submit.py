@@ -211,16 +211,15 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-@pytest.fixture
-def local_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory):
     """A real Ray head started by cluster/local/start-head.sh: own temp dir, HOME and ports; 8 logical CPUs.
 
     Stopped with `cluster/local/stop.sh --temp-dir`, which ends only this cluster's processes (`ray stop` would end
     every Ray instance on the machine, including other test runs').
     """
     temp_dir = tempfile.mkdtemp(prefix="medvl-ray-", dir="/tmp")  # short: Ray's Unix socket paths live under it
-    home = tmp_path / "home"
-    home.mkdir()
+    home = tmp_path_factory.mktemp("ray-home")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # a fresh HOME: no ~/.ray/auth_token from an earlier ray.init() can turn token auth on
     env.update(HOME=str(home), RAY_AUTH_MODE="disabled", RAY=str(VENV_BIN / "ray"))
@@ -281,18 +280,26 @@ def test_submit_to_a_real_local_cluster(local_cluster, digits_corpus, tmp_path, 
     # checkpoints went to the forwarded MEDVL_RUN_ROOT
     assert sorted((run_root / "ray" / "submit-smoke").glob("checkpoint_step=*")), f"no checkpoints in {run_root}"
 
-    # a job that fails on the cluster: exit 1, the job's message and the tail of its log on stderr
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_failing_job_exits_1_with_the_log_tail(local_cluster, tmp_path, capsys):
     missing = tmp_path / "no-corpus-here"
     bad = _smoke_recipe(tmp_path, str(missing), name="submit-fails")
-    assert submit_main([str(bad), "--address", address, "--no-logs"]) == 1
+    assert submit_main([str(bad), "--address", local_cluster, "--no-logs"]) == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and "last lines of the job's log" in err
     assert f"{missing}/manifest.json: corpus manifest not found" in err
 
-    # stop a submitted job
-    stop_id = f"{job_id}-stop"
-    assert submit_main([str(recipe), "--address", address, "--no-wait", "--submission-id", stop_id,
-                        "track.run_name=submit-stop"]) == 0
-    assert jobs_main(["stop", stop_id, "--address", address, "--wait"]) == 0
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stop_a_submitted_job(local_cluster, digits_corpus, tmp_path, capsys):
+    recipe = _smoke_recipe(tmp_path, digits_corpus, name="submit-stop")
+    stop_id = f"medvl-test-stop-{os.getpid()}-{int(time.time())}"
+    assert submit_main([str(recipe), "--address", local_cluster, "--no-wait", "--submission-id", stop_id]) == 0
+    assert jobs_main(["stop", stop_id, "--address", local_cluster, "--wait"]) == 0
     out = capsys.readouterr().out
     assert f"{stop_id}: STOPPED" in out or f"{stop_id} already" in out, out[-2000:]
+    assert jobs_main(["status", stop_id, "--address", local_cluster]) == 0
+    assert f"{stop_id}: STOPPED" in capsys.readouterr().out

@@ -71,7 +71,7 @@ for p in procs.values():
         p.kill() if force else p.terminate()
     except psutil.Error:
         pass
-gone, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+gone, alive = psutil.wait_procs(list(procs.values()), timeout=5)
 for p in alive:
     try:
         p.kill()

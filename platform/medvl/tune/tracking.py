@@ -234,7 +234,7 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def save_plots(study, out_dir: Path) -> dict[str, str]:
+def save_plots(study, out_dir: Path, target_name: str = "Objective Value") -> dict[str, str]:
     """Optimisation history + parameter importances as PNGs; returns {name: path or 'skipped: reason'}."""
     import matplotlib
     matplotlib.use("Agg")
@@ -252,7 +252,7 @@ def save_plots(study, out_dir: Path) -> dict[str, str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = fn(study)
+                ax = fn(study, target_name=target_name)
             fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
@@ -299,7 +299,7 @@ def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, m
             client.set_tag(parent_run_id, "medvl.best_run_id", best["mlflow_run_id"])
         study = rebuild_study(df, space, metric, mode)
         with tempfile.TemporaryDirectory() as d:
-            plots = save_plots(study, Path(d))
+            plots = save_plots(study, Path(d), target_name=metric)
             for name, p in plots.items():
                 if not p.startswith("skipped"):
                     client.log_artifact(parent_run_id, p, artifact_path="optuna")

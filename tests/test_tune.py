@@ -1,0 +1,301 @@
+"""Sweeps (`medvl tune`): spec validation before any trial (fast, no Ray), the define-by-run search space, and
+real sweeps on a local Ray (slow): parent + nested child runs, best params, Optuna plots, trials table, and an
+interrupted sweep (SIGINT) that resumes with the trials it had.
+
+    .venv/bin/python -m pytest tests/test_tune.py -m "not slow"     # validation only, seconds
+    .venv/bin/python -m pytest tests/test_tune.py                   # + real sweeps, several minutes on 2 cores
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medvl.config import ConfigError
+from medvl.tune.spec import SweepError, load_sweep, validate_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = str(ROOT / "jobs" / "sweep_digits_small.yaml")
+SWEEPS = sorted(glob.glob(str(ROOT / "jobs" / "sweep_*.yaml")))
+
+
+def _spec(corpus: str, *overrides: str, path: str = SMALL):
+    return load_sweep(path, [f"data.corpus={corpus}", *overrides])
+
+
+# --------------------------------------------------------------------------- fast: validation, no Ray
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", SWEEPS, ids=[Path(p).name for p in SWEEPS])
+def test_every_sweep_spec_validates(path, digits_corpus):
+    recipe = validate_sweep(_spec(digits_corpus, path=path))
+    assert recipe.data.corpus == digits_corpus
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("override, message", [
+    ("search_space.optim.lrr={type: uniform, low: 0.1, high: 0.2}", r"search_space\.optim\.lrr: unknown key optim\.lrr"),
+    ("search_space.modell.x={type: uniform, low: 0.1, high: 0.2}", r"unknown key modell\.x"),
+    ("search_space.optim.lr.low=0.1", r"search_space\.optim\.lr: empty range: low \(0\.1\) must be < high"),
+    ("search_space.optim.warmup_steps.high=0", r"optim\.warmup_steps: empty range"),
+    ("search_space.data.batch_size={type: choice, values: []}", r"data\.batch_size: empty choice"),
+    ("search_space.optim.lr.low=0", r"loguniform needs low > 0"),
+    ("search_space.optim.warmup_steps.type=uniform", r"warmup_steps is int \(use type: int\)"),
+    ("search_space.optim.warmup_steps.low=2.5", r"warmup_steps is an integer: low/high must be integers"),
+    ("search_space.optim.lr.type=int", r"type int needs an integer key, but optim\.lr is float"),
+    ("search_space.loss.kind={type: choice, values: [clip, triplet]}", r"loss\.kind: must be one of"),
+    ("search_space.data.batch_size={type: choice, values: [64, 0]}", r"data\.batch_size must be > 0"),
+    ("search_space.eval.templates={type: choice, values: [a]}", r"only scalar keys can be searched"),
+    ("search_space.train.num_workers={type: int, low: 1, high: 2}", r"set by the sweep itself"),
+    ("search_space.loss.siglip_dist_impl={type: choice, values: [gather], when: {loss.kind: siglip}}",
+     r"condition loss\.kind in \['siglip'\] is never true"),
+    ("metric=val/accuracy", r"metric: the trainer never reports 'val/accuracy'"),
+    ("metric=val/i2t_r3", r"never reports 'val/i2t_r3'"),
+    ("scheduler.max_t=7", r"scheduler\.max_t \(7\) must equal the epochs a trial trains \(3\)"),
+    ("scheduler.kind=pbt", r"scheduler\.kind: must be one of"),
+    ("num_samples=0", r"num_samples must be >= 1"),
+    ("bogus=1", r"unknown key bogus: neither a sweep key"),
+    ("resources.workers=3", r"data\.batch_size \(64\) must be divisible by train\.num_workers \(3\)"),
+])
+def test_invalid_sweeps_fail_before_any_trial(digits_corpus, override, message):
+    import ray
+    t0 = time.time()
+    with pytest.raises(SweepError, match=message):
+        validate_sweep(_spec(digits_corpus, override))
+    assert time.time() - t0 < 30 and not ray.is_initialized()
+
+
+@pytest.mark.timeout(60)
+def test_val_metric_needs_a_val_split(digits_corpus):
+    with pytest.raises(SweepError, match=r"data\.val_split is null"):
+        validate_sweep(_spec(digits_corpus, "data.val_split=null"))
+    # train-side metrics stay available
+    validate_sweep(_spec(digits_corpus, "data.val_split=null", "metric=train/loss", "mode=min"))
+
+
+@pytest.mark.timeout(60)
+def test_unknown_sweep_file_key_is_named(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("base: x.yaml\nsearch_space: {optim.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}}\n"
+                 "num_sample: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key num_sample"):
+        load_sweep(p)
+    p.write_text("base: x.yaml\nsearch_space: {optim.lr: {type: loguniform, low: 1.0e-4, hi: 1.0e-3}}\n")
+    with pytest.raises(ConfigError, match=r"unknown key search_space\.optim\.lr\.hi"):
+        load_sweep(p)
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_cluster_address_fails_fast(digits_corpus, run_root):
+    import ray
+
+    from medvl.track.server import free_port
+    from medvl.tune.sweep import run_sweep
+    port = free_port()  # nothing listens there
+    spec = _spec(digits_corpus, f"runtime.ray_address=127.0.0.1:{port}", "num_samples=1")
+    t0 = time.time()
+    with pytest.raises(SweepError, match=rf"runtime\.ray_address '127\.0\.0\.1:{port}' is not reachable"):
+        run_sweep(spec)
+    assert time.time() - t0 < 30
+    assert not ray.is_initialized()
+    assert not (Path(run_root) / "sweeps").exists()  # nothing was started or written
+
+
+@pytest.mark.timeout(60)
+def test_cli_reports_errors_with_exit_code_2(digits_corpus, capsys):
+    from medvl.cli import main
+    assert main(["tune", SMALL, f"data.corpus={digits_corpus}", "metric=val/nope", "--check"]) == 2
+    assert "metric: the trainer never reports 'val/nope'" in capsys.readouterr().err
+    assert main(["tune", SMALL, f"data.corpus={digits_corpus}", "--check"]) == 0
+
+
+@pytest.mark.timeout(60)
+def test_conditional_space_samples_only_active_dimensions(digits_corpus):
+    import optuna
+
+    from medvl.tune.space import SearchSpace
+    spec = _spec(digits_corpus, path=str(ROOT / "jobs" / "sweep_digits_loss.yaml"))
+    validate_sweep(spec)
+    space = SearchSpace(spec.search_space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(16):
+        t = study.ask()
+        space(t)
+        p = t.params
+        seen.add(p["loss.kind"])
+        assert ("loss.local_loss" in p) == (p["loss.kind"] == "clip")
+        assert ("loss.siglip_dist_impl" in p) == (p["loss.kind"] == "siglip")
+        assert 3e-4 <= p["optim.lr"] <= 5e-3
+        study.tell(t, 0.0)
+    assert seen == {"clip", "siglip"}
+    import pickle
+    assert pickle.loads(pickle.dumps(space)).params.keys() == space.params.keys()  # OptunaSearch.save pickles it
+
+
+@pytest.mark.timeout(60)
+def test_concurrency_is_derived_from_cluster_cpus(digits_corpus):
+    from medvl.tune.sweep import cpus_per_trial, plan_concurrency
+    spec = _spec(digits_corpus)  # 1 worker × 1 CPU
+    recipe = validate_sweep(spec)
+    assert cpus_per_trial(recipe, spec) == 3  # driver + worker + data
+    assert plan_concurrency(recipe, spec, {"CPU": 6.0}) == 2
+    assert plan_concurrency(recipe, spec, {"CPU": 64.0}) == spec.num_samples
+    spec2 = _spec(digits_corpus, "resources.max_concurrent_trials=1")
+    assert plan_concurrency(recipe, spec2, {"CPU": 64.0}) == 1
+    with pytest.raises(SweepError, match=r"a trial needs 3 CPUs"):
+        plan_concurrency(recipe, spec, {"CPU": 2.0})
+
+
+@pytest.mark.timeout(60)
+def test_epoch_report_callback_forwards_one_result_per_epoch(monkeypatch):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from medvl.tune.trial import EpochReportCallback
+    sent = []
+    monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, ctx, m, ck: sent.append(m[0]))
+    cb = EpochReportCallback.__new__(EpochReportCallback)  # (its __init__ needs a live Tune session)
+    cb.metric, cb.total_steps, cb.last_epoch = "val/zero_shot_accuracy", 66, -1
+    for m in [{"step": 10, "epoch": 0, "train/loss": 4.0},                                  # mid-epoch, no eval
+              {"step": 22, "epoch": 1, "val/zero_shot_accuracy": 0.2},                      # epoch 1
+              {"step": 30, "epoch": 1, "val/zero_shot_accuracy": 0.2},                      # mid-epoch repeat
+              {"step": 44, "epoch": 2, "val/zero_shot_accuracy": 0.4},                      # epoch 2
+              {"step": 66, "epoch": 3, "val/zero_shot_accuracy": 0.5}]:                     # final: held back
+        cb.after_report(None, [m], None)
+    assert [m["epoch"] for m in sent] == [1, 2]
+
+
+# --------------------------------------------------------------------------- slow: real sweeps on local Ray
+
+
+@pytest.fixture
+def fresh_ray():
+    """`run_sweep` starts its own embedded Ray (with room for 2 concurrent trials); shut it down afterwards."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+def _children(uri: str, parent_id: str):
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(uri)
+    exp = c.get_run(parent_id).info.experiment_id
+    return c, c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _artifacts(client, run_id: str, path: str = "") -> list[str]:
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out.extend(_artifacts(client, run_id, a.path) if a.is_dir else [a.path])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_small_sweep_logs_parent_children_best_and_plots(digits_corpus, run_root, fresh_ray):
+    from medvl.tune.sweep import run_sweep
+    spec = _spec(digits_corpus, "name=t-small", "num_samples=2", "train.epochs=1", "train.max_steps=8",
+                 "n_startup_trials=1", "eval.max_rows=120")
+    out = run_sweep(spec, verbose=0)
+    assert out.complete and not out.resumed
+    client, kids = _children(out.tracking_uri, out.parent_run_id)
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "t-small"
+    assert parent.data.tags["medvl.sweep"] == "t-small"
+    assert len(kids) == 2
+    assert {k.info.run_name for k in kids} == {f"t-small-{t}" for t in out.table["trial_id"]}
+    for k in kids:
+        assert k.data.tags["mlflow.parentRunId"] == out.parent_run_id
+        assert k.info.status == "FINISHED"
+        assert "optim.lr" in k.data.params
+        assert client.get_metric_history(k.info.run_id, "train/loss")  # per-step curve
+        assert "val/zero_shot_accuracy" in k.data.metrics
+    # best trial's params + objective on the parent
+    best = out.best
+    assert best is not None
+    for key in spec.search_space:
+        assert f"best/{key}" in parent.data.params
+    assert float(parent.data.params["best/optim.lr"]) == pytest.approx(best["optim.lr"])
+    assert parent.data.metrics["best/val/zero_shot_accuracy"] == pytest.approx(
+        max(out.table["val/zero_shot_accuracy"]))
+    arts = _artifacts(client, out.parent_run_id)
+    assert "optuna/optimization_history.png" in arts
+    assert "optuna/param_importances.png" in arts
+    assert {"sweep/results.csv", "sweep/trials_table.json", "config/sweep.yaml"} <= set(arts)
+    csv = out.sweep_dir / "results.csv"
+    import pandas as pd
+    df = pd.read_csv(csv)
+    assert len(df) == 2 and set(df["mlflow_run_id"]) == {k.info.run_id for k in kids}
+    assert (out.sweep_dir / "mlflow_parent_run_id").read_text().strip() == out.parent_run_id
+
+
+def _tune_cmd(corpus: str, run_root: str) -> list[str]:
+    return [sys.executable, "-m", "medvl.cli", "tune", SMALL, "--quiet", f"data.corpus={corpus}",
+            f"runtime.run_root={run_root}", "name=t-resume", "num_samples=3", "train.epochs=1",
+            "train.max_steps=8", "eval.max_rows=120", "resources.max_concurrent_trials=1", "n_startup_trials=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_interrupted_sweep_resumes_with_its_trials(digits_corpus, run_root, tmp_path, fresh_ray):
+    """Ctrl+C (SIGINT) after the first trial finished; the same command resumes: the finished trial is kept (not
+    re-run), the interrupted one continues in its own MLflow run, the parent run is the same."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    sweep_dir = Path(run_root) / "sweeps" / "t-resume"
+    events = sweep_dir / "trial_events.jsonl"
+    log1 = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_tune_cmd(digits_corpus, run_root), env=env, stdout=log1, stderr=subprocess.STDOUT,
+                            cwd=ROOT)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
+            evs = [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
+            if any(e["event"] == "complete" for e in evs) and sum(e["event"] == "start" for e in evs) >= 2:
+                break  # trial 1 done, trial 2 running
+            time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(5)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log1.close()
+    first_log = (tmp_path / "first.log").read_text()
+    assert rc == 130, first_log[-3000:]
+    assert "INTERRUPTED" in first_log and "resume with: medvl tune" in first_log
+    parent_id = (sweep_dir / "mlflow_parent_run_id").read_text().strip()
+    uri = f"sqlite:///{Path(run_root).resolve() / 'mlflow.db'}"
+    client, kids = _children(uri, parent_id)
+    assert client.get_run(parent_id).info.status == "KILLED"
+    assert all(k.info.status != "RUNNING" for k in kids)  # nothing left dangling
+    finished_before = {k.data.tags["medvl.trial_id"]: k.info.run_id for k in kids if k.info.status == "FINISHED"}
+    assert finished_before
+
+    res = subprocess.run(_tune_cmd(digits_corpus, run_root), env=env, capture_output=True, text=True, cwd=ROOT,
+                         timeout=1200)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "resuming sweep 't-resume'" in out
+    client, kids = _children(uri, parent_id)
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert len(kids) == 3, [k.info.run_name for k in kids]  # no duplicate child runs
+    by_trial = {k.data.tags["medvl.trial_id"]: k for k in kids}
+    for tid, run_id in finished_before.items():
+        assert by_trial[tid].info.run_id == run_id and by_trial[tid].data.tags.get("medvl.resumed") is None
+    assert all(k.info.status == "FINISHED" for k in kids)
+    starts = [json.loads(x)["trial_id"] for x in events.read_text().splitlines() if '"start"' in x]
+    for tid in finished_before:
+        assert starts.count(tid) == 1  # a finished trial is not run again
+    import pandas as pd
+    assert len(pd.read_csv(sweep_dir / "results.csv")) == 3
