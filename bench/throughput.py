@@ -1,8 +1,8 @@
 """Training-throughput benchmark: medvl vs open_clip_train vs a bare PyTorch loop, in ONE invocation, on the same
 model config, images, captions, preprocessing, batch size, number of steps and machine.
 
-    ./dev bench throughput [--model digits-vit-tiny] [--batch-size 64] [--epochs 4 | --steps N]
-                           [--repeat 1] [--loader-workers 2] [--log-every 5] [--warmup 10]
+    ./dev bench throughput [--model digits-vit-tiny] [--batch-size 64] [--epochs 3 | --steps N]
+                           [--repeat 2] [--loader-workers 2] [--log-every 5] [--warmup 10]
                            [--skip-two-workers] [--out bench/out]
 
   (a) open_clip_train 3.3.0, the installed package's own `open_clip_train.main` (its CsvDataset + DataLoader
@@ -55,32 +55,35 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def _kind(cmd: str) -> str:
     if "RayTrainWorker" in cmd:
-        return "train worker"
-    if "read_and_decode" in cmd or "MapBatches" in cmd or "ReadAndDecode" in cmd:
-        return "decode tasks"
-    if cmd.startswith("ray::IDLE"):
-        return "ray idle workers"
-    if cmd.startswith("ray::"):
-        return "other ray actors (" + cmd.split()[0][5:].split("(")[0][:24] + ")"
-    if "raylet" in cmd or "gcs_server" in cmd or "dashboard" in cmd or "log_monitor" in cmd \
-            or "monitor.py" in cmd or "runtime_env" in cmd:
-        return "ray services"
+        return "train_worker"
+    if "read_and_decode" in cmd or "MapBatches" in cmd:
+        return "decode_tasks"
     if "open_clip_train" in cmd:
-        return "open_clip_train (main + DataLoader workers)"
+        return "open_clip_train"  # its main process and its DataLoader workers (forked, same command line)
     if "--part" in cmd:
         return "driver"
+    if cmd.startswith("ray::") or any(x in cmd for x in ("raylet", "gcs_server", "dashboard", "monitor.py",
+                                                            "default_worker.py", "setup_worker.py")):
+        return "ray_other"  # controller, split coordinator, stats/autoscaler actors, idle workers, services
     return "other"
 
 
+def _busy_jiffies() -> int:
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(v) - v[3] - v[4]  # all but idle and iowait
+
+
 class CpuSampler:
-    """Every 0.5 s: user+sys CPU ticks of every descendant of this process, attributed by command line
-    (Ray re-titles its workers `ray::RayTrainWorker...`, `ray::MapBatches(read_and_decode)...`)."""
+    """Every 0.5 s: CPU seconds (user+sys) used so far by each kind of process in this process's tree
+    (Ray re-titles its workers `ray::RayTrainWorker...`, `ray::MapBatches(read_and_decode)...`), plus the
+    machine's CPU seconds used by processes outside it ("foreign": other people's jobs on a shared machine).
+    `between(t0, t1)` gives the CPU seconds of each kind in a wall-clock interval (e.g. the steady state)."""
 
     def __init__(self):
-        self.last: dict[int, tuple[str, int]] = {}
+        self.last: dict[int, int] = {}
         self.total: dict[str, float] = {}
-        self.threads: dict[str, int] = {}
-        self.env: dict[str, dict[str, str]] = {}
+        self.snaps: list[tuple[float, dict[str, float]]] = []
+        self.busy0 = _busy_jiffies()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -109,34 +112,24 @@ class CpuSampler:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except (OSError, ValueError, IndexError):
                 continue
-            kind = _kind(cmd)
-            prev_kind, prev = self.last.get(pid, (kind, 0))
-            if prev_kind != kind:  # a reused Ray worker changed role: attribute the new ticks to the new role
-                prev = self.last[pid][1]
-            self.total[kind] = self.total.get(kind, 0.0) + (ticks - prev) / _TICK
-            self.last[pid] = (kind, ticks)
-            if kind in ("train worker", "decode tasks") and kind not in self.env:
-                try:
-                    env = dict(x.split("=", 1) for x in
-                               Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
-                               if "=" in x)
-                    self.env[kind] = {k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in env}
-                except OSError:
-                    pass
-            if kind == "train worker":
-                try:
-                    self.threads[str(pid)] = len(os.listdir(f"/proc/{pid}/task"))
-                except OSError:
-                    pass
+            kind = _kind(cmd)  # a reused Ray worker may change role: new ticks go to its current role
+            self.total[kind] = self.total.get(kind, 0.0) + (ticks - self.last.get(pid, 0)) / _TICK
+            self.last[pid] = ticks
+        ours = sum(self.total.values())
+        snap = dict(self.total)
+        snap["foreign"] = (_busy_jiffies() - self.busy0) / _TICK - ours
+        self.snaps.append((time.time(), snap))
 
     def _run(self):
-        while not self._stop.is_set():
+        while not self._stop.wait(0.5):
             self.sample()
-            time.sleep(0.5)
 
     def __enter__(self):
         self.sample()
-        self.total = {}  # count only what is used from now on
+        self.total = {}  # count only what is used from now on (already running processes: their baseline)
+        self.busy0 = _busy_jiffies()
+        self.snaps = []
+        self.sample()
         self._t.start()
         return self
 
@@ -145,10 +138,29 @@ class CpuSampler:
         self._t.join()
         self.sample()
 
-    def report(self) -> dict:
-        return {"cpu_s": {k: round(v, 1) for k, v in sorted(self.total.items(), key=lambda kv: -kv[1])
-                          if v >= 0.05},
-                "train_worker_env": self.env, "train_worker_threads": self.threads}
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        def at(t):
+            return min(self.snaps, key=lambda s: abs(s[0] - t))
+        (ta, a), (tb, b) = at(t0), at(t1)
+        out = {k: round(b.get(k, 0.0) - a.get(k, 0.0), 1) for k in b}
+        out = {k: v for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.1}
+        out["wall_s"] = round(tb - ta, 1)
+        return out
+
+    def whole(self) -> dict[str, float]:
+        return self.between(self.snaps[0][0], self.snaps[-1][0])
+
+
+def wait_quiet(max_wait: float, cores: int, threshold: float = 0.25, span: float = 5.0) -> float:
+    """Shared machine: wait (at most `max_wait` s) until the whole machine used < `threshold` of its cores over
+    the last `span` s, so a part does not start in the middle of someone else's burst. Returns seconds waited."""
+    t0 = time.time()
+    while time.time() - t0 < max_wait:
+        b0 = _busy_jiffies()
+        time.sleep(span)
+        if (_busy_jiffies() - b0) / _TICK / span / cores < threshold:
+            break
+    return time.time() - t0
 
 
 # --------------------------------------------------------------------------- data
@@ -223,13 +235,18 @@ def part_open_clip_train(a) -> dict:
     wall = time.perf_counter() - t0
     text = out.stdout + out.stderr
     (Path(a.work) / "open_clip_train.log").write_text(text)
-    rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.eE+-]+)/s,", text)]
-    if out.returncode != 0 or not rates:
+    # one line per step (--log-every-n-steps 1), "<asctime> | INFO | Train Epoch: ... Batch (t): <avg>, X/s, ..."
+    # with X = batch / that step's time (data wait included); asctime has 1 s resolution (only used for CPU
+    # accounting of the steady-state interval)
+    steps = re.findall(r"^(\d{4}-\d\d-\d\d,\d\d:\d\d:\d\d) \| INFO \| Train Epoch: .*?"
+                       r"Batch \(t\): [\d.]+, ([\d.eE+-]+)/s,", text, flags=re.M)
+    if out.returncode != 0 or not steps:
         raise RuntimeError(f"open_clip_train failed (rc {out.returncode}):\n{text[-3000:]}")
     threads = re.search(r"torch threads (\d+)", text)
-    # one line per step (--log-every-n-steps 1): X/s = batch / that step's time (data wait included)
-    return {"windows": [[1, a.batch_size / r] for r in rates], "wall_s": wall,
-            "torch_threads": int(threads.group(1)) if threads else None, **cpu.report()}
+    windows = [[1, a.batch_size / float(r), time.mktime(time.strptime(ts, "%Y-%m-%d,%H:%M:%S")) + 0.5]
+               for ts, r in steps]
+    return {"windows": windows, "wall_s": wall, "torch_threads": int(threads.group(1)) if threads else None,
+            "cpu": cpu}
 
 
 def part_medvl(a) -> dict:
@@ -260,12 +277,14 @@ def part_medvl(a) -> dict:
     hist = sorted(MlflowClient(job.tracking_uri).get_metric_history(job.mlflow_run_id, "train/samples_per_s"),
                   key=lambda m: m.step)
     windows, prev = [], 0
-    for m in hist:  # value = global batch x steps in window / window time
+    for m in hist:  # value = global batch x steps in window / window time; timestamp = end of window (ms)
         n = m.step - prev
-        windows.append([n, a.batch_size * n / m.value])
+        windows.append([n, a.batch_size * n / m.value, m.timestamp / 1000])
         prev = m.step
+    wait = MlflowClient(job.tracking_uri).get_metric_history(job.mlflow_run_id, "train/data_wait_s")
     return {"windows": windows, "wall_s": wall, "steps_expected": job.total_steps,
-            "tracking_uri": job.tracking_uri, "run_id": job.mlflow_run_id, **cpu.report()}
+            "data_wait_s_per_step": [m.value for m in sorted(wait, key=lambda m: m.step)],
+            "tracking_uri": job.tracking_uri, "run_id": job.mlflow_run_id, "cpu": cpu}
 
 
 def part_bare(a) -> dict:
@@ -287,32 +306,35 @@ def part_bare(a) -> dict:
     loss_fn = ClipLoss(cache_labels=True)
     images = torch.randn(a.batch_size, 3, size, size)
     texts = torch.randint(1, arch["text_cfg"]["vocab_size"] - 1, (a.batch_size, ctx))
-    times = []
-    for _ in range(a.steps_total):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = model(images, texts)
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        float(loss)
-        times.append(time.perf_counter() - t0)
-    return {"windows": [[1, t] for t in times], "torch_threads": torch.get_num_threads()}
+    windows = []
+    with CpuSampler() as cpu:
+        for _ in range(a.steps_total):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            out = model(images, texts)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            float(loss)
+            windows.append([1, time.perf_counter() - t0, time.time()])
+    return {"windows": windows, "torch_threads": torch.get_num_threads(), "cpu": cpu}
 
 
 # --------------------------------------------------------------------------- driver
 
 
 def steady(windows: list[list[float]], batch: int, warmup: int, group: int) -> dict:
-    """windows: [steps, seconds] in order. Drop windows that start before step `warmup`; then
+    """windows: [steps, seconds, end time] in order. Drop windows that start before step `warmup`; then
     samples/s = batch x steps / seconds, and the median over ~`group`-step windows."""
-    kept, start = [], 0
-    for n, t in windows:
+    kept, start, t_begin = [], 0, None
+    for n, t, t_end in windows:
         if start >= warmup:
             kept.append((int(n), t))
+            if t_begin is None:
+                t_begin = t_end - t
         start += int(n)
     steps = sum(n for n, _ in kept)
     secs = sum(t for _, t in kept)
@@ -324,13 +346,17 @@ def steady(windows: list[list[float]], batch: int, warmup: int, group: int) -> d
             cur_n, cur_t = 0, 0.0
     return {"samples_per_s": batch * steps / secs if secs else float("nan"),
             "median_window_samples_per_s": statistics.median(groups) if groups else float("nan"),
-            "steps_total": start, "steps_measured": steps}
+            "steps_total": start, "steps_measured": steps,
+            "interval": [t_begin, windows[-1][2]] if kept else None}
 
 
 def run_part(name: str, a, **extra) -> dict:
+    waited = wait_quiet(a.wait_quiet, os.cpu_count() or 2)
+    if waited > 6:
+        print(f"      (waited {waited:.0f} s for the machine to go quiet)", flush=True)
     args = [sys.executable, __file__, "--part", name, "--work", a.work, "--model", a.model,
             "--batch-size", str(a.batch_size), "--epochs", str(a.epochs),
-            "--loader-workers", str(a.loader_workers), "--log-every", str(a.log_every)]
+            "--loader-workers", str(a.loader_workers), "--log-every", str(a.log_every), "--warmup", str(a.warmup)]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     for s in a.set or []:
@@ -350,15 +376,19 @@ def main() -> int:
                     help="a medvl/open_clip model name; e.g. cxr-vit-small (224 px: the 32 px digits are upscaled "
                          "by the model's own train transform, so decoding costs more)")
     ap.add_argument("--batch-size", type=int, default=64, help="global batch")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int, help="instead of --epochs: at least this many steps (rounded up to "
                                               "whole epochs, since open_clip_train has no max-steps)")
-    ap.add_argument("--repeat", type=int, default=1, help="repeat the digits train split k times (longer epochs)")
+    ap.add_argument("--repeat", type=int, default=2, help="repeat the digits train split k times (longer epochs)")
     ap.add_argument("--loader-workers", type=int, default=2,
                     help="open_clip_train --workers and medvl data.decode_tasks")
     ap.add_argument("--log-every", type=int, default=5, help="medvl train.log_every (MLflow logging window)")
     ap.add_argument("--warmup", type=int, default=10, help="steps excluded from the steady state")
     ap.add_argument("--skip-two-workers", action="store_true", help="skip the medvl 2 workers x 1 CPU run")
+    ap.add_argument("--parts", default="a,b1,b2,c", help="which runs: a (open_clip_train), b1 / b2 (medvl 1 / 2 "
+                                                         "workers), c (bare); comma-separated (default: all)")
+    ap.add_argument("--wait-quiet", type=float, default=120,
+                    help="before each part, wait up to this many seconds for the shared machine to be idle")
     ap.add_argument("--set", action="append", help="extra medvl recipe override key.sub=value (repeatable), "
                                                    "e.g. --set data.prefetch_batches=4")
     ap.add_argument("--out", default=str(HERE / "out"), help="results directory (default bench/out, gitignored)")
@@ -375,7 +405,12 @@ def main() -> int:
 
     if a.part:
         fn = {"open_clip_train": part_open_clip_train, "medvl": part_medvl, "bare": part_bare}[a.part]
-        Path(a.result).write_text(json.dumps(fn(a)))
+        r = fn(a)
+        cpu = r.pop("cpu")
+        st = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
+        r["cpu_whole_run"] = cpu.whole()
+        r["cpu_steady_state"] = cpu.between(*st["interval"]) if st["interval"] else None
+        Path(a.result).write_text(json.dumps(r))
         return 0
 
     cores = os.cpu_count() or 2
@@ -396,44 +431,53 @@ def main() -> int:
         print("WARNING: preprocessing differs", flush=True)
 
     res: dict[str, dict] = {}
-    lines = []
 
     def show(key: str, label: str, r: dict) -> None:
-        s = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
-        r.update(s)
+        st = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
+        r.update(st)
         res[key] = r
-        extra = f"  wall {r['wall_s']:6.1f} s" if "wall_s" in r else ""
-        line = (f"{label:<34} {s['samples_per_s']:8.1f} samples/s  (median window {s['median_window_samples_per_s']:7.1f}; "
-                f"{s['steps_measured']}/{s['steps_total']} steps measured){extra}")
-        lines.append(line)
-        print(line, flush=True)
-        if "cpu_s" in r:
-            print(f"{'':<34} CPU seconds by process: {r['cpu_s']}", flush=True)
+        wall = f", whole run {r['wall_s']:.0f} s wall" if "wall_s" in r else ""
+        print(f"{label:<36} {st['samples_per_s']:7.1f} samples/s steady state  (median window "
+              f"{st['median_window_samples_per_s']:.1f}; {st['steps_measured']}/{st['steps_total']} steps{wall})",
+              flush=True)
+        c = r.get("cpu_steady_state")
+        if c:
+            share = c.get("foreign", 0.0) / max(1e-9, c["wall_s"] * cores)
+            r["foreign_share"] = share
+            print(f"{'':<6}CPU seconds in the steady state, by process: {c}"
+                  f"{'  <- NOISY: other jobs used %.0f%% of the machine' % (100 * share) if share > 0.1 else ''}",
+                  flush=True)
 
-    show("open_clip_train", "(a) open_clip_train 3.3.0",
-         run_part("open_clip_train", a, tsv=tsv))
-    show("medvl_1w", f"(b) medvl 1 worker x {cores} CPUs",
-         run_part("medvl", a, corpus=corpus, workers=1, cpus_per_worker=cores))
-    for k in ("open_clip_train", "medvl_1w"):
-        if res[k]["steps_total"] != total:
-            print(f"WARNING: {k} ran {res[k]['steps_total']} steps, expected {total}", flush=True)
-    if not a.skip_two_workers and a.batch_size % 2 == 0 and cores >= 2:
+    parts = set(a.parts.split(","))
+    if "a" in parts:
+        show("open_clip_train", f"(a) open_clip_train, {a.loader_workers} loader workers",
+             run_part("open_clip_train", a, tsv=tsv))
+    if "b1" in parts:
+        show("medvl_1w", f"(b) medvl 1 worker x {cores} CPUs",
+             run_part("medvl", a, corpus=corpus, workers=1, cpus_per_worker=cores))
+    if "b2" in parts and not a.skip_two_workers and a.batch_size % 2 == 0 and cores >= 2:
         show("medvl_2w", f"(b) medvl 2 workers x {cores // 2} CPU",
              run_part("medvl", a, corpus=corpus, workers=2, cpus_per_worker=cores // 2))
-    show("bare", f"(c) bare PyTorch loop, {cores} threads",
-         run_part("bare", a, steps_total=total, cpus_per_worker=cores))
-    print(f"medvl 1w train-worker env {res['medvl_1w'].get('train_worker_env')}, "
-          f"threads {res['medvl_1w'].get('train_worker_threads')}; open_clip_train torch threads "
-          f"{res['open_clip_train'].get('torch_threads')}", flush=True)
-    ours = res["medvl_1w"]["samples_per_s"]
+    if "c" in parts:
+        show("bare", f"(c) bare PyTorch loop, {cores} threads",
+             run_part("bare", a, steps_total=total, cpus_per_worker=cores))
+    for k, r in res.items():
+        if r["steps_total"] != total:
+            print(f"WARNING: {k} ran {r['steps_total']} steps, expected {total}", flush=True)
+    if "medvl_1w" in res:
+        w = res["medvl_1w"]["data_wait_s_per_step"][1:]
+        print(f"medvl 1 worker: mean data wait {statistics.mean(w) * 1000 if w else float('nan'):.0f} ms/step "
+              f"(after the first window)", flush=True)
+    ours = res.get("medvl_1w", {}).get("samples_per_s", float("nan"))
+    oc = res.get("open_clip_train", {}).get("samples_per_s", float("nan"))
+    bare = res.get("bare", {}).get("samples_per_s", float("nan"))
     summary = {"model": a.model, "batch_size": a.batch_size, "epochs": a.epochs, "steps": total, "rows": rows,
                "same_preprocessing": same_pp, "cores": cores, "loader_workers": a.loader_workers,
                "log_every": a.log_every, "warmup": a.warmup, "set": a.set, "results": res,
                "wall_s": time.perf_counter() - t_start}
     (work / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"results: {work / 'results.json'} (total {summary['wall_s']:.0f} s)", flush=True)
-    print(f"ratio_vs_open_clip_train={ours / res['open_clip_train']['samples_per_s']:.2f} "
-          f"ratio_vs_bare={ours / res['bare']['samples_per_s']:.2f}")
+    print(f"ratio_vs_open_clip_train={ours / oc:.2f} ratio_vs_bare={ours / bare:.2f}")
     return 0
 
 

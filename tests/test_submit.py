@@ -179,13 +179,48 @@ def test_plan_pip_from_lock_leaves_out_ray(monkeypatch):
     assert not any(p.split("==")[0].split("[")[0].lower() == "ray" for p in pkgs)
 
 
-def test_plan_for_a_sweep_file(tmp_path):
-    sweep = _write(tmp_path / "sweep.yaml", {"name": "lr-sweep", "base": "jobs/digits_clip.yaml",
-                                             "search_space": {"optim.lr": [1e-4, 1e-3]}})
-    plan = plan_job(str(sweep), ["train.epochs=1"], environ={})
+def _sweep(tmp_path: Path, base: str, **extra) -> Path:
+    data = {"name": "lr-sweep", "base": base, "overrides": {"train.epochs": 1},
+            "search_space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+            "metric": "val/zero_shot_accuracy", "mode": "max", "num_samples": 2,
+            "scheduler": {"kind": "none"}, "resources": {"workers": 1, "cpus_per_worker": 1}}
+    data.update(extra)
+    return _write(tmp_path / "sweep.yaml", data)
+
+
+def test_plan_for_a_sweep_outside_the_project(tmp_path, digits_corpus):
+    """Sweep + base recipe in tmp: validated by medvl.tune, shipped as text, base and corpus made absolute."""
+    (tmp_path / "recipes").mkdir()
+    base = _smoke_recipe(tmp_path / "recipes", digits_corpus)
+    sweep = _sweep(tmp_path, "recipes/smoke.yaml")
+    plan = plan_job(str(sweep), ["num_samples=3"], environ={}, submission_id="sw")
     assert plan.kind == "tune" and plan.name == "lr-sweep"
-    assert shlex.split(plan.command)[:4] == ["python", "-m", "medvl.cli", "tune"]
-    assert shlex.split(plan.command)[-1] == "train.epochs=1"
+    assert shlex.split(plan.command) == ["python", "-m", "medvl.cli", "tune", ".medvl-submit/sw.yaml",
+                                         "num_samples=3", f"base={base}"]
+    assert plan.runtime_env["env_vars"]["MEDVL_SUBMIT_RECIPE"] == sweep.read_text()
+
+
+def test_plan_for_a_sweep_in_the_project(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    plan = plan_job("jobs/sweep_digits_small.yaml", ["num_samples=2", f"data.corpus={tmp_path}"], environ={})
+    argv = shlex.split(plan.command)
+    assert argv == ["python", "-m", "medvl.cli", "tune", "jobs/sweep_digits_small.yaml", "num_samples=2",
+                    f"data.corpus={tmp_path}"]
+    # no corpus in tmp_path: everything else is validated, the corpus check is left to the cluster
+    assert any("not checked against the corpus" in n for n in plan.notes)
+
+
+def test_bad_sweep_is_rejected_locally(tmp_path, digits_corpus, capsys):
+    (tmp_path / "recipes").mkdir()
+    _smoke_recipe(tmp_path / "recipes", digits_corpus)
+    sweep = _sweep(tmp_path, "recipes/smoke.yaml",
+                   search_space={"optim.lrr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}})
+    assert submit_main([str(sweep), "--address", UNREACHABLE]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lrr" in err and "cannot reach" not in err
+    sweep = _sweep(tmp_path, "recipes/missing.yaml")
+    assert submit_main([str(sweep), "--address", UNREACHABLE]) == 2
+    assert "recipes/missing.yaml" in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_job_without_a_cluster(tmp_path, capsys):

@@ -192,19 +192,41 @@ def _get(d: dict, dotted: str) -> Any:
     return cur
 
 
+def _ray_would_skip(p: Path, root: Path) -> bool:
+    """Whether Ray's working_dir packaging leaves `p` out: our `excludes`, Ray's default excludes, and every
+    .gitignore / .rayignore on the way down, checked with Ray's own matchers the way its directory walk does."""
+    import logging
+
+    from ray._private import ray_constants
+    from ray._private.runtime_env import packaging
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    quiet = logging.getLogger("medvl.submit.ignorefiles")
+    quiet.setLevel(logging.WARNING)
+    excludes = [packaging._get_excludes(root, ray_constants.get_runtime_env_default_excludes() + EXCLUDES)]
+    node = root
+    for part in (None, *p.relative_to(root).parts):
+        node = node / part if part else node
+        if node.is_dir():
+            excludes += packaging.get_excludes_from_ignore_files(node, include_gitignore, logger=quiet)
+        if any(e(node) for e in excludes):
+            return True
+    return False
+
+
 def _uploaded_relpath(p: Path, root: Path) -> Optional[str]:
     """`p` relative to the project root if the job's working_dir upload contains it, else None."""
+    p = p.resolve()
     try:
-        rel = p.resolve().relative_to(root)
+        rel = p.relative_to(root)
     except ValueError:
         return None
-    parts = rel.parts
-    if not parts:
-        return "."
-    if parts[0] in _EXCLUDED_TOP or rel.as_posix().startswith("bench/out") or "__pycache__" in parts \
-            or any(x.endswith(".egg-info") for x in parts):
-        return None
-    return rel.as_posix()
+    try:
+        skipped = _ray_would_skip(p, root)
+    except (ImportError, AttributeError):  # Ray's private packaging API moved: fall back to our own excludes
+        parts = rel.parts
+        skipped = bool(parts) and (parts[0] in _EXCLUDED_TOP or rel.as_posix().startswith("bench/out")
+                                   or "__pycache__" in parts or any(x.endswith(".egg-info") for x in parts))
+    return None if skipped else (rel.as_posix() or ".")
 
 
 def _yaml_scalar(v: str) -> str:
@@ -237,6 +259,42 @@ def _pip_from_lock(root: Path) -> list[str]:
     return pkgs
 
 
+def _cluster_path(key: str, local: Path, root: Path, address: Optional[str], notes: list[str]) -> str:
+    """The value a local path must have in the job: relative to the project copy if it is uploaded with it,
+    else the absolute path (which then has to exist on the cluster nodes)."""
+    rel = _uploaded_relpath(local, root)
+    if rel is not None:
+        return rel  # travels with the working_dir; the job's cwd is the project copy
+    if not local.exists():
+        notes.append(f"{key}: {local} does not exist on this machine; it must exist at that path on the cluster "
+                     "nodes")
+    elif address and not _is_loopback(address):
+        notes.append(f"{key}: {local} is not uploaded with the project; it must be on shared storage at the "
+                     "same path on every cluster node (or use an s3:// URI)")
+    return str(local)
+
+
+def _path_overrides(raw: dict, recipe, root: Path, address: Optional[str], notes: list[str],
+                    environ: dict[str, str]) -> dict[str, str]:
+    """Overrides that make the recipe's local paths (raw values, resolved in `recipe`) valid in the job."""
+    fixed: dict[str, str] = {}
+    for key in PATH_KEYS:
+        raw_v = _get(raw, key)
+        if not isinstance(raw_v, str) or not raw_v or "://" in raw_v:
+            continue
+        section, attr = key.split(".")
+        cluster_v = _cluster_path(key, Path(getattr(getattr(recipe, section), attr)), root, address, notes)
+        if cluster_v != raw_v:
+            fixed[key] = cluster_v
+    run_root = recipe.runtime.run_root
+    if not environ.get("MEDVL_RUN_ROOT") and "://" not in run_root and not os.path.isabs(run_root):
+        notes.append(f"runtime.run_root is the relative path {run_root!r} and MEDVL_RUN_ROOT is not set here: "
+                     "unless the cluster sets MEDVL_RUN_ROOT, checkpoints and the default MLflow store land in "
+                     "the job's temporary working directory on the head node and are lost with it; point "
+                     "MEDVL_RUN_ROOT or runtime.run_root at shared storage")
+    return fixed
+
+
 def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: str = "python",
              pip_from_lock: bool = False, extra_env: dict[str, str] | None = None,
              submission_id: Optional[str] = None, address: Optional[str] = None,
@@ -248,6 +306,8 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
     path = Path(recipe_path)
     raw = load_yaml(path)  # ConfigError names the file when missing / not a mapping
     notes: list[str] = []
+    staged = _uploaded_relpath(path, root) is None
+    fixed: dict[str, str] = {}
 
     if is_sweep_file(raw):
         kind = "tune"
@@ -255,43 +315,34 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
         if missing:
             raise ConfigError(f"{path}: a sweep file needs top-level `base` and `search_space` "
                               f"(missing: {', '.join(missing)})")
-        if not isinstance(raw["search_space"], dict) or not raw["search_space"]:
-            raise ConfigError(f"{path}: search_space must be a non-empty mapping of dotted keys")
-        name = str(raw.get("name") or path.stem)
-        cluster_overrides = overrides
+        from medvl.data.corpus import CorpusError
+        from medvl.tune.spec import base_recipe, load_sweep, resolve_base, validate_sweep
+        spec = load_sweep(path, overrides)  # SweepError (a ConfigError) names the key
+        try:
+            recipe = validate_sweep(spec)  # search space vs recipe types, metric, scheduler, base recipe
+        except CorpusError as e:
+            # the corpus may exist only on the cluster's shared storage; everything else was checked
+            recipe = base_recipe(spec)
+            notes.append(f"the sweep's objective metric was not checked against the corpus, which is not "
+                         f"readable here ({e}); `medvl tune` checks it on the cluster")
+        name = spec.sweep_name
+        base_path = resolve_base(spec)
+        base_raw = apply_overrides(load_yaml(base_path), dict(spec.overrides))
+        base_v = None
+        if _uploaded_relpath(base_path, root) is None:
+            base_v = _cluster_path("base", base_path, root, address, notes)
+        elif staged:  # the sweep file moves to .medvl-submit/, so name its base relative to the project root
+            base_v = _uploaded_relpath(base_path, root)
+        if base_v is not None and base_v != spec.base:
+            fixed["base"] = base_v
+        fixed.update(_path_overrides(base_raw, recipe, root, address, notes, environ))
     else:
         kind = "train"
         recipe = load_recipe(path, overrides)  # full validation: unknown keys, types, value checks
         name = recipe.name
-        merged = apply_overrides(raw, overrides)
-        fixed: dict[str, str] = {}
-        for key in PATH_KEYS:
-            raw_v = _get(merged, key)
-            if not isinstance(raw_v, str) or not raw_v or "://" in raw_v:
-                continue
-            section, attr = key.split(".")
-            local = Path(getattr(getattr(recipe, section), attr))
-            rel = _uploaded_relpath(local, root)
-            if rel is not None:
-                cluster_v = rel  # travels with the working_dir; the job's cwd is the project copy
-            else:
-                cluster_v = str(local)
-                if not local.exists():
-                    notes.append(f"{key}: {local} does not exist on this machine; it must exist at that path on "
-                                 "the cluster nodes")
-                elif address and not _is_loopback(address):
-                    notes.append(f"{key}: {local} is not uploaded with the project; it must be on shared "
-                                 "storage at the same path on every cluster node (or use an s3:// URI)")
-            if cluster_v != raw_v:
-                fixed[key] = cluster_v
-        cluster_overrides = [ov for ov in overrides if ov.split("=", 1)[0].strip() not in fixed]
-        cluster_overrides += [f"{k}={_yaml_scalar(v)}" for k, v in fixed.items()]
-        run_root = _get(merged, "runtime.run_root") or recipe.runtime.run_root
-        if not environ.get("MEDVL_RUN_ROOT") and "://" not in run_root and not os.path.isabs(run_root):
-            notes.append(f"runtime.run_root is the relative path {run_root!r} and MEDVL_RUN_ROOT is not set here: "
-                         "unless the cluster sets MEDVL_RUN_ROOT, checkpoints and the default MLflow store land in "
-                         "the job's temporary working directory on the head node and are lost with it; point "
-                         "MEDVL_RUN_ROOT or runtime.run_root at shared storage")
+        fixed.update(_path_overrides(apply_overrides(raw, overrides), recipe, root, address, notes, environ))
+    cluster_overrides = [ov for ov in overrides if ov.split("=", 1)[0].strip() not in fixed]
+    cluster_overrides += [f"{k}={_yaml_scalar(v)}" for k, v in fixed.items()]
 
     uri = environ.get("MLFLOW_TRACKING_URI")
     if uri and address and not _is_loopback(address) and re.search(r"//(localhost|127\.)", uri):
@@ -305,10 +356,9 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
             env_vars[k] = environ[k]
     env_vars.update(extra_env or {})
 
-    rel = _uploaded_relpath(path, root)
     prefix = ""
-    if rel is not None:
-        recipe_arg = rel
+    if not staged:
+        recipe_arg = _uploaded_relpath(path, root)
     else:
         # Not part of the uploaded project (e.g. a file in /tmp or under runs/): ship its text in the job's env and
         # write it into the job's working directory first. Its local paths were made absolute above.
@@ -316,9 +366,6 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
         env_vars["MEDVL_SUBMIT_RECIPE"] = path.read_text()
         prefix = (f"mkdir -p {STAGED_DIR} && printf '%s\\n' \"$MEDVL_SUBMIT_RECIPE\" > {shlex.quote(recipe_arg)} "
                   "&& ")
-        if kind == "tune":
-            notes.append(f"{path} is outside the project, so it is sent as text: paths inside it must be absolute "
-                         "or relative to the project root")
     command = shlex.join([python, "-m", "medvl.cli", kind, recipe_arg, *cluster_overrides])
     entrypoint = prefix + command
 
