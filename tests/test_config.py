@@ -59,7 +59,9 @@ def test_round_trip_dict_flat():
 def test_every_job_recipe_loads(path):
     import yaml
     raw = yaml.safe_load(Path(path).read_text())
-    if "search_space" in raw:  # sweep specs are validated by tests/test_tune.py
-        pytest.skip("sweep spec")
-    r = load_recipe(path)
+    if "search_space" in raw:  # a sweep spec: its search space is checked against its base recipe
+        from medvl.tune.spec import load_sweep, validate_sweep
+        r = validate_sweep(load_sweep(path))
+    else:
+        r = load_recipe(path)
     assert r.name and r.data.corpus
