@@ -56,12 +56,15 @@ def test_round_trip_dict_flat():
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(ROOT / "jobs" / "*.yaml"))))
-def test_every_job_recipe_loads(path):
+def test_every_job_recipe_loads(path, request):
     import yaml
     raw = yaml.safe_load(Path(path).read_text())
-    if "search_space" in raw:  # a sweep spec: its search space is checked against its base recipe
+    if "search_space" in raw:
+        # a sweep spec: its search space and objective are checked against its base recipe, whose corpus must
+        # exist (the objective depends on the corpus having labels): the real digits corpus, ingested here
         from medvl.tune.spec import load_sweep, validate_sweep
-        r = validate_sweep(load_sweep(path))
+        corpus = request.getfixturevalue("digits_corpus")
+        r = validate_sweep(load_sweep(path, [f"data.corpus={corpus}"]))
     else:
         r = load_recipe(path)
     assert r.name and r.data.corpus
