@@ -3,7 +3,6 @@ params, metrics and proxied artifacts logged over HTTP and read back with `Mlflo
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import subprocess
 import urllib.error
@@ -178,8 +177,6 @@ def test_server_sh_auth_needs_secret_key(tmp_path):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.skipif(importlib.util.find_spec("flask_wtf") is None,
-                    reason="MLflow basic auth needs Flask-WTF (pip install 'mlflow[auth]')")
 def test_server_sh_basic_auth(tmp_path, monkeypatch):
     data = tmp_path / "auth-data"
     port = free_port()
