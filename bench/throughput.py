@@ -2,7 +2,7 @@
 model config, images, captions, preprocessing, batch size, number of steps and machine.
 
     ./dev bench throughput [--model digits-vit-tiny] [--batch-size 64] [--epochs 3 | --steps N]
-                           [--repeat 2] [--loader-workers 2] [--log-every 5] [--warmup 10]
+                           [--repeat 2] [--rounds 1] [--loader-workers 2] [--log-every 5] [--warmup 10]
                            [--skip-two-workers] [--out bench/out]
 
   (a) open_clip_train 3.3.0, the installed package's own `open_clip_train.main` (its CsvDataset + DataLoader
@@ -15,10 +15,16 @@ model config, images, captions, preprocessing, batch size, number of steps and m
   (b) medvl: `medvl.train.launcher.run_training(recipe)` with 1 Ray Train worker x <cores> CPUs (torch uses
       every core, like (a)), `data.decode_tasks=<loader-workers>`, eval off; then 2 workers x 1 CPU (global
       batch unchanged, split 2 x B/2).
-  (c) bare: the same model (`medvl.models.factory.create_model`) and optimizer groups, forward + ClipLoss +
-      backward + grad clip + AdamW on one in-memory batch, torch threads = cores. The compute limit.
+  (c) bare: the same model (`medvl.models.factory.create_model`) and the same optimizer as medvl
+      (`build_optimizer`: AdamW with open_clip's decay groups, fused kernel by default, `optim.impl`), forward +
+      ClipLoss + backward + grad clip + AdamW on one in-memory batch, torch threads = cores. The compute limit:
+      ratio_vs_bare is medvl's whole overhead (Ray, data, logging), not a difference in the math. open_clip_train
+      uses torch's default AdamW (the per-parameter for-loop kernel on CPU); medvl's fused AdamW is part of why it
+      is faster than (a).
 
-Every part runs in its own fresh interpreter (and its own Ray instance), one after the other.
+Every part runs in its own fresh interpreter (and its own Ray instance), one after the other; with `--rounds R`
+the sequence repeats R times, interleaved, and each figure is the median over the rounds (a shared machine has
+bursts of other jobs: compare only figures from one invocation).
 
 Steady-state samples/s = batch x steps / summed step time over all steps after the first `--warmup` (so
 epoch-boundary stalls count, as a user pays them; checkpoint saving is outside both trainers' step timers).
@@ -361,10 +367,11 @@ def run_part(name: str, a, **extra) -> dict:
         args += [f"--{k.replace('_', '-')}", str(v)]
     for s in a.set or []:
         args += ["--set", s]
-    res_file = Path(a.work) / f"part-{name}-{extra.get('workers', '')}.json"
+    a.part_seq = getattr(a, "part_seq", 0) + 1  # rounds keep their own result and log files
+    res_file = Path(a.work) / f"part{a.part_seq:02d}-{name}-{extra.get('workers', '')}.json"
     args += ["--result", str(res_file)]
     p = subprocess.run(args, capture_output=True, text=True)
-    (Path(a.work) / f"part-{name}-{extra.get('workers', '')}.log").write_text(p.stdout + p.stderr)
+    res_file.with_suffix(".log").write_text(p.stdout + p.stderr)
     if p.returncode != 0 or not res_file.exists():
         raise RuntimeError(f"part {name} failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
     return json.loads(res_file.read_text())
@@ -387,6 +394,9 @@ def main() -> int:
     ap.add_argument("--skip-two-workers", action="store_true", help="skip the medvl 2 workers x 1 CPU run")
     ap.add_argument("--parts", default="a,b1,b2,c", help="which runs: a (open_clip_train), b1 / b2 (medvl 1 / 2 "
                                                          "workers), c (bare); comma-separated (default: all)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the parts this many times, interleaved (a, b1, b2, c, a, b1, ...); each figure is "
+                         "the median over rounds, so one burst of other jobs on a shared machine cannot decide it")
     ap.add_argument("--wait-quiet", type=float, default=120,
                     help="before each part, wait up to this many seconds for the shared machine to be idle")
     ap.add_argument("--set", action="append", help="extra medvl recipe override key.sub=value (repeatable), "
@@ -431,10 +441,13 @@ def main() -> int:
         print("WARNING: preprocessing differs", flush=True)
 
     res: dict[str, dict] = {}
+    rounds: dict[str, list[float]] = {}
 
     def show(key: str, label: str, r: dict) -> None:
         st = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
         r.update(st)
+        rounds.setdefault(key, []).append(st["samples_per_s"])
+        r["rounds_samples_per_s"] = rounds[key]
         res[key] = r
         wall = f", whole run {r['wall_s']:.0f} s wall" if "wall_s" in r else ""
         print(f"{label:<36} {st['samples_per_s']:7.1f} samples/s steady state  (median window "
@@ -449,18 +462,31 @@ def main() -> int:
                   flush=True)
 
     parts = set(a.parts.split(","))
-    if "a" in parts:
-        show("open_clip_train", f"(a) open_clip_train, {a.loader_workers} loader workers",
-             run_part("open_clip_train", a, tsv=tsv))
-    if "b1" in parts:
-        show("medvl_1w", f"(b) medvl 1 worker x {cores} CPUs",
-             run_part("medvl", a, corpus=corpus, workers=1, cpus_per_worker=cores))
-    if "b2" in parts and not a.skip_two_workers and a.batch_size % 2 == 0 and cores >= 2:
-        show("medvl_2w", f"(b) medvl 2 workers x {cores // 2} CPU",
-             run_part("medvl", a, corpus=corpus, workers=2, cpus_per_worker=cores // 2))
-    if "c" in parts:
-        show("bare", f"(c) bare PyTorch loop, {cores} threads",
-             run_part("bare", a, steps_total=total, cpus_per_worker=cores))
+    for k in range(a.rounds):
+        if a.rounds > 1:
+            print(f"--- round {k + 1}/{a.rounds}", flush=True)
+        if "a" in parts:
+            show("open_clip_train", f"(a) open_clip_train, {a.loader_workers} loader workers",
+                 run_part("open_clip_train", a, tsv=tsv))
+        if "b1" in parts:
+            show("medvl_1w", f"(b) medvl 1 worker x {cores} CPUs",
+                 run_part("medvl", a, corpus=corpus, workers=1, cpus_per_worker=cores))
+        if "b2" in parts and not a.skip_two_workers and a.batch_size % 2 == 0 and cores >= 2:
+            show("medvl_2w", f"(b) medvl 2 workers x {cores // 2} CPU",
+                 run_part("medvl", a, corpus=corpus, workers=2, cpus_per_worker=cores // 2))
+        if "c" in parts:
+            show("bare", f"(c) bare PyTorch loop, {cores} threads",
+                 run_part("bare", a, steps_total=total, cpus_per_worker=cores))
+    for key, vals in rounds.items():
+        res[key]["samples_per_s"] = statistics.median(vals)
+    if a.rounds > 1:
+        print("median over rounds (samples/s): " + ", ".join(f"{k} {statistics.median(v):.1f} "
+              f"[{' '.join(f'{x:.0f}' for x in v)}]" for k, v in rounds.items()), flush=True)
+        if "medvl_1w" in rounds:
+            for ref in ("open_clip_train", "bare"):
+                if ref in rounds:
+                    per = [o / r for o, r in zip(rounds["medvl_1w"], rounds[ref])]
+                    print(f"per-round medvl 1 worker / {ref}: {' '.join(f'{x:.2f}' for x in per)}", flush=True)
     for k, r in res.items():
         if r["steps_total"] != total:
             print(f"WARNING: {k} ran {r['steps_total']} steps, expected {total}", flush=True)

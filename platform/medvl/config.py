@@ -92,6 +92,9 @@ class OptimConfig:
     """Max global grad norm (None = no clipping)."""
     accum_freq: int = 1
     """Gradient accumulation over k micro-batches with feature caching (open_clip style)."""
+    impl: Literal["fused", "foreach", "for_loop"] = "fused"
+    """AdamW kernel: `fused` (one kernel over all parameters, CPU and CUDA; the fastest), `foreach`, or
+    `for_loop` (torch's CPU default, which open_clip_train gets). Same update rule either way."""
 
 
 @dataclass

@@ -111,13 +111,25 @@ def log_dataset(run_id: str, uri: str, corpus: str, split: str, context: str) ->
 
 
 class RankZeroLogger:
-    """Metric logging from the rank-0 train worker into the job's existing run (no-op elsewhere)."""
+    """Metric logging from the rank-0 train worker into the job's existing run (no-op elsewhere).
+
+    `log` only queues: a background thread writes the queued metrics with `log_batch`, so a slow tracking
+    store (a remote server, SQLite under load) never stalls a training step. `flush()` waits until everything
+    queued is written (the worker calls it before each checkpoint report and at the end), so a checkpoint never
+    runs ahead of the metrics logged before it. A failed write is retried at the next flush, then reported."""
 
     def __init__(self, uri: Optional[str], run_id: Optional[str], enabled: bool):
+        import queue
+        import threading
         self.enabled = enabled and bool(run_id)
         self.run_id = run_id
         self.client = _client(uri) if self.enabled else None
-        self._pending: list = []
+        self._queue: "queue.Queue" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread = None
+        if self.enabled:
+            self._thread = threading.Thread(target=self._drain, name="medvl-mlflow-logger", daemon=True)
+            self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -126,13 +138,37 @@ class RankZeroLogger:
 
         from mlflow.entities import Metric
         ts = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v)
-        self.flush()
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]
+        if batch:
+            self._queue.put(batch)
+
+    def _drain(self) -> None:
+        pending: list = []
+        while True:
+            item = self._queue.get()
+            if item is not None:
+                pending.extend(item)
+            if pending and (item is None or self._queue.empty()):
+                try:
+                    for i in range(0, len(pending), 1000):  # MLflow's log_batch limit
+                        self.client.log_batch(self.run_id, metrics=pending[i:i + 1000])
+                    pending = []
+                    self._error = None
+                except Exception as e:  # noqa: BLE001 - keep the metrics and retry with the next batch
+                    self._error = e
+            self._queue.task_done()
 
     def flush(self) -> None:
-        if self.enabled and self._pending:
-            self.client.log_batch(self.run_id, metrics=self._pending)
-            self._pending = []
+        """Block until every queued metric is written; raises if the tracking store keeps failing."""
+        if not self.enabled:
+            return
+        self._queue.put(None)  # forces a write attempt of whatever is pending
+        self._queue.join()
+        if self._error is not None:
+            self._queue.put(None)  # one retry
+            self._queue.join()
+            if self._error is not None:
+                raise RuntimeError(f"MLflow: could not log metrics to run {self.run_id}: {self._error}")
 
 
 def plot_loss_curve(uri: str, run_id: str, out: Path) -> Optional[Path]:

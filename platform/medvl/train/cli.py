@@ -67,6 +67,7 @@ def eval_main(argv: list[str]) -> int:
     if id_file.exists():
         logger = runs.RankZeroLogger(runs.tracking_uri(recipe), id_file.read_text().strip(), True)
         logger.log({k.replace("val/", "eval/"): v for k, v in metrics.items()}, step=int(state["step"]))
+        logger.flush()
     print(f"checkpoint {Path(ckpt).name} (step {state['step']}):")
     for k, v in sorted(metrics.items()):
         print(f"  {k} = {v:.4f}")

@@ -137,21 +137,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if val is not None:
                 eval_metrics = evaluate(model, recipe, val, device)
                 logger.log(eval_metrics, step=pos["step"])
-            _report(model, opt, sched, scaler, pos, last_loss, eval_metrics, rank)
+            _report(model, opt, sched, scaler, pos, last_loss, eval_metrics, rank, logger)
             t_last = time.perf_counter()
         elif pos["step"] % t.ckpt_every == 0:
-            _report(model, opt, sched, scaler, pos, last_loss, eval_metrics, rank)
+            _report(model, opt, sched, scaler, pos, last_loss, eval_metrics, rank, logger)
             t_last = time.perf_counter()
 
     if pos["step"] == resumed_from:  # nothing left to do (re-run of a finished run): report final state once
         if val is not None:
             eval_metrics = evaluate(model, recipe, val, device)
-        _report(model, opt, sched, scaler, pos, float("nan"), eval_metrics, rank, with_ckpt=False)
+        _report(model, opt, sched, scaler, pos, float("nan"), eval_metrics, rank, logger, with_ckpt=False)
     logger.flush()
 
 
-def _report(model, opt, sched, scaler, pos, loss, eval_metrics, rank, with_ckpt: bool = True) -> None:
+def _report(model, opt, sched, scaler, pos, loss, eval_metrics, rank, logger, with_ckpt: bool = True) -> None:
     import ray.train
+    logger.flush()  # metrics logged before a checkpoint are written before it is registered
     metrics = {"step": pos["step"], "epoch": pos["epoch"], "train/loss": loss, **eval_metrics}
     ckpt_dir = _save_checkpoint(model, opt, sched, scaler, dict(pos)) if (rank == 0 and with_ckpt) else None
     # [6] every rank reports; only rank 0 attaches the (DDP-replicated) checkpoint
