@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -258,14 +259,19 @@ def test_interrupted_sweep_resumes_with_its_trials(digits_corpus, run_root, tmp_
                             cwd=ROOT)
     try:
         deadline = time.time() + 900
+        second = None
         while time.time() < deadline and proc.poll() is None:
             evs = [json.loads(x) for x in events.read_text().splitlines()] if events.exists() else []
-            if any(e["event"] == "complete" for e in evs) and sum(e["event"] == "start" for e in evs) >= 2:
-                break  # trial 1 done, trial 2 running
+            done = {e["trial_id"] for e in evs if e["event"] == "complete"}
+            running = [e["trial_id"] for e in evs if e["event"] == "start" and e["trial_id"] not in done]
+            if done and running:
+                second = running[0]
+                if (Path(run_root) / "jobs" / f"t-resume-{second}" / "mlflow_run_id").exists():
+                    break  # trial 1 done, trial 2 has its MLflow run and is training
             time.sleep(1)
-        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        time.sleep(5)
-        proc.send_signal(signal.SIGINT)
+        assert proc.poll() is None and second, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)  # Ctrl+C
         rc = proc.wait(300)
     finally:
         if proc.poll() is None:
@@ -281,6 +287,9 @@ def test_interrupted_sweep_resumes_with_its_trials(digits_corpus, run_root, tmp_
     assert all(k.info.status != "RUNNING" for k in kids)  # nothing left dangling
     finished_before = {k.data.tags["medvl.trial_id"]: k.info.run_id for k in kids if k.info.status == "FINISHED"}
     assert finished_before
+    interrupted = {k.data.tags["medvl.trial_id"]: k for k in kids if k.info.status == "KILLED"}
+    assert second in interrupted and interrupted[second].data.tags["medvl.end_reason"] == "sweep interrupted"
+    assert re.search(rf"{second}\s.*INTERRUPTED\s+KILLED", first_log)
 
     res = subprocess.run(_tune_cmd(digits_corpus, run_root), env=env, capture_output=True, text=True, cwd=ROOT,
                          timeout=1200)
@@ -294,6 +303,9 @@ def test_interrupted_sweep_resumes_with_its_trials(digits_corpus, run_root, tmp_
     for tid, run_id in finished_before.items():
         assert by_trial[tid].info.run_id == run_id and by_trial[tid].data.tags.get("medvl.resumed") is None
     assert all(k.info.status == "FINISHED" for k in kids)
+    # the interrupted trial went on in its own MLflow run (same run id, tagged resumed)
+    assert by_trial[second].info.run_id == interrupted[second].info.run_id
+    assert by_trial[second].data.tags.get("medvl.resumed") == "true"
     starts = [json.loads(x)["trial_id"] for x in events.read_text().splitlines() if '"start"' in x]
     for tid in finished_before:
         assert starts.count(tid) == 1  # a finished trial is not run again

@@ -446,6 +446,14 @@ def _parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def _quiet_packaging_logs() -> None:
+    """Ray logs every .gitignore it honours and warns that .git/.venv are excluded by default (we exclude them
+    anyway); keep its 'Uploading package' lines only."""
+    import logging
+    for name in ("ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def submit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="medvl submit", description="Submit a recipe or sweep to a Ray cluster "
                                 "(Ray Jobs API). " + README_HINT)
@@ -486,6 +494,7 @@ def submit_main(argv: list[str]) -> int:
             print(f"medvl submit: note: the cluster runs Ray {version}, this machine Ray {ray.__version__}",
                   file=sys.stderr)
         client = _client(address)
+        _quiet_packaging_logs()
         try:
             job_id = client.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id,
                                        runtime_env=plan.runtime_env, metadata=plan.metadata)
@@ -551,11 +560,12 @@ def jobs_main(argv: list[str]) -> int:
         client = _client(address)
         if a.action == "list":
             jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
-            print(f"{'JOB ID':<44} {'STATUS':<10} {'STARTED':<19}  ENTRYPOINT")
-            for j in jobs:
-                ep = j.entrypoint.split("&& ")[-1]
-                print(f"{(j.submission_id or j.job_id or '-'):<44} {j.status.value:<10} "
-                      f"{_fmt_ms(j.start_time):<19}  {ep[:100]}")
+            ids = [j.submission_id or j.job_id or "-" for j in jobs]
+            w = max([len("JOB ID"), *map(len, ids)])
+            print(f"{'JOB ID':<{w}}  {'STATUS':<10} {'STARTED':<19}  ENTRYPOINT")
+            for jid, j in zip(ids, jobs):
+                ep = j.entrypoint.split("&& ")[-1]  # without the staging of an outside recipe
+                print(f"{jid:<{w}}  {j.status.value:<10} {_fmt_ms(j.start_time):<19}  {ep[:100]}")
             return 0
         try:
             info = client.get_job_info(a.job_id)
@@ -575,7 +585,8 @@ def jobs_main(argv: list[str]) -> int:
                 status = wait_for_job(client, a.job_id, follow_logs=True)
                 return 0 if status == "SUCCEEDED" else 1
             logs = client.get_job_logs(a.job_id) or ""
-            print(_tail(logs, a.tail) if a.tail else logs, end="" if logs.endswith("\n") else "\n")
+            text = _tail(logs, a.tail) if a.tail else logs
+            print(text, end="" if text.endswith("\n") else "\n")
             return 0
         if a.action == "stop":
             if info.status.is_terminal():

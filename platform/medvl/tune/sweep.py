@@ -214,7 +214,7 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
         raise
 
     trials = list(grid._experiment_analysis.trials)
-    done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    done = sum(tracking.trial_state(t) in ("TERMINATED", "ERROR") for t in trials)
     complete = done >= spec.num_samples
     tracking.close_dangling_children(uri, parent, "KILLED", "sweep ended" if complete else "sweep interrupted")
     table = tracking.trials_table(trials, list(space.params), spec.metric, horizon, uri, parent, sweep_dir)

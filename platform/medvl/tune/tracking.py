@@ -172,6 +172,14 @@ def trial_times(sweep_dir: Path) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- summary
 
 
+def trial_state(trial) -> str:
+    """Tune's status, except that a trial Tune stopped because the sweep was interrupted (status TERMINATED but
+    no final `done` result: it neither finished nor was stopped by the scheduler) is INTERRUPTED."""
+    if trial.status == "TERMINATED" and not (trial.last_result or {}).get("done"):
+        return "INTERRUPTED"
+    return trial.status
+
+
 def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int, uri: str, parent_run_id: str,
                  sweep_dir: Path):
     """One row per Tune trial (`ResultGrid`'s trials): id, MLflow child run, statuses, sampled params,
@@ -190,11 +198,11 @@ def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int,
         rows.append({
             "trial_id": tid, "run_name": child.info.run_name if child else None,
             "mlflow_run_id": child.info.run_id if child else None,
-            "tune_status": trial.status, "mlflow_status": child.info.status if child else None,
-            "error": trial.status == "ERROR",
+            "tune_status": trial_state(trial), "mlflow_status": child.info.status if child else None,
+            "error": trial_state(trial) == "ERROR",
             **{k: cfg.get(k) for k in space_keys},
             metric: m.get(metric), "epoch": epoch, "step": m.get("step"),
-            "stopped_early": bool(trial.status == "TERMINATED" and epoch is not None and epoch < horizon),
+            "stopped_early": bool(trial_state(trial) == "TERMINATED" and epoch is not None and epoch < horizon),
             "trial_start": t.get("start"), "trial_end": t.get("end"),
             "trial_wall_s": (t["end"] - t["start"]) if "start" in t and "end" in t else None,
         })
