@@ -311,3 +311,55 @@ def test_interrupted_sweep_resumes_with_its_trials(digits_corpus, run_root, tmp_
         assert starts.count(tid) == 1  # a finished trial is not run again
     import pandas as pd
     assert len(pd.read_csv(sweep_dir / "results.csv")) == 3
+
+
+def _forever_worker(cfg):
+    import time
+
+    import ray.train
+    for i in range(10_000):
+        time.sleep(0.2)
+        ray.train.report({"it": i})
+
+
+def _trial_with_trainer(cfg):
+    import ray.train
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.train.torch import TorchTrainer
+    TorchTrainer(_forever_worker, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                 run_config=ray.train.RunConfig(name=f"t-{tune.get_context().get_trial_id()}",
+                                                storage_path=cfg["storage"],
+                                                callbacks=[TuneReportCallback()])).fit()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_stopped_trials_release_their_train_workers(tmp_path, fresh_ray, monkeypatch):
+    """A trial stopped from outside (as ASHA stops one) kills its TrainController; Ray Train's
+    PlacementGroupCleaner must then remove the worker placement group. It needs the State API, i.e. the
+    dashboard: medvl's embedded Ray once ran without it and every stopped trial leaked its workers' CPUs,
+    until a sweep starved and hung."""
+    import ray
+    from ray import tune
+    from ray.util import placement_group_table
+
+    from medvl.config import load_recipe
+    from medvl.train.launcher import ensure_ray
+    # Ray workers unpickle the trial function by module name: put this test module on their path
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                                   os.environ.get("PYTHONPATH")])))
+    ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}))
+    grid = tune.Tuner(tune.with_resources(_trial_with_trainer, {"CPU": 1}),
+               param_space={"storage": str(tmp_path / "train"), "x": tune.grid_search([1, 2, 3])},
+               tune_config=tune.TuneConfig(max_concurrent_trials=1),
+               run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), stop={"it": 2}, verbose=0)).fit()
+    assert not grid.errors and [r.metrics["it"] for r in grid] == [2, 2, 2]  # each trial trained, then was stopped
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        live = [p for p in placement_group_table().values() if p["state"] == "CREATED"]
+        if not live and ray.available_resources().get("CPU") == 4:
+            break
+        time.sleep(1)
+    assert live == [], f"{len(live)} placement groups of stopped trials still hold CPUs"
+    assert ray.available_resources().get("CPU") == 4

@@ -35,7 +35,11 @@ def ensure_ray(recipe: Optional[Recipe] = None) -> None:
     # Logical CPUs above the core count give Ray Data's decode tasks and the Train controller room next to
     # the train workers on a small machine (the workers still set their own torch thread counts).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+    # The dashboard serves the State API, which Ray Train V2's PlacementGroupCleaner polls to notice that a
+    # TrainController died: without it, every trial ASHA stops leaks its worker placement group (its CPUs stay
+    # reserved) until a sweep starves and hangs. It also gives embedded runs the Ray dashboard (:8265, or the
+    # next free port).
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
                                        "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
                                        "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
