@@ -121,7 +121,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             logger.log({
                 "train/loss": window["loss"] / n,
                 "train/lr": opt.param_groups[0]["lr"],
-                "train/logit_scale": float(unwrap(model).logit_scale.exp()),
+                "train/logit_scale": unwrap(model).logit_scale.detach().exp().item(),
                 "train/samples_per_s": recipe.data.batch_size * n / max(window["time"], 1e-9),
                 "train/data_wait_s": window["wait"] / n,
                 "train/skipped_samples": _skipped(counter),

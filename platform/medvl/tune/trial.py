@@ -75,6 +75,12 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     try:
         result = trainer.fit()  # [3] Train V2: the controller + workers run as their own actors
         final = finalize(job, result)
+    except SystemExit as e:
+        # Tune stops a trial (a scheduler's STOP) by raising SystemExit(0) in its reporting thread: not a
+        # failure. SweepCallback closes the run (KILLED, tagged stopped early); marking it FAILED here raced it.
+        if e.code not in (0, None):
+            runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED")
+        raise
     except BaseException:
         runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED")
         raise
