@@ -64,7 +64,6 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """The Tune trainable (a function): train one sampled configuration and report its epoch results."""
     import ray.tune
 
-    from medvl.track import runs
     from medvl.train.launcher import build_trainer, finalize, prepare_job
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -72,18 +71,12 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     job = prepare_job(recipe, parent_run_id=ctx.parent_run_id,  # [2] MLflow child run of the sweep's parent
                       tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id})
     trainer = build_trainer(job, callbacks=[EpochReportCallback(ctx.metric, job.total_steps)])
-    try:
-        result = trainer.fit()  # [3] Train V2: the controller + workers run as their own actors
-        final = finalize(job, result)
-    except SystemExit as e:
-        # Tune stops a trial (a scheduler's STOP) by raising SystemExit(0) in its reporting thread: not a
-        # failure. SweepCallback closes the run (KILLED, tagged stopped early); marking it FAILED here raced it.
-        if e.code not in (0, None):
-            runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED")
-        raise
-    except BaseException:
-        runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED")
-        raise
+    # No try/except marking the run FAILED here: when a scheduler stops the trial, Tune ends its reporting and
+    # fit() raises, and a FAILED written from here raced SweepCallback (seen: ASHA-stopped trials ending FAILED).
+    # SweepCallback on the driver is the one place that closes unfinished runs: KILLED + stopped-early tags when
+    # Tune completes the trial, FAILED when Tune reports a trial error (including this actor dying).
+    result = trainer.fit()  # [3] Train V2: the controller + workers run as their own actors
+    final = finalize(job, result)
     release_skip_counter(job.mlflow_run_id)
     out = {k: v for k, v in final.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))}
