@@ -338,8 +338,8 @@ def _trial_with_trainer(cfg):
 def test_stopped_trials_release_their_train_workers(tmp_path, fresh_ray, monkeypatch):
     """A trial stopped from outside (as ASHA stops one) kills its TrainController; Ray Train's
     PlacementGroupCleaner must then remove the worker placement group. It needs the State API, i.e. the
-    dashboard: medvl's embedded Ray once ran without it and every stopped trial leaked its workers' CPUs,
-    until a sweep starved and hung."""
+    dashboard: medvl's sweeps once ran an embedded Ray without it and every stopped trial leaked its workers'
+    CPUs, until the sweep starved and hung. (`ensure_ray(dashboard=True)` is what `run_sweep` calls.)"""
     import ray
     from ray import tune
     from ray.util import placement_group_table
@@ -349,7 +349,7 @@ def test_stopped_trials_release_their_train_workers(tmp_path, fresh_ray, monkeyp
     # Ray workers unpickle the trial function by module name: put this test module on their path
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.path.dirname(__file__),
                                                                    os.environ.get("PYTHONPATH")])))
-    ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}))
+    ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}), dashboard=True)
     grid = tune.Tuner(tune.with_resources(_trial_with_trainer, {"CPU": 1}),
                param_space={"storage": str(tmp_path / "train"), "x": tune.grid_search([1, 2, 3])},
                tune_config=tune.TuneConfig(max_concurrent_trials=1),

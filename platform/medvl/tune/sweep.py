@@ -174,7 +174,8 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     per_trial = cpus_per_trial(recipe, spec)
     local_cpus = recipe.runtime.num_cpus or max(4, 2 * (os.cpu_count() or 2), 2 * per_trial)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")  # trials start side by side
-    ensure_ray(dataclasses.replace(recipe, runtime=dataclasses.replace(recipe.runtime, num_cpus=local_cpus)))
+    ensure_ray(dataclasses.replace(recipe, runtime=dataclasses.replace(recipe.runtime, num_cpus=local_cpus)),
+               dashboard=True)  # its State API lets Ray Train release the workers of trials ASHA stops
     k = plan_concurrency(recipe, spec, ray.cluster_resources())
 
     parent = tracking.start_or_resume_parent(name, spec_dict, recipe, uri, sweep_dir)
