@@ -150,9 +150,9 @@ class RankZeroLogger:
                 pending.extend(item)
             if pending and (item is None or self._queue.empty()):
                 try:
-                    for i in range(0, len(pending), 1000):  # MLflow's log_batch limit
-                        self.client.log_batch(self.run_id, metrics=pending[i:i + 1000])
-                    pending = []
+                    while pending:  # at most 1000 metrics per log_batch; a retry never re-sends a written chunk
+                        self.client.log_batch(self.run_id, metrics=pending[:1000])
+                        pending = pending[1000:]
                     self._error = None
                 except Exception as e:  # noqa: BLE001 - keep the metrics and retry with the next batch
                     self._error = e
