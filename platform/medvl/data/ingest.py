@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
