@@ -90,8 +90,11 @@ def run_ray(corpus: str, model: str, workers: int, batch: int) -> tuple[float, i
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
+        from dataclasses import asdict
+
+        from medvl.methods.clip import ClipDecoder
         ds = build_dataset(DataConfig(corpus=corpus, decode_tasks=workers, decode_batch_size=batch),
-                           ModelConfig(name=model), "train")
+                           ClipDecoder(asdict(ModelConfig(name=model)), train=True), "train")
         with PeakSampler() as ps:
             it = iter(ds.iter_torch_batches(batch_size=batch, prefetch_batches=2))
             n = len(next(it)["image"])

@@ -9,6 +9,13 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 import pytest  # noqa: E402
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+PLATFORM_DIR = os.path.join(os.path.dirname(TESTS_DIR), "platform")
+# This checkout's medvl (also when the venv's editable install points at another checkout, e.g. a git worktree),
+# in this process, in Ray workers and in subprocesses; and the test-only plug-ins (tests/medvl_test_plugins.py)
+import sys  # noqa: E402
+
+sys.path[:0] = [PLATFORM_DIR, TESTS_DIR]
+os.environ["PYTHONPATH"] = os.pathsep.join([PLATFORM_DIR, TESTS_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +35,7 @@ def ray_local():
         ray.shutdown()
     # PYTHONPATH: Ray workers unpickle train functions defined in test modules by module name
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": TESTS_DIR}})
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.environ["PYTHONPATH"]}})
     yield ray
     ray.shutdown()
 

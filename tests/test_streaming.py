@@ -55,8 +55,12 @@ def test_corpus_larger_than_object_store_streams(big_corpus):
     ray.init(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
     try:
-        ds = build_dataset(DataConfig(corpus=corpus, decode_batch_size=16), ModelConfig(name="test-vit-micro"),
-                           "train", epochs=range(2))
+        from dataclasses import asdict
+
+        from medvl.methods.clip import ClipDecoder
+        ds = build_dataset(DataConfig(corpus=corpus, decode_batch_size=16),
+                           ClipDecoder(asdict(ModelConfig(name="test-vit-micro")), train=True), "train",
+                           epochs=range(2))
         batches = iter(ds.iter_torch_batches(batch_size=32))
         rows = len(next(batches)["image"])  # first batch: imports torch in the driver, starts the pipeline
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

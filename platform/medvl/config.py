@@ -3,6 +3,13 @@
 A recipe in `jobs/*.yaml` chooses values; the dataclasses below define every key, its type and its meaning.
 Unknown keys and wrong types are errors that name the dotted key. Ray passes configs as dicts and Tune samples
 flat dotted keys, so everything round-trips: `Recipe` <-> nested dict <-> flat `{"optim.lr": ...}`.
+
+Method sections. Each training method (`recipe.method`, see `medvl.methods`) and each plug-in that wraps a
+method (CLIPin) may own a typed section named after it (`cxr_clip: {w_icl: 1.0}`); its dataclass is registered
+here with `register_section` by the module that defines the method, so the section is validated, overridden,
+swept and logged exactly like the fixed sections. The built-in methods live in the `medvl.methods` package,
+which `sections()` imports on first use (plug-in discovery, as timm's and open_clip's model registries do);
+third-party methods register through the `medvl.methods` entry-point group.
 """
 from __future__ import annotations
 
@@ -134,6 +141,13 @@ class EvalConfig:
     batch_size: int = 256
     max_rows: int = 20000
     """Evaluate on at most this many held-out rows (decoded once, cached on rank 0)."""
+    linear_probe: bool = False
+    """Also fit a logistic-regression probe (scikit-learn) on frozen image features of `probe_train_rows` rows of
+    the train split and report its held-out accuracy (`val/linear_probe_accuracy`); needs labels."""
+    probe_train_rows: int = 2000
+    """Train-split rows whose frozen features train the linear probe."""
+    probe_label_fraction: float = 1.0
+    """Fraction of those rows whose labels the probe may use (label-efficiency studies: 0.01, 0.1, 1.0)."""
 
 
 @dataclass
@@ -158,10 +172,52 @@ class RuntimeConfig:
 
 
 @dataclass
+class SectionInfo:
+    name: str
+    cls: Optional[type]
+    """The section's dataclass (None: a method without knobs of its own)."""
+    kind: Literal["method", "plugin"]
+    """`method`: selected by `recipe.method`; `plugin`: wraps the selected method when its section says so."""
+
+
+_SECTIONS: dict[str, SectionInfo] = {}
+_discovered = False
+
+
+def register_section(name: str, cls: Optional[type], kind: str = "method") -> None:
+    """Register a method's (or plug-in's) recipe section; a second, different registration is an error."""
+    if name in _FIXED_SECTIONS:
+        raise ValueError(f"section name {name!r} is a built-in recipe section")
+    old = _SECTIONS.get(name)
+    if old is not None and (old.cls is not cls or old.kind != kind):
+        raise ValueError(f"recipe section {name!r} is already registered (by {old.cls!r}, {old.kind})")
+    if cls is not None and not dataclasses.is_dataclass(cls):
+        raise TypeError(f"section {name!r}: {cls!r} is not a dataclass")
+    _SECTIONS[name] = SectionInfo(name, cls, kind)  # type: ignore[arg-type]
+
+
+def sections() -> dict[str, SectionInfo]:
+    """All registered method/plug-in sections (imports the built-in methods and entry points once)."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        import importlib
+        importlib.import_module("medvl.methods")  # registers the built-in methods (see the module docstring)
+        from importlib.metadata import entry_points
+        for ep in entry_points(group="medvl.methods"):
+            ep.load()
+    return dict(_SECTIONS)
+
+
+def method_names() -> list[str]:
+    return sorted(n for n, s in sections().items() if s.kind == "method")
+
+
+@dataclass
 class Recipe:
     name: str = "experiment"
-    method: Literal["clip"] = "clip"
-    """Training method (more methods register later)."""
+    method: str = "clip"
+    """Training method, by registered name (`medvl.methods`: clip, and the methods of later issues)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -170,6 +226,21 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before the recipe is validated, for methods defined outside medvl (each module
+    registers its methods with `@medvl.methods.register_method`); they must be importable on every Ray node."""
+    sections: dict[str, Any] = field(default_factory=dict)
+    """Method and plug-in sections by name (typed dataclasses); written at the top level of the YAML
+    (`cxr_clip: {...}`), reachable as attributes (`recipe.cxr_clip.w_icl`)."""
+
+    def __getattr__(self, name: str) -> Any:  # only called when normal lookup fails: method sections
+        secs = self.__dict__.get("sections")
+        if secs is not None and name in secs:
+            return secs[name]
+        raise AttributeError(f"recipe has no section {name!r}")
+
+    def section(self, name: str, default: Any = None) -> Any:
+        return self.sections.get(name, default)
 
     def validate(self) -> "Recipe":
         checks = [
@@ -191,6 +262,10 @@ class Recipe:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        for sec in self.sections.values():  # a section may define its own checks (`validate()` naming its keys)
+            check = getattr(sec, "validate", None)
+            if callable(check):
+                check()
         return self
 
     @property
@@ -262,21 +337,74 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+_FIXED_SECTIONS = ("name", "method", "data", "model", "loss", "optim", "train", "eval", "track", "runtime",
+                   "plugins", "sections")
+
+
+def _recipe_from_dict(data: dict) -> "Recipe":
+    """The fixed sections as dataclass fields; registered method/plug-in sections by name."""
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
+    import importlib
+    for mod in plugins:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ConfigError(f"plugins: cannot import {mod!r} ({e})") from None
+    regs = sections()
+    method = data.get("method", "clip")
+    if not isinstance(method, str):
+        raise ConfigError(f"method: expected a string, got {method!r}")
+    info = regs.get(method)
+    if info is None or info.kind != "method":
+        raise ConfigError(f"method: unknown method {method!r} (registered: {', '.join(method_names())})")
+    fixed = {k: v for k, v in data.items() if k not in regs}
+    if "sections" in fixed:
+        raise ConfigError("unknown key sections (method sections are written at the top level: `<method>: {...}`)")
+    recipe = from_dict(Recipe, fixed, _top=True)
+    secs: dict[str, Any] = {}
+    for name, raw in data.items():
+        if name not in regs:
+            continue
+        sec = regs[name]
+        if sec.kind == "method" and name != method:
+            raise ConfigError(f"{name}: this section configures method {name!r}, but the recipe's method is "
+                              f"{method!r} (set method: {name}, or remove the section)")
+        if sec.cls is None:
+            if raw not in (None, {}):
+                raise ConfigError(f"{name}: method {name!r} has no settings of its own")
+            continue
+        secs[name] = from_dict(sec.cls, raw if raw is not None else {}, prefix=name)
+    if info.cls is not None and method not in secs:
+        secs[method] = info.cls()
+    recipe.sections = {k: secs[k] for k in sorted(secs)}
+    return recipe
+
+
+def from_dict(cls: type, data: Any, prefix: str = "", _top: bool = False) -> Any:
+    if cls is Recipe and not _top:
+        if not isinstance(data, dict):
+            raise ConfigError(f"<recipe>: expected a mapping, got {data!r}")
+        return _recipe_from_dict(data)
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or '<recipe>'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - ({"sections"} if cls is Recipe else set())
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]!s} (valid keys: {', '.join(sorted(names))})")
+        valid = sorted(names) + (sorted(sections()) if cls is Recipe else [])
+        raise ConfigError(f"unknown key {where}{unknown[0]!s} (valid keys: {', '.join(valid)})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
 def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+    d = dataclasses.asdict(obj)
+    if isinstance(obj, Recipe):  # method sections at the top level, as written in YAML
+        d.update(d.pop("sections"))
+    return d
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -294,6 +422,13 @@ def field_type(path: str, cls: type = Recipe) -> Any:
     """The annotation of a dotted key (`optim.lr` -> float); ConfigError if the path does not exist."""
     tp: Any = cls
     parts = path.split(".")
+    if cls is Recipe and parts[0] in sections():
+        sec = sections()[parts[0]]
+        if sec.cls is None:
+            raise ConfigError(f"unknown key {path}: method {parts[0]!r} has no settings of its own")
+        if len(parts) == 1:
+            return sec.cls
+        return field_type(".".join(parts[1:]), sec.cls) if dataclasses.is_dataclass(sec.cls) else Any
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"unknown key {path}: {'.'.join(parts[:i])} has no sub-keys")
@@ -347,19 +482,38 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+PATH_KEYS = ("data.corpus", "data.val_corpus", "model.config_dir", "model.pretrained")
+"""Fixed recipe keys that hold local paths; a section marks its own with `field(metadata={"path": True})`."""
+
+
+def path_keys(data: dict) -> list[str]:
+    """Dotted keys of `data` (a raw recipe dict) that hold local paths: the fixed ones and the sections'."""
+    keys = list(PATH_KEYS)
+    for name, sec in sections().items():
+        if sec.cls is not None and isinstance(data.get(name), dict):
+            keys += [f"{name}.{f.name}" for f in dataclasses.fields(sec.cls) if f.metadata.get("path")]
+    return keys
+
+
+def get_path(data: dict, key: str) -> Any:
+    cur: Any = data
+    for p in key.split("."):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(p)
+    return cur
+
+
 def _resolve_paths(data: dict, base: Path) -> dict:
-    """Local relative paths in a recipe (corpus, model dir/weights) become absolute, so Ray workers (whose
-    working directory differs) find them: relative to the current directory if they exist there, else to the
-    recipe file's directory. URIs (s3://...) and absolute paths are left alone."""
-    for key in ("data.corpus", "data.val_corpus", "model.config_dir", "model.pretrained"):
-        parts = key.split(".")
-        sect = data.get(parts[0])
-        if isinstance(sect, dict) and isinstance(sect.get(parts[1]), str):
-            v = sect[parts[1]]
-            if "://" in v or os.path.isabs(v):
-                continue
-            cand = Path(v) if os.path.exists(v) or not (base / v).exists() else base / v
-            sect[parts[1]] = str(cand.resolve())
+    """Local relative paths in a recipe (corpus, model dir/weights, a section's files) become absolute, so Ray
+    workers (whose working directory differs) find them: relative to the current directory if they exist there,
+    else to the recipe file's directory. URIs (s3://...) and absolute paths are left alone."""
+    for key in path_keys(data):
+        v = get_path(data, key)
+        if not isinstance(v, str) or not v or "://" in v or os.path.isabs(v):
+            continue
+        cand = Path(v) if os.path.exists(v) or not (base / v).exists() else base / v
+        set_path(data, key, str(cand.resolve()))
     return data
 
 

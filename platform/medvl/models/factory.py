@@ -108,6 +108,24 @@ def image_transforms(cfg: ModelConfig) -> tuple[Callable, Callable]:
             open_clip.image_transform(size, is_train=False, **kw))
 
 
+def image_norm(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The model's input normalisation (mean, std), applied on the training worker to uint8 images."""
+    pp = model_arch(cfg).get("preprocess_cfg", {})
+    return (tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(pp.get("std", open_clip.OPENAI_DATASET_STD)))
+
+
+def pil_transforms(cfg: ModelConfig) -> tuple[Callable, Callable]:
+    """The model's open_clip train/eval preprocessing up to the resized/cropped PIL image: the same transforms
+    as `image_transforms` without ToTensor/Normalize (decoders ship uint8; `normalize_images` finishes the job
+    on the training worker, with identical arithmetic)."""
+    from torchvision import transforms as T
+    out = []
+    for tr in image_transforms(cfg):
+        steps = [t for t in tr.transforms if not isinstance(t, (T.ToTensor, T.Normalize))]
+        out.append(T.Compose(steps))
+    return out[0], out[1]
+
+
 def tokenizer(cfg: ModelConfig):
     _ensure_known(cfg)
     return open_clip.get_tokenizer(cfg.name)

@@ -47,7 +47,6 @@ def eval_main(argv: list[str]) -> int:
     a, recipe = _parse("medvl eval", argv, extra)
     from pathlib import Path
 
-    from medvl.eval.zeroshot import evaluate, load_val_set
     from medvl.track import runs
     from medvl.train.launcher import load_model_from_checkpoint
     ckpt = a.checkpoint
@@ -57,12 +56,12 @@ def eval_main(argv: list[str]) -> int:
             print(f"medvl eval: no checkpoint for run '{recipe.run_name}' under {runs.run_root(recipe)}")
             return 2
         ckpt = str(cands[-1])
-    model, state = load_model_from_checkpoint(recipe, ckpt)
-    val = load_val_set(recipe)
-    if val is None:
+    method, model, state = load_model_from_checkpoint(recipe, ckpt)
+    evaluate = method.evaluator()
+    if evaluate is None:
         print("medvl eval: no held-out rows (data.val_split)")
         return 2
-    metrics = evaluate(model, recipe, val)
+    metrics = evaluate(model, "cpu")
     id_file = runs.run_root(recipe) / "jobs" / recipe.run_name / runs.RUN_ID_FILE
     if id_file.exists():
         logger = runs.RankZeroLogger(runs.tracking_uri(recipe), id_file.read_text().strip(), True)

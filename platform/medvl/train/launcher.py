@@ -94,7 +94,7 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from medvl.data.stream import TrainStreamFactory, skip_counter
+    from medvl.data.stream import skip_counter
     from medvl.train.worker import train_fn_per_worker
 
     r = job.recipe
@@ -135,24 +135,47 @@ def finalize(job: Job, result, status: str = "FINISHED") -> dict[str, Any]:
     return metrics
 
 
+class TrainStreamFactory:
+    """Passed to TorchTrainer(datasets={"train": factory}); Ray Train calls it at every worker-group start,
+    so after a failure the stream restarts at the epoch of the newest checkpoint (the worker then skips the
+    batches of that epoch it already trained on). The method's decoder does the per-row work."""
+
+    def __init__(self, recipe_dict: dict, storage_dir: str, counter_name: Optional[str],
+                 namespace: Optional[str] = None):
+        self.recipe_dict, self.storage_dir = recipe_dict, storage_dir
+        self.counter_name, self.namespace = counter_name, namespace
+
+    def __call__(self):
+        from medvl.config import recipe_from_dict
+        from medvl.data.stream import build_dataset
+        from medvl.methods import resolve_method
+        from medvl.train.worker import latest_position
+        r = recipe_from_dict(self.recipe_dict)
+        pos = latest_position(self.storage_dir) or {"epoch": 0}
+        epochs = range(min(pos["epoch"], r.train.epochs - 1), r.train.epochs)
+        return build_dataset(r.data, resolve_method(r).decoder(train=True), r.data.train_split, train=True,
+                             seed=r.train.seed, epochs=epochs, counter_name=self.counter_name,
+                             namespace=self.namespace)
+
+
 def load_model_from_checkpoint(recipe: Recipe, ckpt_dir: str):
+    """(method, model in eval mode, checkpoint state) for a checkpoint directory of this recipe's run."""
     import torch
 
-    from medvl.models.factory import create_model
+    from medvl.methods import resolve_method
     from medvl.train.worker import STATE_FILE
-    model = create_model(recipe.model, recipe.loss.kind)
+    method = resolve_method(recipe)
+    model = method.build_model()
     state = torch.load(os.path.join(ckpt_dir, STATE_FILE), map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
-    return model.eval(), state
+    method.load_state_dict(state.get("method") or {})
+    return method, model.eval(), state
 
 
 def log_final_model(job: Job, ckpt) -> None:
-    import mlflow
     with ckpt.as_directory() as d:
-        model, _ = load_model_from_checkpoint(job.recipe, d)
-    mlflow.set_tracking_uri(job.tracking_uri)
-    with mlflow.start_run(run_id=job.mlflow_run_id):
-        mlflow.pytorch.log_model(pytorch_model=model, name="model", serialization_format="pickle")
+        method, model, _ = load_model_from_checkpoint(job.recipe, d)
+    method.export(model, job.tracking_uri, job.mlflow_run_id)
 
 
 def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,

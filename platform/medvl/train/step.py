@@ -1,20 +1,24 @@
-"""One optimizer step of contrastive training (plain PyTorch; unit tests call it without Ray).
+"""One optimizer step of any method (plain PyTorch; unit tests call it without Ray).
 
-With `accum_freq > 1` it follows open_clip_train: features of all micro-batches are computed first without
-grad, then each micro-batch is re-forwarded with grad against the cached features of the others, so the
-contrastive batch (the negatives) is the full accumulated batch, not one micro-batch. Unlike open_clip_train,
-the logit scale/bias get their gradient from one pass only, so the step equals the full-batch step exactly.
+With `accum_freq > 1` it follows open_clip_train, for every method: the outputs of all micro-batches are first
+computed without grad, then each micro-batch is re-run with grad and its per-sample outputs (`method.feature_keys`)
+are concatenated with the cached ones of the others, so every loss term sees the full accumulated batch (all
+negatives). Learnable scalars in the output (`method.global_keys`: temperature, bias, loss weights) keep their
+gradient in the last pass only, so the accumulated gradient equals the full-batch gradient exactly.
+
+Under DDP the first k-1 passes run inside `no_sync()` and the last one, whose backward reaches every parameter
+(the scalars included), all-reduces the accumulated gradients once. (Before the seam, later passes detached the
+temperature while every pass synchronised, and DDP failed with "Expected to have finished reduction in the prior
+iteration" on 2+ workers.)
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from medvl.losses import compute_loss
 from medvl.models.factory import unwrap
 
 
@@ -32,36 +36,52 @@ def autocast(s: StepSettings):
     return contextlib.nullcontext()
 
 
-def train_step(model, batch: dict, loss_fn, optimizer, scheduler, s: StepSettings,
-               scaler: Optional[torch.amp.GradScaler] = None) -> float:
-    images, texts = batch["image"], batch["text"]
+def _split(batch: dict[str, torch.Tensor], k: int) -> list[dict[str, torch.Tensor]]:
+    parts = {key: v.chunk(k) for key, v in batch.items()}
+    n = min(len(p) for p in parts.values())
+    if n != k:
+        raise ValueError(f"optim.accum_freq={k}: the per-worker batch ({len(next(iter(batch.values())))} rows) must "
+                         f"split into {k} micro-batches")
+    return [{key: parts[key][j] for key in batch} for j in range(k)]
+
+
+def _merge(cached: list[dict], out: dict, j: int, keys: tuple[str, ...], detach: tuple[str, ...]) -> dict:
+    merged = dict(out)
+    for key in keys:
+        if key in out and out[key] is not None:
+            merged[key] = torch.cat([c[key] for c in cached[:j]] + [out[key]] + [c[key] for c in cached[j + 1:]])
+    for key in detach:
+        if isinstance(merged.get(key), torch.Tensor):
+            merged[key] = merged[key].detach()
+    return merged
+
+
+def train_step(method, model, batch: dict, optimizer, scheduler, s: StepSettings,
+               scaler: Optional[torch.amp.GradScaler] = None) -> dict[str, torch.Tensor]:
+    """One optimizer step; returns the detached loss terms ({"loss": total, ...}, means over micro-batches)."""
     optimizer.zero_grad(set_to_none=True)
     if s.accum_freq == 1:
         with autocast(s):
-            out = model(images, texts)
-            loss = compute_loss(loss_fn, out)
-        _backward(loss, scaler)
-        total = loss.detach()
+            terms = method.loss(method.forward(model, batch))
+        _backward(terms["loss"], scaler)
+        report = {k: v.detach() for k, v in terms.items()}
     else:
-        imgs, txts = images.chunk(s.accum_freq), texts.chunk(s.accum_freq)
+        k = s.accum_freq
+        micro = _split(batch, k)
         with torch.no_grad(), autocast(s):
-            cached = [model(i, t) for i, t in zip(imgs, txts)]
-        total = torch.zeros((), device=images.device)
-        for j, (i, t) in enumerate(zip(imgs, txts)):
-            with autocast(s):
-                out = model(i, t)
-                merged = dict(out)
-                for key in ("image_features", "text_features"):
-                    merged[key] = torch.cat([c[key] for c in cached[:j]] + [out[key]] +
-                                            [c[key] for c in cached[j + 1:]])
-                if j > 0:  # every pass sees the whole batch: let only one carry the temperature's gradient
-                    for key in ("logit_scale", "logit_bias"):
-                        if merged.get(key) is not None:
-                            merged[key] = merged[key].detach()
-                loss = compute_loss(loss_fn, merged)
-            _backward(loss, scaler)
-            total += loss.detach()
-        total = total / s.accum_freq
+            cached = [method.forward(model, m) for m in micro]
+        report = {}
+        for j, m in enumerate(micro):
+            last = j == k - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(s):
+                    out = method.forward(model, m)
+                    merged = _merge(cached, out, j, method.feature_keys, () if last else method.global_keys)
+                    terms = method.loss(merged)
+                _backward(terms["loss"], scaler)
+            for key, v in terms.items():
+                report[key] = report.get(key, 0) + v.detach() / k
     if scaler is not None:
         scaler.unscale_(optimizer)
     if s.grad_clip:
@@ -72,9 +92,8 @@ def train_step(model, batch: dict, loss_fn, optimizer, scheduler, s: StepSetting
     else:
         optimizer.step()
     scheduler.step()
-    with torch.no_grad():  # open_clip: clamp to [0, ln 100]
-        unwrap(model).logit_scale.clamp_(0, math.log(100))
-    return float(total)
+    method.after_step(unwrap(model))
+    return report
 
 
 def _backward(loss, scaler):

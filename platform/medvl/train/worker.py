@@ -14,9 +14,9 @@ from typing import Any, Optional
 import torch
 
 from medvl.config import recipe_from_dict
-from medvl.eval.zeroshot import evaluate, load_val_set
-from medvl.losses import build_loss
-from medvl.models.factory import create_model, unwrap
+from medvl.losses import Dist
+from medvl.methods import resolve_method
+from medvl.models.factory import unwrap
 from medvl.track.runs import RankZeroLogger
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
@@ -25,10 +25,11 @@ STATE_FILE = "state.pt"
 POSITION_FILE = "position.json"
 
 
-def _save_checkpoint(model, opt, sched, scaler, pos: dict) -> str:
+def _save_checkpoint(model, opt, sched, scaler, method, pos: dict) -> str:
     d = tempfile.mkdtemp(prefix="medvl-ckpt-")  # not TemporaryDirectory: Ray may upload asynchronously
     torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None, **pos},
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                "method": method.state_dict(), "method_name": method.describe(), **pos},
                os.path.join(d, STATE_FILE))
     with open(os.path.join(d, POSITION_FILE), "w") as f:
         json.dump(pos, f)
@@ -47,7 +48,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed + rank)
     device = ray.train.torch.get_device()  # [2] cuda:<local rank> or cpu
 
-    model = create_model(recipe.model, recipe.loss.kind).to(device)
+    method = resolve_method(recipe)
+    method.bind(Dist(rank, world), device)
+    model = method.build_model().to(device)
     opt = build_optimizer(model, recipe.optim)
     total_steps = config["total_steps"]
     sched = build_scheduler(opt, recipe.optim, total_steps)
@@ -63,6 +66,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         sched.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        method.load_state_dict(state.get("method") or {})
         pos = {k: state[k] for k in pos}
     resumed_from = pos["step"]
     if rank == 0:
@@ -70,11 +74,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
               f"(epoch {pos['epoch']}, batch {pos['batch_in_epoch']}), {total_steps} steps in all", flush=True)
 
     model = ray.train.torch.prepare_model(model)  # [4] DDP (gloo on CPU, nccl on GPU); no-op for 1 worker
-    loss_fn = build_loss(recipe.loss, rank, world)
     s = StepSettings(recipe.optim.accum_freq, recipe.optim.grad_clip, t.precision, device.type)
     logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0)
     counter = _counter(config)
-    val = load_val_set(recipe) if (rank == 0 and recipe.eval.every_epoch) else None
+    evaluate = method.evaluator() if rank == 0 else None
     if rank == 0 and resumed_from:
         logger.log({"train/resumed_from_step": resumed_from}, step=resumed_from)
 
@@ -83,13 +86,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")  # [5] this worker's split of the streaming dataset
     batches = shard.iter_torch_batches(
         batch_size=per_worker_batch, drop_last=True, device=device,
-        dtypes={"image": torch.float32, "text": torch.long},
+        dtypes=method.batch_dtypes(),
         local_shuffle_buffer_size=recipe.data.shuffle_buffer or None,
         local_shuffle_seed=(t.seed + rank + 1000 * pos["epoch"]) if recipe.data.shuffle_buffer else None,
         prefetch_batches=recipe.data.prefetch_batches)
 
     eval_metrics: dict[str, float] = {}
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+    window = _new_window()
     skip = pos["batch_in_epoch"]  # data position: batches of the current epoch already trained on
     model.train()
     it = iter(batches)
@@ -105,11 +108,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             t_last = time.perf_counter()
             continue
         wait = time.perf_counter() - t0
-        loss = train_step(model, batch, loss_fn, opt, sched, s, scaler)
+        batch = method.prepare_batch(batch, device)
+        terms = train_step(method, model, batch, opt, sched, s, scaler)
         pos["step"] += 1
         pos["batch_in_epoch"] += 1
         now = time.perf_counter()
-        window["loss"] += loss
+        for k, v in terms.items():  # detached tensors: summed without a device sync per step
+            window["terms"][k] = window["terms"].get(k, 0) + v
         window["n"] += 1
         window["wait"] += wait
         window["time"] += now - t_last
@@ -118,43 +123,51 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         epoch_end = pos["batch_in_epoch"] >= steps_per_epoch or pos["step"] >= total_steps
         if rank == 0 and (pos["step"] % t.log_every == 0 or epoch_end):
             n = max(1, window["n"])
+            means = {k: float(v) / n for k, v in window["terms"].items()}
             logger.log({
-                "train/loss": window["loss"] / n,
+                **{f"train/{k}": v for k, v in means.items()},
                 "train/lr": opt.param_groups[0]["lr"],
-                "train/logit_scale": unwrap(model).logit_scale.detach().exp().item(),
+                **method.train_metrics(unwrap(model)),
                 "train/samples_per_s": recipe.data.batch_size * n / max(window["time"], 1e-9),
                 "train/data_wait_s": window["wait"] / n,
                 "train/skipped_samples": _skipped(counter),
                 "train/epoch": pos["epoch"] + pos["batch_in_epoch"] / steps_per_epoch,
             }, step=pos["step"])
-            last_loss = window["loss"] / n
-            window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+            last_loss = means
+            window = _new_window()
         else:
-            last_loss = loss
+            last_loss = {k: float(v) for k, v in terms.items()}
         if epoch_end:
             pos["epoch"] += 1
             pos["batch_in_epoch"] = 0
-            if val is not None:
-                eval_metrics = evaluate(model, recipe, val, device)
+            if evaluate is not None:
+                eval_metrics = evaluate(unwrap(model), device)
                 logger.log(eval_metrics, step=pos["step"])
-            _report(model, opt, sched, scaler, pos, last_loss, eval_metrics, rank, logger)
+            _report(model, opt, sched, scaler, method, pos, last_loss, eval_metrics, rank, logger)
             t_last = time.perf_counter()
         elif pos["step"] % t.ckpt_every == 0:
-            _report(model, opt, sched, scaler, pos, last_loss, eval_metrics, rank, logger)
+            _report(model, opt, sched, scaler, method, pos, last_loss, eval_metrics, rank, logger)
             t_last = time.perf_counter()
 
     if pos["step"] == resumed_from:  # nothing left to do (re-run of a finished run): report final state once
-        if val is not None:
-            eval_metrics = evaluate(model, recipe, val, device)
-        _report(model, opt, sched, scaler, pos, float("nan"), eval_metrics, rank, logger, with_ckpt=False)
+        if evaluate is not None:
+            eval_metrics = evaluate(unwrap(model), device)
+        _report(model, opt, sched, scaler, method, pos, {"loss": float("nan")}, eval_metrics, rank, logger,
+                with_ckpt=False)
     logger.flush()
 
 
-def _report(model, opt, sched, scaler, pos, loss, eval_metrics, rank, logger, with_ckpt: bool = True) -> None:
+def _new_window() -> dict:
+    return {"terms": {}, "n": 0, "wait": 0.0, "time": 0.0}
+
+
+def _report(model, opt, sched, scaler, method, pos, losses: dict, eval_metrics, rank, logger,
+            with_ckpt: bool = True) -> None:
     import ray.train
     logger.flush()  # metrics logged before a checkpoint are written before it is registered
-    metrics = {"step": pos["step"], "epoch": pos["epoch"], "train/loss": loss, **eval_metrics}
-    ckpt_dir = _save_checkpoint(model, opt, sched, scaler, dict(pos)) if (rank == 0 and with_ckpt) else None
+    metrics = {"step": pos["step"], "epoch": pos["epoch"], **{f"train/{k}": v for k, v in losses.items()},
+               **eval_metrics}
+    ckpt_dir = _save_checkpoint(model, opt, sched, scaler, method, dict(pos)) if (rank == 0 and with_ckpt) else None
     # [6] every rank reports; only rank 0 attaches the (DDP-replicated) checkpoint
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
                      checkpoint_dir_name=f"checkpoint_step={pos['step']:07d}" if ckpt_dir else None)

@@ -233,23 +233,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def reported_metrics(recipe: Recipe) -> set[str]:
-    """The metric names `medvl.train.worker` reports at epoch ends for this recipe."""
-    names = {"step", "epoch", "train/loss"}
-    if recipe.data.val_split is None or not recipe.eval.every_epoch:
-        return names
-    names.add("val/rows")
-    for k in recipe.eval.retrieval_ks:
-        names |= {f"val/i2t_r{k}", f"val/t2i_r{k}"}
-    if _has_labels(recipe):
-        names |= {"val/zero_shot_accuracy", "val/zero_shot_balanced_accuracy"}
-    return names
-
-
-def _has_labels(recipe: Recipe) -> bool:
-    """Zero-shot accuracy needs class names and a label field (recipe `eval.*` or the val corpus manifest)."""
-    from medvl.data.corpus import load_manifest
-    m = load_manifest(recipe.data.val_corpus or recipe.data.corpus)
-    return bool(recipe.eval.classnames or m.classnames) and bool(recipe.eval.label_field or m.label_field)
+    """The metric names `medvl.train.worker` reports at epoch ends for this recipe: step, epoch, every loss term
+    of its method, and exactly the metrics the method's evaluator reports."""
+    from medvl.methods import resolve_method
+    method = resolve_method(recipe)
+    names = {"step", "epoch", "train/loss"} | {f"train/{t}" for t in method.loss_terms()}
+    return names | method.metric_names()
 
 
 def trial_epochs(recipe: Recipe) -> int:

@@ -1,0 +1,6 @@
+"""Training methods, one module each, selected by `recipe.method` (see `base.py` for the seam).
+
+Importing this package registers the built-in methods; `medvl.config.sections()` does it on first use.
+"""
+from medvl.methods.base import Method, Plugin, register_method, registered, resolve_method  # noqa: F401
+from medvl.methods import clip  # noqa: F401,E402  (registers `clip`)
