@@ -41,16 +41,23 @@ class DataConfig:
     """Evaluate on another corpus' `val_split` instead (default: `corpus`)."""
     batch_size: int = 64
     """Global batch size (split evenly over the train workers)."""
-    shuffle_buffer: int = 256
-    """Rows in each worker's local shuffle buffer (0 = no local shuffle)."""
+    shuffle_buffer: int = 1024
+    """Rows shuffled together on each rank: a rank's rows of an epoch are cut into windows of this many rows and
+    each window is permuted, seeded by (seed, epoch, rank, window), so the order is reproducible and a resumed run
+    continues at exactly the next unseen row (0 = no shuffle inside windows; windows of `max_unit_rows`). The
+    decode task of a window holds its rows' encoded bytes (not pixels)."""
     shuffle_files: bool = True
-    """Shuffle shard order every epoch (seeded, reseeded per epoch)."""
+    """Shuffle the order of the read units (Parquet row groups of the shards) every epoch (seeded by seed, epoch)."""
+    max_unit_rows: int = 1024
+    """Largest read unit: a bigger Parquet row group is read in pieces of this many rows (each piece re-reads the
+    row group, so corpora written by `medvl ingest`, with 256-row groups, never need it)."""
     prefetch_batches: int = 2
     """Batches each worker prefetches from Ray Data."""
     decode_batch_size: int = 64
     """Rows per Ray Data `map_batches` decode+augment call."""
     decode_tasks: int = 2
-    """Max concurrent Ray Data decode tasks (TaskPoolStrategy size)."""
+    """Concurrent Ray Data decode tasks for the whole job, shared by the ranks (each rank's pipeline runs
+    ceil(decode_tasks / num_workers)); it changes speed, never the data order."""
     text_sampling: Literal["random", "first", "join"] = "random"
     """How one caption is chosen from a row's `texts`: a random one per epoch, the first, or all joined."""
 
@@ -62,7 +69,11 @@ class ModelConfig:
     config_dir: Optional[str] = None
     """Directory of extra open_clip JSON model configs (registered with open_clip.add_model_config)."""
     pretrained: Optional[str] = None
-    """Path to a local checkpoint file to load (never downloaded)."""
+    """Path to a local weights file to load (never downloaded): a state dict (optionally under `state_dict` or
+    `model`) in a `torch.save` file holding only tensors and plain values, or a `.safetensors` file."""
+    allow_partial_load: bool = False
+    """Accept a `pretrained` file whose keys do not all match the model (missing and unexpected keys are then
+    listed as a warning); by default any mismatch is an error that lists them."""
     lock_image: bool = False
     """Freeze the image tower."""
     lock_text: bool = False
@@ -140,7 +151,10 @@ class EvalConfig:
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     batch_size: int = 256
     max_rows: int = 20000
-    """Evaluate on at most this many held-out rows (decoded once, cached on rank 0)."""
+    """Evaluate on at most this many held-out rows (decoded once to uint8, cached on rank 0)."""
+    max_memory_mb: float = 4096
+    """Memory bound of the cached held-out images (uint8): rows beyond it are left out, with a warning
+    (20000 rows at 224 px take 2.9 GB)."""
     linear_probe: bool = False
     """Also fit a logistic-regression probe (scikit-learn) on frozen image features of `probe_train_rows` rows of
     the train split and report its held-out accuracy (`val/linear_probe_accuracy`); needs labels."""
@@ -169,6 +183,12 @@ class RuntimeConfig:
     """Logical CPUs for an embedded local Ray (default: max(4, 2*cores) so data + train actors fit)."""
     run_root: str = "runs"
     """Where checkpoints, Ray Train state and the default MLflow store live (shared storage on clusters)."""
+    scratch_dir: Optional[str] = None
+    """Local directory where rank 0 writes a checkpoint before Ray Train persists it to the run's storage (it is
+    deleted right after); default: the system temp dir."""
+    allow_recipe_change: bool = False
+    """Resume a run although its recipe changed (the changed keys are logged in its MLflow run); without it a
+    changed recipe is refused with the list of changes (`medvl train ... --allow-recipe-change`)."""
 
 
 @dataclass
@@ -258,6 +278,9 @@ class Recipe:
             (self.train.max_failures >= -1, "train.max_failures must be >= -1"),
             (bool(self.data.corpus), "data.corpus must name a corpus directory"),
             (self.train.max_steps is None or self.train.max_steps > 0, "train.max_steps must be > 0"),
+            (self.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
+            (self.data.max_unit_rows >= 1, "data.max_unit_rows must be >= 1"),
+            (self.eval.max_memory_mb > 0, "eval.max_memory_mb must be > 0"),
         ]
         for ok, msg in checks:
             if not ok:

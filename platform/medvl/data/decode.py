@@ -81,9 +81,17 @@ def ready(decoder: RowDecoder) -> RowDecoder:
     return dec
 
 
+def sample_hash(sample_id: str) -> int:
+    """A 63-bit integer id of a sample id (travels with decoded rows as `_sid`; audits compare them)."""
+    h = hashlib.blake2b(sample_id.encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") >> 1
+
+
 def decode_rows(decoder: RowDecoder, batch: dict[str, np.ndarray], *, seed: int, epoch: int,
-                on_skip: Optional[Callable[[list[tuple[str, str]]], None]] = None) -> Optional[dict[str, np.ndarray]]:
-    """Decode a columnar batch row by row with per-sample seeding; skipped rows go to `on_skip`.
+                on_skip: Optional[Callable[[list[tuple[str, str]]], None]] = None,
+                kept: Optional[list[int]] = None) -> Optional[dict[str, np.ndarray]]:
+    """Decode a columnar batch row by row with per-sample seeding; skipped rows go to `on_skip`, and the indices
+    of the rows that decoded are appended to `kept` (the stream tracks positions with them).
     Returns None when no row survived."""
     import torch
     dec = ready(decoder)
@@ -97,6 +105,8 @@ def decode_rows(decoder: RowDecoder, batch: dict[str, np.ndarray], *, seed: int,
         random.seed(s)
         try:
             rows.append(dec.decode(row, np.random.default_rng(s)))
+            if kept is not None:
+                kept.append(i)
         except Exception as e:  # noqa: BLE001 - any corrupt sample is skipped, never fatal
             bad.append((sid, f"{type(e).__name__}: {e}"[:200]))
     if bad:

@@ -144,15 +144,18 @@ def ingest_table(path: str, out: str, image_key: str = "filepath", text_keys: It
                  label_keys: Iterable[str] = (), id_key: Optional[str] = None, study_key: Optional[str] = None,
                  view_key: Optional[str] = None, split_key: Optional[str] = None, sep: Optional[str] = None,
                  image_root: Optional[str] = None, store: str = "bytes", val_fraction: float = 0.2,
-                 seed: int = 0, shard_size: int = 2048, templates: Iterable[str] = ()) -> Manifest:
-    """CSV/TSV/JSONL manifest (open_clip's `filepath\\ttitle` CSV included) -> corpus."""
+                 seed: int = 0, shard_size: int = 2048, templates: Iterable[str] = (),
+                 shuffle: bool = True) -> Manifest:
+    """CSV/TSV/JSONL manifest (open_clip's `filepath\\ttitle` CSV included) -> corpus. Rows are written in a
+    seeded random order (`shuffle`), so a source sorted by patient, study or class does not put them side by
+    side in the shards (training mixes row groups and windows of rows, not whole corpora)."""
     src = Path(path)
     if not src.is_file():
         raise CorpusError(f"{src}: manifest file not found")
     root = Path(image_root) if image_root else src.parent
     ing = Ingestor(out, source=str(src.resolve()), shard_size=shard_size)
     text_keys, label_keys = list(text_keys), list(label_keys)
-    for rowno, rec in _read_table(src, sep):
+    for rowno, rec in _shuffled(_read_table(src, sep), seed, shuffle):
         try:
             if "__error__" in rec:
                 raise Rejected("row", rec["__error__"])
@@ -186,10 +189,22 @@ def ingest_table(path: str, out: str, image_key: str = "filepath", text_keys: It
     return ing.finish(templates=list(templates), classnames=list(label_keys))
 
 
+def _shuffled(items: Iterable, seed: int, shuffle: bool) -> list:
+    """The items in a seeded random order (only paths and text are held, never image bytes)."""
+    items = list(items)
+    if shuffle:
+        import numpy as np
+        order = np.random.default_rng([seed, 0x1A6E]).permutation(len(items))
+        items = [items[i] for i in order]
+    return items
+
+
 def ingest_folder(root: str, out: str, templates: Iterable[str] = ("a photo of {}.",),
                   classnames: Optional[dict[str, str]] = None, label_field: str = "class",
-                  val_fraction: float = 0.2, seed: int = 0, shard_size: int = 2048) -> Manifest:
-    """Class-per-folder image tree -> corpus; captions are the templates filled with the class name."""
+                  val_fraction: float = 0.2, seed: int = 0, shard_size: int = 2048,
+                  shuffle: bool = True) -> Manifest:
+    """Class-per-folder image tree -> corpus; captions are the templates filled with the class name. Rows are
+    written in a seeded random order (`shuffle`): in folder order every shard would hold one or two classes."""
     rootp = Path(root)
     if not rootp.is_dir():
         raise CorpusError(f"{rootp}: image folder not found")
@@ -201,20 +216,19 @@ def ingest_folder(root: str, out: str, templates: Iterable[str] = ("a photo of {
         raise CorpusError(f"{rootp}: no class sub-folders found")
     names = [(classnames or {}).get(c, c.replace("_", " ")) for c in classes]
     ing = Ingestor(out, source=str(rootp.resolve()), shard_size=shard_size)
-    for ci, (cdir, cname) in enumerate(zip(classes, names)):
-        for f in sorted((rootp / cdir).iterdir()):
-            if f.suffix.lower() not in IMAGE_EXTS:
-                continue
-            try:
-                data = f.read_bytes()
-                check_image(data, "image")
-                sid = f"{cdir}/{f.stem}"
-                ing.add({"sample_id": sid, "image": data, "image_uri": None,
-                         "texts": [t.format(cname) for t in templates],
-                         "labels": {label_field: float(ci)}, "split": split_for(sid, val_fraction, seed),
-                         "study_id": None, "view": None})
-            except Rejected as r:
-                ing.reject(str(f), None, r.field, r.reason)
+    files = [(ci, cdir, cname, f) for ci, (cdir, cname) in enumerate(zip(classes, names))
+             for f in sorted((rootp / cdir).iterdir()) if f.suffix.lower() in IMAGE_EXTS]
+    for ci, cdir, cname, f in _shuffled(files, seed, shuffle):
+        try:
+            data = f.read_bytes()
+            check_image(data, "image")
+            sid = f"{cdir}/{f.stem}"
+            ing.add({"sample_id": sid, "image": data, "image_uri": None,
+                     "texts": [t.format(cname) for t in templates],
+                     "labels": {label_field: float(ci)}, "split": split_for(sid, val_fraction, seed),
+                     "study_id": None, "view": None})
+        except Rejected as r:
+            ing.reject(str(f), None, r.field, r.reason)
     return ing.finish(label_field=label_field, classnames=names, templates=templates)
 
 
@@ -239,12 +253,12 @@ def export_digits(folder: str | os.PathLike, size: int = 32) -> Path:
 
 
 def ingest_digits(out: str, val_fraction: float = 0.2, seed: int = 0, shard_size: int = 512,
-                  templates: Iterable[str] = DIGIT_TEMPLATES) -> Manifest:
+                  templates: Iterable[str] = DIGIT_TEMPLATES, shuffle: bool = True) -> Manifest:
     outp = Path(out)
     tree = export_digits(outp / "source_images")
     # class folder "3" -> caption class name "3" (the eval prompt is "a photo of the digit 3.")
     return ingest_folder(str(tree), out, templates=templates, label_field="digit",
-                         val_fraction=val_fraction, seed=seed, shard_size=shard_size)
+                         val_fraction=val_fraction, seed=seed, shard_size=shard_size, shuffle=shuffle)
 
 
 def main(argv: list[str]) -> int:
@@ -255,7 +269,9 @@ def main(argv: list[str]) -> int:
     common.add_argument("--out", required=True, help="corpus directory to write")
     common.add_argument("--shard-size", type=int, default=2048, help="rows per Parquet shard")
     common.add_argument("--val-fraction", type=float, default=0.2)
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=int, default=0, help="seed of the split hash and of the row order")
+    common.add_argument("--no-shuffle", action="store_true",
+                        help="write rows in source order (default: a seeded random order)")
     c = sub.add_parser("csv", parents=[common], help="CSV/TSV/JSONL manifest with image paths and captions")
     c.add_argument("manifest")
     c.add_argument("--image-key", default="filepath")
@@ -277,13 +293,15 @@ def main(argv: list[str]) -> int:
         m = ingest_table(a.manifest, a.out, image_key=a.image_key, text_keys=a.text_key or ["title"],
                          label_keys=a.label_key, id_key=a.id_key, study_key=a.study_key, view_key=a.view_key,
                          split_key=a.split_key, sep=a.sep, image_root=a.image_root, store=a.store,
-                         val_fraction=a.val_fraction, seed=a.seed, shard_size=a.shard_size)
+                         val_fraction=a.val_fraction, seed=a.seed, shard_size=a.shard_size,
+                         shuffle=not a.no_shuffle)
     elif a.kind == "folder":
         m = ingest_folder(a.root, a.out, templates=a.template or ["a photo of {}."], label_field=a.label_field,
-                          val_fraction=a.val_fraction, seed=a.seed, shard_size=a.shard_size)
+                          val_fraction=a.val_fraction, seed=a.seed, shard_size=a.shard_size,
+                          shuffle=not a.no_shuffle)
     else:
         m = ingest_digits(a.out, val_fraction=a.val_fraction, seed=a.seed,
-                          shard_size=a.shard_size if a.shard_size != 2048 else 512)
+                          shard_size=a.shard_size if a.shard_size != 2048 else 512, shuffle=not a.no_shuffle)
     return 0 if m.rows() > 0 else 1
 
 

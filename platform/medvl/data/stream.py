@@ -1,32 +1,61 @@
-"""Ray Data streaming: Parquet shards -> the method's decoder (`medvl.data.decode.RowDecoder`: decode, augment,
-tokenise, ...) -> per-worker `iter_torch_batches`.
+"""Ray Data streaming with an exact, reproducible data position: Parquet read units -> an epoch plan per rank ->
+the method's decoder (`medvl.data.decode.RowDecoder`) in Ray Data tasks -> full per-rank batches, epoch by epoch.
 
-The dataset is a list of (shard path, epoch) items (one per shard per epoch, each epoch in its own seeded
-order); one `map_batches` generator task reads a shard row group by row group and yields decoded batches.
-Raw image bytes therefore never sit in the object store: only decoded batches do, and the bounded number of
-decode tasks plus Ray Data's streaming backpressure keep memory flat however large the corpus (tested with a
-corpus 4x the object store). All epochs stream in one execution, so the pipeline stays full across epoch
-boundaries. Each worker also shuffles locally in a buffer. A row whose image or text cannot be decoded is
-dropped in `map_batches`, counted by a named `SkipCounter` actor (read by rank 0 as a metric) and never kills
-the epoch; iter_torch_batches re-batches, so every batch stays full and ranks stay in step.
+The order in which a rank sees samples is a pure function of (seed, epoch, world size, rank) and the corpus:
+
+* **Read units** are the Parquet row groups of the split's shards (split into pieces of at most
+  `max_unit_rows`), listed once from the shard footers (`read_units`; no image is read).
+* **Epoch plan** (`StreamPlan.windows`): a seeded permutation of the units (the same on every rank) laid end to
+  end; rank r gets the contiguous rows [r*P, (r+1)*P) of that sequence, P = rows // world (the few rows
+  beyond world*P sit this epoch out, different ones every epoch). Its part is cut into *windows* of
+  `data.shuffle_buffer` rows, and each window is permuted (seeded by seed, epoch, rank, window). A rank therefore
+  mixes rows across units (the unit permutation) and inside windows of many units (the window shuffle), without
+  a nondeterministic shuffle buffer.
+* **Position**: (epoch, window, offset) = the next unseen row of the rank's plan. Resuming builds the stream from
+  that window and drops exactly `offset` rows of it *before decoding* them.
+* **Equal steps on every rank**: P // per-rank batch = rows // global batch = `steps_per_epoch` on every rank; the
+  P - steps*b rows left over are each rank's reserve, which replaces rows that fail to decode. A rank that still
+  runs short says so (the trainer ends the epoch on every rank with a one-integer all-reduce).
+
+`rank_stream` builds one rank's Ray Data pipeline over all its remaining epochs (one streaming execution, so the
+pipeline stays full across epoch boundaries): one generator task per window reads the window's rows (raw
+encoded bytes, not pixels), permutes them, decodes them `data.decode_batch_size` at a time with per-sample seeds,
+and yields decoded blocks; `DataContext.execution_options.preserve_order` keeps the windows in plan order however
+many decode tasks run. Every decoded row carries `_epoch`, `_window`, `_pos` (its index in the permuted
+window) and `_sid` (a 63-bit hash of its sample id): the trainer tracks its position, counts skipped rows
+exactly (a gap in `_pos`), and, in the audit mode of the tests, records the ids it trained on. `EpochBatcher`
+turns the blocks into full per-rank batches that never straddle an epoch.
+
+A row whose image or text cannot be decoded is dropped in its task (logged, never fatal); the trainer counts it
+as skipped when its position passes it (`train/skipped_samples`).
 """
 from __future__ import annotations
 
+import json
 import logging
-from typing import Optional
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import ray
 
 from medvl.config import DataConfig
-from medvl.data.corpus import validate_corpus
-from medvl.data.decode import RowDecoder, decode_rows
+from medvl.data.corpus import CorpusError, check_shard_schema, load_manifest, manifest_path, open_file, \
+    validate_corpus
+from medvl.data.decode import RowDecoder, decode_rows, sample_hash
 
 log = logging.getLogger(__name__)
 
+META_COLUMNS = ("_epoch", "_window", "_pos", "_sid")
+"""Columns the stream adds to every decoded row (stripped before the batch reaches the method)."""
+
+
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Counts rows dropped by the decoder (and keeps the first few ids/reasons for the log)."""
+    """Counts rows dropped by a decoder (kept for pipelines that stream through `build_dataset` with a counter;
+    the trainer counts skipped rows from the stream's positions instead, which stays exact across restarts)."""
 
     def __init__(self):
         self.count = 0
@@ -41,61 +70,333 @@ class SkipCounter:
 
 
 def skip_counter(name: str, namespace: Optional[str] = None):
-    """Get or create the run's named counter (detached from the driver so worker restarts keep it)."""
+    """Get or create a named counter (detached from the driver so worker restarts keep it)."""
     return SkipCounter.options(name=name, namespace=namespace, get_if_exists=True,
                                lifetime="detached").remote()
 
 
-def epoch_file_order(paths: list[str], epochs: range, seed: int, shuffle: bool) -> list[tuple[str, int]]:
-    """(shard, epoch) order for a run of epochs: a seeded permutation per epoch, concatenated."""
-    out: list[tuple[str, int]] = []
-    for e in epochs:
-        order = np.random.default_rng([seed, e]).permutation(len(paths)) if shuffle else range(len(paths))
-        out.extend((paths[i], e) for i in order)
-    return out
+# --------------------------------------------------------------------------- read units and the epoch plan
 
 
-def read_and_decode(items: dict[str, np.ndarray], *, decoder: RowDecoder, read_rows: int, seed: int,
-                    counter_name: Optional[str] = None, namespace: Optional[str] = None):
-    """Generator UDF: for each (shard path, epoch) item, stream the shard's rows in chunks of `read_rows` and yield
-    the method decoder's batches (rows that fail to decode are dropped and counted)."""
+@dataclass(frozen=True)
+class ReadUnit:
+    """Rows [start, stop) of row group `row_group` of one shard."""
+    path: str
+    row_group: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def read_units(corpus: str, split: str, max_unit_rows: int = 1024) -> list[ReadUnit]:
+    """The split's read units from the shard footers (cheap: no row is read). A shard whose row count differs
+    from the manifest's is an error naming both (the plan must know every row)."""
     import pyarrow.parquet as pq
+    paths = validate_corpus(corpus, split)
+    m = load_manifest(corpus)
+    listed = {str(manifest_path(corpus).parent / s.path): s.rows for s in m.shards if s.split == split}
+    units: list[ReadUnit] = []
+    for p in paths:
+        with open_file(p) as f:
+            md = pq.ParquetFile(f).metadata
+        total = 0
+        for g in range(md.num_row_groups):
+            n = md.row_group(g).num_rows
+            total += n
+            for a in range(0, n, max(1, max_unit_rows)):
+                units.append(ReadUnit(p, g, a, min(n, a + max_unit_rows)))
+        if p in listed and listed[p] != total:
+            raise CorpusError(f"{p}: the shard has {total} rows but {manifest_path(corpus)} lists {listed[p]}")
+    return units
 
-    from medvl.data.corpus import check_shard_schema, open_file
+
+@dataclass
+class Window:
+    """One window of a rank's epoch part: `slices` are (unit index, first row, end row) in unit coordinates."""
+    index: int
+    slices: list[tuple[int, int, int]]
+    rows: int
+
+
+@dataclass
+class StreamPlan:
+    """Everything the data order depends on; `windows(epoch, rank)` is a pure function of it."""
+    units: list[ReadUnit]
+    seed: int
+    world: int
+    window_rows: int
+    shuffle_units: bool = True
+    shuffle_rows: bool = True
+
+    @property
+    def rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.rows // self.world
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        """Full steps every rank can take in an epoch when no row is corrupt (= rows // global batch)."""
+        return self.rows_per_rank // (global_batch // self.world)
+
+    def unit_order(self, epoch: int) -> np.ndarray:
+        n = len(self.units)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle_units else np.arange(n)
+
+    def windows(self, epoch: int, rank: int) -> list[Window]:
+        part = self.rows_per_rank
+        lo, hi = rank * part, (rank + 1) * part
+        out: list[Window] = []
+        cur: list[tuple[int, int, int]] = []
+        cur_rows = 0
+        at = 0  # global row offset of the current unit in this epoch's sequence
+        for ui in self.unit_order(epoch):
+            u = self.units[int(ui)]
+            a, b = max(lo, at), min(hi, at + u.rows)
+            while a < b:  # cut this unit's share of the part at window boundaries
+                take = min(b - a, self.window_rows - cur_rows)
+                cur.append((int(ui), u.start + a - at, u.start + a - at + take))
+                cur_rows += take
+                a += take
+                if cur_rows == self.window_rows:
+                    out.append(Window(len(out), cur, cur_rows))
+                    cur, cur_rows = [], 0
+            at += u.rows
+            if at >= hi:
+                break
+        if cur_rows:
+            out.append(Window(len(out), cur, cur_rows))
+        return out
+
+    def window_order(self, epoch: int, rank: int, window: Window) -> np.ndarray:
+        if not self.shuffle_rows:
+            return np.arange(window.rows)
+        return np.random.default_rng([self.seed, epoch, rank, window.index, 7919]).permutation(window.rows)
+
+    def rank_rows(self, epoch: int, rank: int) -> list[tuple[str, int, int]]:
+        """The rank's rows of an epoch in stream order, as (shard path, row group, row): the plan made explicit
+        (tests and audits compare it with what training saw)."""
+        out = []
+        for w in self.windows(epoch, rank):
+            rows = [(self.units[ui].path, self.units[ui].row_group, r) for ui, a, b in w.slices for r in range(a, b)]
+            out.extend(rows[i] for i in self.window_order(epoch, rank, w))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"units": [[u.path, u.row_group, u.start, u.stop] for u in self.units], "seed": self.seed,
+                "world": self.world, "window_rows": self.window_rows, "shuffle_units": self.shuffle_units,
+                "shuffle_rows": self.shuffle_rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamPlan":
+        return cls([ReadUnit(*u) for u in d["units"]], d["seed"], d["world"], d["window_rows"],
+                   d["shuffle_units"], d["shuffle_rows"])
+
+    def fingerprint(self) -> str:
+        """Identifies the data order (units, seed, world, windows): a checkpoint's positions are exact only
+        under the plan they were taken with."""
+        import hashlib
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_for(data: DataConfig, seed: int, world: int, train: bool = True) -> StreamPlan:
+    """The training plan of a recipe's data section (reads only the shard footers)."""
+    units = read_units(data.corpus, data.train_split, data.max_unit_rows)
+    if not units:
+        raise CorpusError(f"{manifest_path(data.corpus)}: split {data.train_split!r} has no rows")
+    return StreamPlan(units, seed, world, data.shuffle_buffer or data.max_unit_rows,
+                      shuffle_units=train and data.shuffle_files, shuffle_rows=train and data.shuffle_buffer > 0)
+
+
+# --------------------------------------------------------------------------- the decode tasks
+
+
+@lru_cache(maxsize=256)
+def _checked(path: str) -> tuple[str, ...]:
+    return tuple(check_shard_schema(path).names)
+
+
+def _object_array(values: list) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):  # element-wise: lists of equal length must stay lists, not a 2-D array
+        arr[i] = v
+    return arr
+
+
+def read_window(items: dict[str, np.ndarray], *, decoder: RowDecoder, decode_rows_n: int, seed: int,
+                on_skip_counter: Optional[tuple[str, Optional[str]]] = None) -> Iterator[dict[str, np.ndarray]]:
+    """Generator UDF, one item = one window: read its rows (raw columns only), permute them, drop the first
+    `skip` (already trained on), decode the rest in chunks and yield them with their stream coordinates."""
+    import pyarrow.parquet as pq
     counter = [None]
 
     def on_skip(bad):
-        if counter_name:
+        if on_skip_counter:
             if counter[0] is None:
-                counter[0] = ray.get_actor(counter_name, namespace=namespace)
+                counter[0] = ray.get_actor(on_skip_counter[0], namespace=on_skip_counter[1])
             counter[0].add.remote(len(bad), bad)
 
-    for path, epoch in zip(items["path"], items["epoch"]):
-        path = str(path)
-        check_shard_schema(path)
-        with open_file(path) as f:
-            pf = pq.ParquetFile(f)
-            cols = [c for c in decoder.columns if c in pf.schema_arrow.names]
-            for rb in pf.iter_batches(batch_size=read_rows, columns=cols):
-                batch = {c: np.asarray(rb.column(c).to_pylist(), dtype=object) for c in cols}
-                out = decode_rows(decoder, batch, seed=seed, epoch=int(epoch), on_skip=on_skip)
-                if out is not None:
-                    yield out
+    for spec_json, epoch, win, skip in zip(items["spec"], items["epoch"], items["window"], items["skip"]):
+        spec = json.loads(str(spec_json))
+        values: dict[str, list] = {}
+        for path, rg, a, b in spec["slices"]:
+            names = _checked(path)
+            cols = [c for c in decoder.columns if c in names]
+            if "sample_id" not in cols:
+                cols.append("sample_id")
+            with open_file(path) as f:
+                tbl = pq.ParquetFile(f).read_row_group(rg, columns=cols).slice(a, b - a)
+            for c in set(cols) | set(values):
+                values.setdefault(c, []).extend(tbl.column(c).to_pylist() if c in cols else [None] * tbl.num_rows)
+        n = len(values["sample_id"])
+        order = np.asarray(spec["order"]) if spec.get("order") is not None else np.arange(n)
+        for c0 in range(int(skip), n, decode_rows_n):
+            idx = order[c0:c0 + decode_rows_n]
+            batch = {c: _object_array([v[i] for i in idx]) for c, v in values.items()}
+            kept: list[int] = []
+            out = decode_rows(decoder, batch, seed=seed, epoch=int(epoch), on_skip=on_skip, kept=kept)
+            if out is None:
+                continue
+            k = np.asarray(kept, dtype=np.int64)
+            out["_epoch"] = np.full(len(k), int(epoch), dtype=np.int64)
+            out["_window"] = np.full(len(k), int(win), dtype=np.int64)
+            out["_pos"] = c0 + k
+            out["_sid"] = np.asarray([sample_hash(str(batch["sample_id"][i])) for i in k], dtype=np.int64)
+            yield out
+
+
+@dataclass
+class StreamStart:
+    """Where a rank's stream begins: the first window to read and the rows of it already trained on."""
+    epoch: int = 0
+    window: int = 0
+    offset: int = 0
+
+
+def rank_stream(plan: StreamPlan, decoder: RowDecoder, *, rank: int, start: StreamStart, epochs: int,
+                decode_tasks: int, decode_batch_size: int, counter: Optional[tuple[str, Optional[str]]] = None
+                ) -> "ray.data.Dataset":
+    """One rank's streaming dataset over epochs [start.epoch, epochs), starting at `start`."""
+    items = []
+    for e in range(start.epoch, epochs):
+        for w in plan.windows(e, rank):
+            if e == start.epoch and w.index < start.window:
+                continue
+            skip = start.offset if (e == start.epoch and w.index == start.window) else 0
+            if skip >= w.rows:
+                continue
+            slices = [[plan.units[ui].path, plan.units[ui].row_group, a, b] for ui, a, b in w.slices]
+            order = plan.window_order(e, rank, w) if plan.shuffle_rows else None
+            items.append({"epoch": e, "window": w.index, "skip": skip,
+                          "spec": json.dumps({"slices": slices,
+                                              "order": order.tolist() if order is not None else None})})
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # the window order is the data order; datasets copy the context
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        return ds.map_batches(
+            read_window,
+            fn_kwargs=dict(decoder=decoder, decode_rows_n=max(1, decode_batch_size), seed=plan.seed,
+                           on_skip_counter=counter),
+            batch_size=1,
+            compute=ray.data.TaskPoolStrategy(size=max(1, decode_tasks)),
+            num_cpus=1,
+        )
+    finally:
+        ctx.execution_options.preserve_order = old
+
+
+# --------------------------------------------------------------------------- per-rank batches
+
+
+class EpochBatcher:
+    """Full batches of `rows` rows from a rank's stream of decoded blocks, never straddling an epoch.
+
+    `next_batch(epoch)` returns the next `rows` rows of that epoch, or None when the epoch's rows run out before
+    a full batch (the partial rows are dropped; `short_rows` says how many). Rows of earlier epochs still in the
+    stream (a finished epoch's unused reserve) are discarded on the way."""
+
+    def __init__(self, blocks: Iterator[dict[str, np.ndarray]], rows: int):
+        self.blocks = blocks
+        self.rows = rows
+        self.pending: deque[dict[str, np.ndarray]] = deque()
+        self.done = False
+        self.short_rows = 0
+
+    def _fill(self) -> bool:
+        if self.done:
+            return False
+        try:
+            blk = next(self.blocks)
+        except StopIteration:
+            self.done = True
+            return False
+        ep = blk["_epoch"]
+        if len(ep) and ep[0] != ep[-1]:  # never from one window's task, but cheap to be safe
+            for e in np.unique(ep):
+                m = ep == e
+                self.pending.append({k: v[m] for k, v in blk.items()})
+        elif len(ep):
+            self.pending.append(blk)
+        return True
+
+    def next_batch(self, epoch: int) -> Optional[dict[str, np.ndarray]]:
+        parts: list[dict[str, np.ndarray]] = []
+        have = 0
+        while have < self.rows:
+            if not self.pending and not self._fill():
+                break
+            if not self.pending:
+                continue
+            blk = self.pending[0]
+            e = int(blk["_epoch"][0])
+            if e < epoch:
+                self.pending.popleft()
+                continue
+            if e > epoch:
+                break
+            take = min(self.rows - have, len(blk["_epoch"]))
+            if take == len(blk["_epoch"]):
+                parts.append(self.pending.popleft())
+            else:
+                parts.append({k: v[:take] for k, v in blk.items()})
+                self.pending[0] = {k: v[take:] for k, v in blk.items()}
+            have += take
+        if have < self.rows:  # this epoch's rows ran out for this rank: the partial batch is dropped
+            self.short_rows = have
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# --------------------------------------------------------------------------- simple whole-split streaming
 
 
 def build_dataset(data: DataConfig, decoder: RowDecoder, split: str, *, train: bool = True, seed: int = 0,
                   epochs: range = range(1), counter_name: Optional[str] = None,
                   namespace: Optional[str] = None) -> "ray.data.Dataset":
-    """One streaming execution over `epochs` passes of a split: validated shards, a seeded shard order per
-    epoch, `data.decode_tasks` concurrent read+decode tasks running the method's `decoder`."""
-    paths = validate_corpus(data.corpus, split)
-    ordered = epoch_file_order(paths, epochs, seed, train and data.shuffle_files)
-    items = ray.data.from_items([{"path": p, "epoch": e} for p, e in ordered], override_num_blocks=len(ordered))
-    return items.map_batches(
-        read_and_decode,
-        fn_kwargs=dict(decoder=decoder, read_rows=data.decode_batch_size, seed=seed, counter_name=counter_name,
-                       namespace=namespace),
-        batch_size=1,
-        compute=ray.data.TaskPoolStrategy(size=max(1, data.decode_tasks)),
-        num_cpus=1,
-    )
+    """All rows of a split for `epochs` passes as one stream (one rank's plan with world size 1, from the first
+    window of `epochs.start`), decoded by the method's `decoder`: for benchmarks and data tools. Training uses
+    `rank_stream` directly."""
+    units = read_units(data.corpus, split, data.max_unit_rows)
+    plan = StreamPlan(units, seed, 1, data.shuffle_buffer or data.max_unit_rows,
+                      shuffle_units=train and data.shuffle_files, shuffle_rows=train and data.shuffle_buffer > 0)
+    return rank_stream(plan, decoder, rank=0, start=StreamStart(epochs.start, 0, 0), epochs=epochs.stop,
+                       decode_tasks=data.decode_tasks, decode_batch_size=data.decode_batch_size,
+                       counter=(counter_name, namespace) if counter_name else None)
+
+
+def meta_and_batch(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Split a stream batch into (stream coordinates, the method's named arrays)."""
+    meta = {k: batch[k] for k in META_COLUMNS if k in batch}
+    return meta, {k: v for k, v in batch.items() if k not in META_COLUMNS}
+
+
+def rows_of(batch: dict[str, Any]) -> int:
+    return len(next(iter(batch.values())))

@@ -51,10 +51,14 @@ def has_labels(corpus: str, label_field: Optional[str], classnames: list[str]) -
 
 
 def load_heldout(corpus: str, split: str, image_fn: Callable[[dict], np.ndarray], *, max_rows: int,
-                 label_field: Optional[str] = None, classnames: Optional[list[str]] = None) -> Optional[HeldOut]:
+                 label_field: Optional[str] = None, classnames: Optional[list[str]] = None,
+                 max_bytes: Optional[int] = None) -> Optional[HeldOut]:
+    """Up to `max_rows` rows, and at most `max_bytes` of uint8 images (`eval.max_memory_mb`; a warning says how
+    many rows the bound left out)."""
     label_field, classnames = labels_info(corpus, label_field, list(classnames or []))
     imgs, texts, labels, ids, maps = [], [], [], [], []
     skipped = 0
+    used = 0
     cols = ["sample_id", "image", "image_uri", "texts", "labels"]
     for row in iter_rows(shard_paths(corpus, split), columns=cols):
         if len(imgs) >= max_rows:
@@ -64,6 +68,13 @@ def load_heldout(corpus: str, split: str, image_fn: Callable[[dict], np.ndarray]
         except Exception:  # noqa: BLE001 - corrupt held-out rows are skipped like training rows
             skipped += 1
             continue
+        if max_bytes is not None and used + img.nbytes > max_bytes:
+            import logging
+            logging.getLogger(__name__).warning(
+                "held-out set of %s/%s: kept the first %d rows (%.0f MB of uint8 images, eval.max_memory_mb); "
+                "the rest of the split is not evaluated", corpus, split, len(imgs), used / 2**20)
+            break
+        used += img.nbytes
         imgs.append(torch.from_numpy(np.ascontiguousarray(img)))
         texts.append([t for t in (row.get("texts") or []) if isinstance(t, str)])
         lab = dict(row.get("labels") or [])

@@ -107,7 +107,8 @@ class Method:
 
     # ---------------------------------------------------------------- evaluation
     def evaluator(self):
-        """A callable `(model, device) -> metrics` built once on rank 0 (loads held-out data), or None."""
+        """A callable `(model, device) -> metrics` built once on rank 0 (loads held-out data), or None. The trainer
+        builds it in a background thread while training starts, so it must not draw from the global RNGs."""
         return None
 
     def metric_names(self) -> set[str]:

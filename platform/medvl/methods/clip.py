@@ -89,14 +89,16 @@ def clip_evaluator(recipe: Recipe, encoders, image_decoder: RowDecoder, prompts=
     dec = image_decoder
     dec.setup()
     corpus = d.val_corpus or d.corpus
+    budget = int(e.max_memory_mb * 2**20)
     val = load_heldout(corpus, d.val_split, dec.image, max_rows=e.max_rows, label_field=e.label_field,
-                       classnames=e.classnames)
+                       classnames=e.classnames, max_bytes=budget)
     if val is None:
         return None
     probe = None
     if e.linear_probe and val.labels is not None:
         probe = load_heldout(d.corpus, d.train_split, dec.image, max_rows=e.probe_train_rows,
-                             label_field=e.label_field or None, classnames=val.classnames)
+                             label_field=e.label_field or None, classnames=val.classnames,
+                             max_bytes=max(0, budget - val.images.numel()))
     tok = tokenizer(recipe.model)
     ev = ContrastiveEval(val, e, image_norm(recipe.model), tok, probe, prompts)
 

@@ -57,16 +57,7 @@ def create_model(cfg: ModelConfig, loss_kind: str = "clip") -> torch.nn.Module:
         from medvl.models.pretrained import load_efficientnet_lite0_weights
         load_efficientnet_lite0_weights(model)
     if cfg.pretrained:
-        p = Path(cfg.pretrained)
-        if not p.is_file():
-            raise ConfigError(f"model.pretrained: checkpoint file {p} not found (weights are never downloaded)")
-        sd = torch.load(p, map_location="cpu", weights_only=False)
-        sd = sd.get("state_dict", sd.get("model", sd)) if isinstance(sd, dict) else sd
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if len(missing) > 0.5 * len(list(model.state_dict())):
-            raise ConfigError(f"model.pretrained: {p} does not fit {cfg.name} ({len(missing)} missing keys, "
-                              f"e.g. {missing[:3]})")
+        load_pretrained(model, cfg)
     if cfg.lock_image and cfg.name == PRETRAINED_TWO_TOWER:
         from medvl.models.pretrained import freeze_image_trunk
         freeze_image_trunk(model)  # frozen timm trunk stays in eval mode (BN stats), projection trains
@@ -93,6 +84,71 @@ def create_model(cfg: ModelConfig, loss_kind: str = "clip") -> torch.nn.Module:
                     prm.requires_grad = False
             model.positional_embedding.requires_grad = False
     return model
+
+
+class UnsafeFileError(ValueError):
+    """A weights/checkpoint file that cannot be loaded without arbitrary unpickling (code execution)."""
+
+
+def load_tensors(path: str | Path, map_location: Any = "cpu") -> Any:
+    """Load a file that holds only tensors and plain values: `torch.load(weights_only=True)`, or safetensors.
+    A file that needs arbitrary unpickling is refused (`UnsafeFileError`, naming the offending class)."""
+    import pickle
+    import re
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p), device=str(map_location))
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        raise UnsafeFileError(
+            f"{p}: refusing to load: the file needs arbitrary unpickling"
+            f"{' (it contains ' + what.group(1) + ')' if what else ''}, which can run code. medvl loads only "
+            f"tensors and plain values (torch.load(weights_only=True)) or .safetensors. If you trust the file, "
+            f"re-save just its tensors, e.g. torch.save(torch.load(f, weights_only=False)['state_dict'], "
+            f"'weights.pt')") from None
+
+
+def load_pretrained(model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """`model.pretrained` into `model`: every key must match unless `model.allow_partial_load`."""
+    import logging
+    p = Path(cfg.pretrained)
+    if not p.is_file():
+        raise ConfigError(f"model.pretrained: checkpoint file {p} not found (weights are never downloaded)")
+    try:
+        sd = load_tensors(p)
+    except UnsafeFileError as e:
+        raise ConfigError(f"model.pretrained: {e}") from None
+    except Exception as e:  # noqa: BLE001 - truncated or not a torch file at all
+        raise ConfigError(f"model.pretrained: {p} is not a readable weights file ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
+    if isinstance(sd, dict):
+        for key in ("state_dict", "model"):  # open_clip_train / medvl checkpoints nest the weights
+            if isinstance(sd.get(key), dict):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"model.pretrained: {p} does not hold a state dict of tensors")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    own = model.state_dict()
+    shape = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
+             if k in own and own[k].shape != v.shape]
+    if shape:
+        raise ConfigError(f"model.pretrained: {p} does not fit {cfg.name}: {len(shape)} tensors have other shapes, "
+                          f"e.g. {'; '.join(shape[:3])}")
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        msg = (f"model.pretrained: {p} does not match {cfg.name}: {len(missing)} missing keys "
+               f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, {len(unexpected)} unexpected keys "
+               f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if not cfg.allow_partial_load:
+            raise ConfigError(msg + " (set model.allow_partial_load: true to load the matching keys anyway)")
+        logging.getLogger(__name__).warning("%s; loading the %d matching keys (model.allow_partial_load)", msg,
+                                            len(set(own) & set(sd)))
+    model.load_state_dict(sd, strict=False)
 
 
 def image_transforms(cfg: ModelConfig) -> tuple[Callable, Callable]:

@@ -89,6 +89,30 @@ def log_recipe(client, run_id: str, recipe: Recipe) -> None:
         client.log_artifact(run_id, str(p), artifact_path="config")
 
 
+def log_recipe_change(uri: str, run_id: str, recipe: Recipe, changes: dict[str, tuple[Any, Any]],
+                      run_dir: Path) -> int:
+    """A resumed run continues with a changed recipe (allowed explicitly): its params keep the values it started
+    with (MLflow params are immutable), so the change is recorded next to them: tags `medvl.recipe_changes`
+    (how many times) and `medvl.recipe_change.<n>` (`key: old -> new; ...`), the artifacts
+    `config/recipe_change_<n>.json` and `config/recipe_<n>.yaml`, and the previous `recipe.yaml` kept in the
+    job directory as `recipe.before_change_<n>.yaml`."""
+    client = _client(uri)
+    run = client.get_run(run_id)
+    n = int(run.data.tags.get("medvl.recipe_changes", "0")) + 1
+    text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    client.set_tag(run_id, "medvl.recipe_changes", str(n))
+    client.set_tag(run_id, f"medvl.recipe_change.{n}", text[:5000])
+    old = run_dir / "recipe.yaml"
+    if old.exists():
+        old.rename(run_dir / f"recipe.before_change_{n}.yaml")
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / f"recipe_change_{n}.json").write_text(json.dumps(
+            {k: {"old": a, "new": b} for k, (a, b) in changes.items()}, indent=1, default=str))
+        (Path(d) / f"recipe_{n}.yaml").write_text(dump_yaml(recipe))
+        client.log_artifacts(run_id, d, artifact_path="config")
+    return n
+
+
 def log_dataset(run_id: str, uri: str, corpus: str, split: str, context: str) -> None:
     """Corpus lineage: the manifest file as an artifact, and the corpus (its shard table) as an MLflow dataset
     input with a digest, source path, schema and row counts shown on the run page."""

@@ -25,7 +25,13 @@ def _ui_hint(uri: str, run_id: str, experiment: str) -> str:
 
 
 def train_main(argv: list[str]) -> int:
-    a, recipe = _parse("medvl train", argv)
+    def extra(p):
+        p.add_argument("--allow-recipe-change", action="store_true",
+                       help="resume an existing run although its recipe changed (the changes are logged in its "
+                            "MLflow run); without it such a resume is refused with the list of changed keys")
+    a, recipe = _parse("medvl train", argv, extra)
+    if a.allow_recipe_change:
+        recipe.runtime.allow_recipe_change = True
     from medvl.train.launcher import run_training
     t0 = time.time()
     job, metrics = run_training(recipe)
@@ -43,20 +49,30 @@ def train_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str]) -> int:
     def extra(p):
-        p.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
+        p.add_argument("--checkpoint", help="checkpoint directory (default: the run's newest registered checkpoint "
+                                            "that verifies)")
     a, recipe = _parse("medvl eval", argv, extra)
     from pathlib import Path
 
     from medvl.track import runs
+    from medvl.train.checkpoint import CheckpointError, latest_valid_checkpoint
     from medvl.train.launcher import load_model_from_checkpoint
     ckpt = a.checkpoint
     if ckpt is None:
-        cands = sorted((runs.run_root(recipe) / "ray" / recipe.run_name).glob("checkpoint_step=*"))
-        if not cands:
-            print(f"medvl eval: no checkpoint for run '{recipe.run_name}' under {runs.run_root(recipe)}")
+        # only checkpoints Ray Train registered (complete, persisted), never the newest directory on disk
+        storage = runs.run_root(recipe) / "ray" / recipe.run_name
+        found, bad = latest_valid_checkpoint(storage)
+        for name, why in bad:
+            print(f"medvl eval: WARNING: skipping checkpoint {name}: {why}")
+        if found is None:
+            print(f"medvl eval: no registered checkpoint that verifies for run '{recipe.run_name}' under {storage}")
             return 2
-        ckpt = str(cands[-1])
-    method, model, state = load_model_from_checkpoint(recipe, ckpt)
+        ckpt = str(found)
+    try:
+        method, model, state = load_model_from_checkpoint(recipe, ckpt)
+    except CheckpointError as e:
+        print(f"medvl eval: {e}")
+        return 2
     evaluate = method.evaluator()
     if evaluate is None:
         print("medvl eval: no held-out rows (data.val_split)")

@@ -63,30 +63,89 @@ class Job:
     mlflow_run_id: str
     steps_per_epoch: int
     total_steps: int
+    """Planned steps (the LR schedule's length); the run reports the step it actually reached (fewer when
+    corrupt rows outran a rank's reserve)."""
+    plan: Any = None
+    """The data plan (`medvl.data.stream.StreamPlan`) the workers stream."""
+
+
+RESUME_SAFE_KEYS = ("runtime.", "track.log_model", "track.tracking_uri", "track.experiment", "train.max_failures",
+                    "train.keep_checkpoints", "train.log_every", "train.ckpt_every", "train.torch_threads",
+                    "train.cpus_per_worker", "data.prefetch_batches", "data.decode_tasks",
+                    "data.decode_batch_size", "eval.batch_size", "eval.max_memory_mb")
+"""Recipe keys that change how fast or where a run goes, never what it trains on: they may change on resume."""
+
+
+def recipe_changes(old: dict, new: Recipe) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} for every key that differs and may not change silently on resume."""
+    from medvl.config import ConfigError, flatten, recipe_from_dict
+    try:
+        old_flat = flatten(to_dict(recipe_from_dict(old)))
+    except (ConfigError, TypeError, ValueError):  # written by another medvl version: compare what is there
+        old_flat = flatten(old)
+    new_flat = flatten(to_dict(new))
+    out = {}
+    for k in sorted(set(old_flat) | set(new_flat)):
+        if k.startswith(RESUME_SAFE_KEYS):
+            continue
+        a, b = old_flat.get(k, "<absent>"), new_flat.get(k, "<absent>")
+        if a != b:
+            out[k] = (a, b)
+    return out
+
+
+def check_resume(recipe: Recipe, run_dir: Path, storage_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """When `run_dir` belongs to a run that already started, the changes of its recipe; refuses them unless
+    `runtime.allow_recipe_change`."""
+    import yaml
+
+    from medvl.config import ConfigError
+    old_file = run_dir / "recipe.yaml"
+    started = (run_dir / runs.RUN_ID_FILE).exists() or storage_dir.exists()
+    if not (started and old_file.exists()):
+        return {}
+    changes = recipe_changes(yaml.safe_load(old_file.read_text()) or {}, recipe)
+    if changes and not recipe.runtime.allow_recipe_change:
+        listing = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise ConfigError(
+            f"run '{recipe.run_name}' already exists with another recipe ({old_file}); resuming it would change:\n"
+            f"{listing}\nResume it with its own recipe, choose another track.run_name, or continue it with the new "
+            f"values: medvl train ... --allow-recipe-change (runtime.allow_recipe_change=true)")
+    return changes
 
 
 def prepare_job(recipe: Recipe, parent_run_id: Optional[str] = None, tags: Optional[dict] = None) -> Job:
+    from medvl.config import ConfigError
+    from medvl.data.stream import plan_for
     root = runs.run_root(recipe)
     run_dir = root / "jobs" / recipe.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))  # the fully resolved config, with every run
-    manifest = load_manifest(recipe.data.corpus)
-    rows = manifest.rows(recipe.data.train_split)
-    steps_per_epoch = rows // recipe.data.batch_size
+    changes = check_resume(recipe, run_dir, root / "ray" / recipe.run_name)
+    load_manifest(recipe.data.corpus)  # a clear error for a missing corpus before anything else
+    plan = plan_for(recipe.data, recipe.train.seed, recipe.train.num_workers)
+    steps_per_epoch = plan.steps_per_epoch(recipe.data.batch_size)
     if steps_per_epoch < 1:
-        from medvl.config import ConfigError
-        raise ConfigError(f"data.batch_size ({recipe.data.batch_size}) is larger than the "
-                          f"{rows} rows of split {recipe.data.train_split!r} in {recipe.data.corpus}")
+        raise ConfigError(f"data.batch_size ({recipe.data.batch_size}) is larger than the {plan.rows} rows of split "
+                          f"{recipe.data.train_split!r} in {recipe.data.corpus}")
     total = steps_per_epoch * recipe.train.epochs
     if recipe.train.max_steps:
         total = min(total, recipe.train.max_steps)
     uri = runs.tracking_uri(recipe)
     run_id = runs.start_or_resume_run(recipe, run_dir, parent_run_id, tags)
+    if changes:
+        runs.log_recipe_change(uri, run_id, recipe, changes, run_dir)
+        log.warning("run '%s' resumes with a changed recipe: %s", recipe.run_name,
+                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))  # the fully resolved config, with every run
     try:
         runs.log_dataset(run_id, uri, recipe.data.corpus, recipe.data.train_split, "training")
     except Exception as e:  # noqa: BLE001 - lineage is best effort, the manifest artifact is the fallback
         log.warning("could not log dataset lineage: %s", e)
-    return Job(recipe, run_dir, root / "ray", uri, run_id, steps_per_epoch, total)
+    return Job(recipe, run_dir, root / "ray", uri, run_id, steps_per_epoch, total, plan)
+
+
+AUDIT_ENV = "MEDVL_AUDIT_SAMPLES"
+"""Audit mode: when set (a directory) on the driver, every rank records the sample ids of each step it trains."""
 
 
 def build_trainer(job: Job, callbacks: Optional[list] = None):
@@ -94,24 +153,20 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from medvl.data.stream import skip_counter
     from medvl.train.worker import train_fn_per_worker
 
     r = job.recipe
-    counter_name = f"medvl-skips-{job.mlflow_run_id}"
-    skip_counter(counter_name, namespace="medvl")
-    storage_dir = job.storage_path / r.run_name
-    factory = TrainStreamFactory(to_dict(r), str(storage_dir), counter_name, namespace="medvl")
     quiet_ray_data()
+    # No `datasets=`: each rank builds its own stream from the plan (exact positions; see medvl.data.stream).
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"recipe": to_dict(r), "mlflow_uri": job.tracking_uri,
-                           "mlflow_run_id": job.mlflow_run_id, "counter_name": counter_name,
-                           "counter_namespace": "medvl", "steps_per_epoch": job.steps_per_epoch,
-                           "total_steps": job.total_steps},
+                           "mlflow_run_id": job.mlflow_run_id, "steps_per_epoch": job.steps_per_epoch,
+                           "total_steps": job.total_steps, "plan": job.plan.to_dict(),
+                           "storage_dir": str(job.storage_path / r.run_name),
+                           "audit_dir": os.environ.get(AUDIT_ENV) or None},
         scaling_config=ray.train.ScalingConfig(num_workers=r.train.num_workers, use_gpu=r.train.use_gpu,
                                                resources_per_worker={"CPU": r.train.cpus_per_worker}),
-        datasets={"train": factory},
         run_config=ray.train.RunConfig(
             name=r.run_name, storage_path=str(job.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=r.train.max_failures),
@@ -135,38 +190,14 @@ def finalize(job: Job, result, status: str = "FINISHED") -> dict[str, Any]:
     return metrics
 
 
-class TrainStreamFactory:
-    """Passed to TorchTrainer(datasets={"train": factory}); Ray Train calls it at every worker-group start,
-    so after a failure the stream restarts at the epoch of the newest checkpoint (the worker then skips the
-    batches of that epoch it already trained on). The method's decoder does the per-row work."""
-
-    def __init__(self, recipe_dict: dict, storage_dir: str, counter_name: Optional[str],
-                 namespace: Optional[str] = None):
-        self.recipe_dict, self.storage_dir = recipe_dict, storage_dir
-        self.counter_name, self.namespace = counter_name, namespace
-
-    def __call__(self):
-        from medvl.config import recipe_from_dict
-        from medvl.data.stream import build_dataset
-        from medvl.methods import resolve_method
-        from medvl.train.worker import latest_position
-        r = recipe_from_dict(self.recipe_dict)
-        pos = latest_position(self.storage_dir) or {"epoch": 0}
-        epochs = range(min(pos["epoch"], r.train.epochs - 1), r.train.epochs)
-        return build_dataset(r.data, resolve_method(r).decoder(train=True), r.data.train_split, train=True,
-                             seed=r.train.seed, epochs=epochs, counter_name=self.counter_name,
-                             namespace=self.namespace)
-
-
 def load_model_from_checkpoint(recipe: Recipe, ckpt_dir: str):
-    """(method, model in eval mode, checkpoint state) for a checkpoint directory of this recipe's run."""
-    import torch
-
+    """(method, model in eval mode, checkpoint state) for a checkpoint directory of this recipe's run; the
+    checkpoint is verified against its checksums and loaded without arbitrary unpickling."""
     from medvl.methods import resolve_method
-    from medvl.train.worker import STATE_FILE
+    from medvl.train.checkpoint import load_checkpoint
+    state = load_checkpoint(ckpt_dir, map_location="cpu")
     method = resolve_method(recipe)
     model = method.build_model()
-    state = torch.load(os.path.join(ckpt_dir, STATE_FILE), map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     method.load_state_dict(state.get("method") or {})
     return method, model.eval(), state
@@ -198,4 +229,5 @@ def expected_steps(recipe: Recipe) -> int:
     return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
 
 
-__all__ = ["ensure_ray", "prepare_job", "build_trainer", "finalize", "run_training", "Job", "math"]
+__all__ = ["ensure_ray", "prepare_job", "build_trainer", "finalize", "run_training", "Job", "math",
+           "check_resume", "recipe_changes", "load_model_from_checkpoint", "expected_steps"]

@@ -1,39 +1,102 @@
 """`train_fn_per_worker`: the only Ray-aware training code; everything per-step is plain PyTorch (step.py).
 
-Numbered comments mark the Ray Train specifics, as in Ray's own examples.
+Numbered comments mark the Ray Train specifics, as in Ray's own examples. What this function guarantees (the
+README's "Reliability" section says how each is tested):
+
+* **Exact data position.** Each rank streams its own part of every epoch in an order that is a pure function of
+  (seed, epoch, world size, rank) (`medvl.data.stream.StreamPlan`), and keeps its position (epoch, window, offset
+  = the next unseen row). Every checkpoint holds every rank's position and RNG states; a restarted or re-run job
+  continues at exactly the next unseen row, with the same model, optimizer, scheduler and RNG state.
+* **Complete epochs.** All ranks take the same number of steps: before each step the ranks agree (one-integer
+  MIN all-reduce) that each has a full batch, so a rank whose corrupt rows outran its reserve ends the epoch
+  for everyone instead of hanging or silently ending the run. Every epoch ends with its evaluation, checkpoint
+  and report; the final report carries the step actually reached.
+* **Safe checkpoints.** Written atomically with checksums, verified before use, loaded with
+  `weights_only=True`; a corrupt latest checkpoint falls back to the newest registered one that verifies,
+  with a warning (and an MLflow tag) naming it. The scratch copy is deleted once Ray has persisted it.
+* **Logged means.** `train/loss` and every loss term are the mean over ranks; `train/skipped_samples` is the sum.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from medvl.config import recipe_from_dict
+from medvl.data.stream import EpochBatcher, StreamPlan, StreamStart, meta_and_batch, rank_stream
 from medvl.losses import Dist
 from medvl.methods import resolve_method
 from medvl.models.factory import unwrap
 from medvl.track.runs import RankZeroLogger
+from medvl.train import checkpoint as ck
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
 
-STATE_FILE = "state.pt"
-POSITION_FILE = "position.json"
+STATE_FILE = ck.STATE_FILE
+POSITION_FILE = ck.POSITION_FILE
 
 
-def _save_checkpoint(model, opt, sched, scaler, method, pos: dict) -> str:
-    d = tempfile.mkdtemp(prefix="medvl-ckpt-")  # not TemporaryDirectory: Ray may upload asynchronously
-    torch.save({"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "method": method.state_dict(), "method_name": method.describe(), **pos},
-               os.path.join(d, STATE_FILE))
-    with open(os.path.join(d, POSITION_FILE), "w") as f:
-        json.dump(pos, f)
-    return d
+@dataclass
+class Progress:
+    """Where training stands. `step`, `epoch`, `step_in_epoch` are the same on every rank; `window`/`offset`
+    (the next unseen row of this rank's plan of `epoch`) and `skipped` are this rank's."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    window: int = 0
+    offset: int = 0
+    skipped: int = 0
+
+
+class _Dist:
+    """The collectives the loop needs (no-ops on one worker). `cpu` is a gloo group (the default group on CPU;
+    a separate one next to NCCL on GPUs) for the per-step agreement and the checkpoint gathers."""
+
+    def __init__(self, world: int, device: torch.device):
+        self.world, self.device = world, device
+        self.cpu = None
+        if world > 1:
+            import torch.distributed as dist
+            self.cpu = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+    def all_have(self, flag: bool) -> bool:
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu)
+        return bool(t.item())
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.cpu)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.cpu)
+        return box[0]
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -41,162 +104,373 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     recipe = recipe_from_dict(config["recipe"])
-    t = recipe.train
+    t, d = recipe.train, recipe.data
     ctx = ray.train.get_context()  # [1] rank/world from Ray Train
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(t.torch_threads or t.cpus_per_worker)
-    torch.manual_seed(t.seed + rank)
+    ck.seed_everything(t.seed + rank)
     device = ray.train.torch.get_device()  # [2] cuda:<local rank> or cpu
+    coll = _Dist(world, device)
 
     method = resolve_method(recipe)
     method.bind(Dist(rank, world), device)
     model = method.build_model().to(device)
+    # Rank 0 decodes the held-out set in a background thread while training starts, instead of making the
+    # other ranks wait for it in their first collective.
+    evaluator = _Background(method.evaluator) if rank == 0 else None
     opt = build_optimizer(model, recipe.optim)
     total_steps = config["total_steps"]
     sched = build_scheduler(opt, recipe.optim, total_steps)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and t.precision == "fp16" else None
-    pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    plan = StreamPlan.from_dict(config["plan"])
+    steps_per_epoch = config["steps_per_epoch"]
+    per_rank = d.batch_size // world
+    logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0)
+    storage = _Storage(config.get("storage_dir"))
+    if rank == 0:
+        ck.clean_scratch(recipe.runtime.scratch_dir, recipe.run_name)
 
-    ckpt = ray.train.get_checkpoint()  # [3] latest reported checkpoint after a restart / re-run
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location=device, weights_only=False)
+    # [3] the latest registered checkpoint after a restart / re-run (verified; a corrupt one falls back)
+    prog, resumed = Progress(), False
+    state = _restore(ray.train.get_checkpoint(), storage, coll, rank, device, logger)
+    if state is not None:
+        resumed = True
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         method.load_state_dict(state.get("method") or {})
-        pos = {k: state[k] for k in pos}
-    resumed_from = pos["step"]
+        prog = _resume_position(state, plan, rank, world, per_rank)
+        rngs = state.get("rng") or []
+        if len(rngs) == world:
+            ck.restore_rng(rngs[rank])
+    resumed_from = prog.step
     if rank == 0:
-        print(f"medvl: {'resuming from checkpoint at step ' + str(resumed_from) if ckpt else 'starting fresh'} "
-              f"(epoch {pos['epoch']}, batch {pos['batch_in_epoch']}), {total_steps} steps in all", flush=True)
+        print(f"medvl: {'resuming from checkpoint at step ' + str(resumed_from) if resumed else 'starting fresh'} "
+              f"(epoch {prog.epoch}, step {prog.step_in_epoch} of {steps_per_epoch} in it), "
+              f"{total_steps} steps planned", flush=True)
+        if resumed:
+            logger.log({"train/resumed_from_step": resumed_from}, step=resumed_from)
 
     model = ray.train.torch.prepare_model(model)  # [4] DDP (gloo on CPU, nccl on GPU); no-op for 1 worker
     s = StepSettings(recipe.optim.accum_freq, recipe.optim.grad_clip, t.precision, device.type)
-    logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0)
-    counter = _counter(config)
-    evaluate = method.evaluator() if rank == 0 else None
-    if rank == 0 and resumed_from:
-        logger.log({"train/resumed_from_step": resumed_from}, step=resumed_from)
+    dtypes = method.batch_dtypes()
+    audit = _Audit(config.get("audit_dir"), rank)
+    max_steps = t.max_steps or None
 
-    steps_per_epoch = config["steps_per_epoch"]
-    per_worker_batch = recipe.data.batch_size // world
-    shard = ray.train.get_dataset_shard("train")  # [5] this worker's split of the streaming dataset
-    batches = shard.iter_torch_batches(
-        batch_size=per_worker_batch, drop_last=True, device=device,
-        dtypes=method.batch_dtypes(),
-        local_shuffle_buffer_size=recipe.data.shuffle_buffer or None,
-        local_shuffle_seed=(t.seed + rank + 1000 * pos["epoch"]) if recipe.data.shuffle_buffer else None,
-        prefetch_batches=recipe.data.prefetch_batches)
+    def finished() -> bool:
+        return prog.epoch >= t.epochs or (max_steps is not None and prog.step >= max_steps)
 
     eval_metrics: dict[str, float] = {}
+    last_loss: dict[str, float] = {}
+    if finished():  # a re-run of a finished run: report the final state once, change nothing
+        if evaluator is not None and evaluator.get() is not None:
+            eval_metrics = evaluator.get()(unwrap(model), device)
+        _report(model, opt, sched, scaler, method, prog, {"loss": float("nan")}, eval_metrics, coll, rank,
+                logger, recipe, plan, storage, with_ckpt=False, done=True)
+        logger.flush()
+        return
+
+    # [5] this rank's own stream: its plan from its position on, decoded in Ray Data tasks, order preserved
+    stream = rank_stream(plan, method.decoder(train=True), rank=rank,
+                         start=StreamStart(prog.epoch, prog.window, prog.offset), epochs=t.epochs,
+                         decode_tasks=-(-d.decode_tasks // world), decode_batch_size=d.decode_batch_size)
+    blocks = stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=d.prefetch_batches)
+    batcher = EpochBatcher(iter(blocks), per_rank)
+    sizes = _window_sizes(plan, prog.epoch, rank)
+    cursor = _linear(sizes, prog.window, prog.offset)  # next unseen row of this rank's part, as a row index
+
     window = _new_window()
-    skip = pos["batch_in_epoch"]  # data position: batches of the current epoch already trained on
     model.train()
-    it = iter(batches)
     t_last = time.perf_counter()
-    while pos["step"] < total_steps:
+    while not finished():
         t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        if skip > 0:
-            skip -= 1
-            t_last = time.perf_counter()
+        batch = batcher.next_batch(prog.epoch) if prog.step_in_epoch < steps_per_epoch else None
+        ran_short = batch is None and prog.step_in_epoch < steps_per_epoch
+        go = coll.all_have(batch is not None) if prog.step_in_epoch < steps_per_epoch else False
+        if go:
+            wait = time.perf_counter() - t0
+            meta, arrays = meta_and_batch(batch)
+            # blocks may be read-only views of the object store: copy those, methods may edit a batch in place
+            tensors = {k: torch.as_tensor(v if v.flags.writeable else np.array(v), dtype=dtypes.get(k))
+                       .to(device, non_blocking=True) for k, v in arrays.items()}
+            tensors = method.prepare_batch(tensors, device)
+            terms = train_step(method, model, tensors, opt, sched, s, scaler)
+            lin = _linear(sizes, int(meta["_window"][-1]), int(meta["_pos"][-1]) + 1)
+            prog.skipped += (lin - cursor) - len(meta["_pos"])  # rows passed over but not delivered
+            cursor = lin
+            prog.window, prog.offset = _split_linear(sizes, cursor)
+            prog.step += 1
+            prog.step_in_epoch += 1
+            audit.write(prog, meta["_sid"])
+            now = time.perf_counter()
+            for k, v in terms.items():  # detached tensors: summed without a device sync per step
+                window["terms"][k] = window["terms"].get(k, 0) + v
+            window["n"] += 1
+            window["wait"] += wait
+            window["time"] += now - t_last
+            t_last = now
+            if prog.step % t.log_every == 0:
+                last_loss = _log_window(window, prog, steps_per_epoch, coll, logger, opt, method, model, recipe)
+                window = _new_window()
+            if prog.step_in_epoch == steps_per_epoch:
+                continue  # the epoch-end branch below evaluates, checkpoints and reports
+            if max_steps is not None and prog.step >= max_steps:  # the run ends mid-epoch: eval + final report
+                last_loss = _log_window(window, prog, steps_per_epoch, coll, logger, opt, method, model,
+                                        recipe) or last_loss
+                eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics)
+                _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger,
+                        recipe, plan, storage, done=True)
+                break
+            if prog.step % t.ckpt_every == 0:
+                _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger,
+                        recipe, plan, storage)
+                t_last = time.perf_counter()
             continue
-        wait = time.perf_counter() - t0
-        batch = method.prepare_batch(batch, device)
-        terms = train_step(method, model, batch, opt, sched, s, scaler)
-        pos["step"] += 1
-        pos["batch_in_epoch"] += 1
-        now = time.perf_counter()
-        for k, v in terms.items():  # detached tensors: summed without a device sync per step
-            window["terms"][k] = window["terms"].get(k, 0) + v
-        window["n"] += 1
-        window["wait"] += wait
-        window["time"] += now - t_last
-        t_last = now
 
-        epoch_end = pos["batch_in_epoch"] >= steps_per_epoch or pos["step"] >= total_steps
-        if rank == 0 and (pos["step"] % t.log_every == 0 or epoch_end):
-            n = max(1, window["n"])
-            means = {k: float(v) / n for k, v in window["terms"].items()}
-            logger.log({
-                **{f"train/{k}": v for k, v in means.items()},
-                "train/lr": opt.param_groups[0]["lr"],
-                **method.train_metrics(unwrap(model)),
-                "train/samples_per_s": recipe.data.batch_size * n / max(window["time"], 1e-9),
-                "train/data_wait_s": window["wait"] / n,
-                "train/skipped_samples": _skipped(counter),
-                "train/epoch": pos["epoch"] + pos["batch_in_epoch"] / steps_per_epoch,
-            }, step=pos["step"])
-            last_loss = means
-            window = _new_window()
-        else:
-            last_loss = {k: float(v) for k, v in terms.items()}
-        if epoch_end:
-            pos["epoch"] += 1
-            pos["batch_in_epoch"] = 0
-            if evaluate is not None:
-                eval_metrics = evaluate(unwrap(model), device)
-                logger.log(eval_metrics, step=pos["step"])
-            _report(model, opt, sched, scaler, method, pos, last_loss, eval_metrics, rank, logger)
-            t_last = time.perf_counter()
-        elif pos["step"] % t.ckpt_every == 0:
-            _report(model, opt, sched, scaler, method, pos, last_loss, eval_metrics, rank, logger)
-            t_last = time.perf_counter()
-
-    if pos["step"] == resumed_from:  # nothing left to do (re-run of a finished run): report final state once
-        if evaluate is not None:
-            eval_metrics = evaluate(unwrap(model), device)
-        _report(model, opt, sched, scaler, method, pos, {"loss": float("nan")}, eval_metrics, rank, logger,
-                with_ckpt=False)
+        # ---- the epoch ends on every rank: planned steps done, or some rank has no full batch left
+        if ran_short:  # this rank read its whole part: every row it did not get was skipped
+            prog.skipped += (sizes[-1] if sizes else 0) - cursor - batcher.short_rows
+        if prog.step_in_epoch < steps_per_epoch and rank == 0:
+            print(f"medvl: epoch {prog.epoch} ends after {prog.step_in_epoch} of {steps_per_epoch} steps: a rank "
+                  f"ran out of rows (corrupt rows beyond its reserve)", flush=True)
+        last_loss = _log_window(window, prog, steps_per_epoch, coll, logger, opt, method, model, recipe) \
+            or last_loss
+        window = _new_window()
+        prog.epoch += 1
+        prog.step_in_epoch = 0
+        prog.window = prog.offset = 0
+        sizes = _window_sizes(plan, prog.epoch, rank) if prog.epoch < t.epochs else []
+        cursor = 0
+        eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics)
+        _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger, recipe,
+                plan, storage, done=finished())
+        t_last = time.perf_counter()
     logger.flush()
+
+
+# --------------------------------------------------------------------------- helpers of the loop
+
+
+class _Background:
+    """A value computed in a daemon thread; `get()` waits for it (and re-raises its error)."""
+
+    def __init__(self, fn):
+        import concurrent.futures
+        self._ex = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="medvl-eval-setup")
+        self._fut = self._ex.submit(fn)
+        self._ex.shutdown(wait=False)
+
+    def get(self):
+        return self._fut.result()
+
+
+def _evaluate(evaluator: Optional[_Background], model, device, logger, prog: Progress, last: dict) -> dict:
+    if evaluator is None:
+        return last
+    evaluate = evaluator.get()
+    if evaluate is None:
+        return last
+    m = evaluate(unwrap(model), device)
+    logger.log(m, step=prog.step)
+    return m
 
 
 def _new_window() -> dict:
     return {"terms": {}, "n": 0, "wait": 0.0, "time": 0.0}
 
 
-def _report(model, opt, sched, scaler, method, pos, losses: dict, eval_metrics, rank, logger,
-            with_ckpt: bool = True) -> None:
+def _log_window(window: dict, prog: Progress, steps_per_epoch: int, coll: _Dist, logger, opt, method, model,
+                recipe) -> dict[str, float]:
+    """Log the steps since the last log: loss terms averaged over ranks, skipped rows summed (a collective:
+    every rank calls it at the same steps). Returns the mean terms ({} when there was no step)."""
+    n = window["n"]
+    if n == 0:
+        return {}
+    keys = sorted(window["terms"])
+    vals = torch.stack([torch.as_tensor(window["terms"][k], dtype=torch.float32).detach().reshape(()).cpu()
+                        for k in keys] + [torch.tensor(float(prog.skipped))])
+    vals = coll.sum(vals)
+    means = {k: float(vals[i]) / (n * coll.world) for i, k in enumerate(keys)}
+    logger.log({
+        **{f"train/{k}": v for k, v in means.items()},
+        "train/lr": opt.param_groups[0]["lr"],
+        **(method.train_metrics(unwrap(model)) if logger.enabled else {}),
+        "train/samples_per_s": recipe.data.batch_size * n / max(window["time"], 1e-9),
+        "train/data_wait_s": window["wait"] / n,
+        "train/skipped_samples": float(vals[-1]),
+        "train/epoch": prog.epoch + prog.step_in_epoch / max(1, steps_per_epoch),
+    }, step=prog.step)
+    return means
+
+
+def _window_sizes(plan: StreamPlan, epoch: int, rank: int) -> list[int]:
+    """Cumulative row counts at the end of each window of this rank's part of `epoch`."""
+    out, acc = [], 0
+    for w in plan.windows(epoch, rank):
+        acc += w.rows
+        out.append(acc)
+    return out
+
+
+def _linear(cum: list[int], window: int, offset: int) -> int:
+    return (cum[window - 1] if window > 0 and cum else 0) + offset
+
+
+def _split_linear(cum: list[int], lin: int) -> tuple[int, int]:
+    start = 0
+    for i, end in enumerate(cum):
+        if lin < end:
+            return i, lin - start
+        start = end
+    return len(cum), 0
+
+
+def _resume_position(state: dict, plan: StreamPlan, rank: int, world: int, per_rank: int) -> Progress:
+    """This rank's progress from a checkpoint: exact when the data plan is unchanged; after a change of world
+    size, corpus or shuffle settings (refused unless the recipe change was allowed) the epoch continues at the
+    same fraction of every rank's part, which may repeat or leave out some of its rows (warned)."""
+    p = Progress(step=int(state["step"]), epoch=int(state["epoch"]),
+                 step_in_epoch=int(state.get("step_in_epoch", state.get("batch_in_epoch", 0))))
+    positions = state.get("positions") or []
+    if state.get("plan") == plan.fingerprint() and len(positions) == world:
+        mine = positions[rank]
+        p.window, p.offset, p.skipped = int(mine["window"]), int(mine["offset"]), int(mine["skipped"])
+        return p
+    if rank == 0:
+        p.skipped = sum(int(x.get("skipped", 0)) for x in positions)
+    if p.step_in_epoch:
+        warnings.warn(f"the checkpoint was taken with another data plan (world size {state.get('world_size')}, "
+                      f"or a changed corpus or shuffle setting): epoch {p.epoch} continues after "
+                      f"{p.step_in_epoch} steps at the same point of this plan, so some of its rows may be seen "
+                      f"twice or not at all", stacklevel=2)
+        p.window, p.offset = _split_linear(_window_sizes(plan, p.epoch, rank), p.step_in_epoch * per_rank)
+    return p
+
+
+class _Storage:
+    """The run's checkpoint storage as Ray Train sees it (local path or a pyarrow filesystem)."""
+
+    def __init__(self, local_dir: Optional[str]):
+        self.fs = self.root = None
+        try:
+            import ray.train
+            sc = ray.train.get_context().get_storage()  # DeveloperAPI: works for local and cloud storage
+            self.fs, self.root, self._sc = sc.storage_filesystem, sc.experiment_fs_path, sc
+        except Exception:  # noqa: BLE001 - fall back to the local directory the driver passed
+            self._sc = None
+            if local_dir:
+                import pyarrow.fs
+                self.fs, self.root = pyarrow.fs.LocalFileSystem(), local_dir
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def exists(self, name: str) -> bool:
+        if self.fs is None:
+            return False
+        import pyarrow.fs
+        return self.fs.get_file_info(self.path(name)).type != pyarrow.fs.FileType.NotFound
+
+    def registered(self) -> list[ck.Registered]:
+        if self.fs is None:
+            return []
+        try:
+            with self.fs.open_input_stream(self.path(ck.SNAPSHOT_FILE)) as f:
+                return ck.read_snapshot(f.read().decode())
+        except (OSError, FileNotFoundError):
+            return []
+
+    def checkpoint(self, name: str):
+        import ray.train
+        return ray.train.Checkpoint(path=self.path(name), filesystem=self.fs)
+
+
+def _restore(latest, storage: _Storage, coll: _Dist, rank: int, device, logger) -> Optional[dict]:
+    """Load the checkpoint to resume from: Ray's latest if it verifies, else the newest registered checkpoint that
+    does (rank 0 decides, every rank loads the same one)."""
+    choice = None
+    if rank == 0 and latest is not None:
+        cands = [(Path(latest.path).name, latest)]
+        for r in storage.registered():
+            if r.name != cands[0][0]:
+                cands.append((r.name, storage.checkpoint(r.name)))
+        name, _, bad = ck.choose_checkpoint((n, c.as_directory) for n, c in cands)
+        if bad:
+            msg = "; ".join(f"{n}: {why}" for n, why in bad)
+            if name is None:
+                raise ck.CheckpointError(f"no registered checkpoint of this run verifies ({msg}); to start over, "
+                                         f"remove the run's storage directory or use another track.run_name")
+            text = f"medvl: WARNING: skipping corrupt checkpoint(s) {msg}; resuming from {name}"
+            print(text, flush=True)
+            warnings.warn(text, stacklevel=2)
+            if logger.enabled:
+                logger.client.set_tag(logger.run_id, "medvl.checkpoint_fallback",
+                                      f"{', '.join(n for n, _ in bad)} corrupt -> resumed from {name}"[:5000])
+        choice = name
+    choice = coll.broadcast(choice)
+    if choice is None:
+        return None
+    ckpt = latest if latest is not None and Path(latest.path).name == choice else storage.checkpoint(choice)
+    with ckpt.as_directory() as local:
+        return ck.load_checkpoint(local, map_location=device)
+
+
+def _report(model, opt, sched, scaler, method, prog: Progress, losses: dict, eval_metrics: dict, coll: _Dist,
+            rank: int, logger, recipe, plan: StreamPlan, storage: _Storage, with_ckpt: bool = True,
+            done: bool = False) -> None:
+    """[6] Every rank reports; rank 0 attaches the checkpoint (the DDP model is replicated) with every rank's
+    position and RNG state, gathered here."""
     import ray.train
     logger.flush()  # metrics logged before a checkpoint are written before it is registered
-    metrics = {"step": pos["step"], "epoch": pos["epoch"], **{f"train/{k}": v for k, v in losses.items()},
-               **eval_metrics}
-    ckpt_dir = _save_checkpoint(model, opt, sched, scaler, method, dict(pos)) if (rank == 0 and with_ckpt) else None
-    # [6] every rank reports; only rank 0 attaches the (DDP-replicated) checkpoint
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
-                     checkpoint_dir_name=f"checkpoint_step={pos['step']:07d}" if ckpt_dir else None)
-
-
-def _counter(config: dict):
-    name = config.get("counter_name")
-    if not name:
-        return None
-    import ray
+    mine = {"window": prog.window, "offset": prog.offset, "skipped": prog.skipped}
+    gathered = coll.gather({"position": mine, "rng": ck.capture_rng()}) if with_ckpt else []
+    metrics = {"step": prog.step, "epoch": prog.epoch, **{f"train/{k}": v for k, v in losses.items()},
+               **eval_metrics, "final": int(done)}
+    scratch, name = None, None
+    if rank == 0 and with_ckpt:
+        position = {"step": prog.step, "epoch": prog.epoch, "step_in_epoch": prog.step_in_epoch,
+                    "world_size": coll.world, "plan": plan.fingerprint(),
+                    "positions": [g["position"] for g in gathered]}
+        state = {"format": ck.FORMAT, "version": ck.VERSION, "model": unwrap(model).state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict() if scaler else None, "method": method.state_dict(),
+                 "method_name": method.describe(), "rng": [g["rng"] for g in gathered], **position}
+        scratch = ck.new_scratch_dir(recipe.runtime.scratch_dir, recipe.run_name)
+        ck.write_checkpoint(scratch, state, position)
+        name = ck.checkpoint_dir_name(prog.step, storage.exists)
     try:
-        return ray.get_actor(name, namespace=config.get("counter_namespace"))
-    except ValueError:
-        return None
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(scratch)) if scratch else None,
+                         checkpoint_dir_name=name)
+    finally:
+        if scratch is not None:  # SYNC upload: Ray has persisted it (or failed) when report returns
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _skipped(counter) -> float:
-    if counter is None:
-        return 0.0
-    import ray
-    return float(ray.get(counter.get.remote())[0])
+class _Audit:
+    """Audit mode (`MEDVL_AUDIT_SAMPLES=<dir>` on the driver): every rank appends the sample-id hashes of each
+    step it trains to `<dir>/rank<r>.jsonl` (one line per step, with this attempt's id), so tests can compare
+    the samples of an interrupted run with an uninterrupted one."""
+
+    def __init__(self, directory: Optional[str], rank: int):
+        self.f = None
+        if directory:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.f = open(Path(directory) / f"rank{rank}.jsonl", "a", buffering=1)
+            self.attempt = f"{os.getpid()}-{time.time_ns()}"
+
+    def write(self, prog: Progress, sids: np.ndarray) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps({"attempt": self.attempt, "step": prog.step, "epoch": prog.epoch,
+                                     "sids": [int(x) for x in sids]}) + "\n")
 
 
 def latest_position(storage_dir: Path) -> Optional[dict]:
     """Data position of the run's latest *registered* checkpoint (the one `get_checkpoint()` will return),
-    read from Ray Train's checkpoint-manager snapshot; used by the dataset factory."""
-    snap = Path(storage_dir) / "checkpoint_manager_snapshot.json"
-    try:
-        latest = json.loads(snap.read_text()).get("latest_checkpoint_result") or {}
-        return json.loads((Path(storage_dir) / latest["checkpoint_dir_name"] / POSITION_FILE).read_text())
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        return None
+    read from Ray Train's checkpoint-manager snapshot."""
+    regs = ck.registered_checkpoints(storage_dir)
+    return ck.position_of(Path(storage_dir) / regs[0].name) if regs else None
+
+
+__all__ = ["train_fn_per_worker", "latest_position", "Progress", "STATE_FILE", "POSITION_FILE"]

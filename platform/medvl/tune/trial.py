@@ -49,7 +49,7 @@ class EpochReportCallback(TuneReportCallback):
         m = metrics[0]  # rank 0's metrics
         if self.metric not in m or m.get("epoch", 0) <= self.last_epoch:
             return
-        if m.get("step", 0) >= self.total_steps:
+        if m.get("final") or m.get("step", 0) >= self.total_steps:
             return  # the trial function reports the final result after finalize()
         self.last_epoch = m["epoch"]
         super().after_report(run_context, metrics, checkpoint)
