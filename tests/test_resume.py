@@ -245,3 +245,321 @@ def test_stream_follows_the_plan_resumes_exactly_and_skips_corrupt_rows(ray_loca
     want = [sample_hash(ids[x]) for x in plan.rank_rows(0, 1)[skip:] + plan.rank_rows(1, 1)]
     assert [s for *_, s in got] == [s for s in want if s not in bad]
     assert got[0][:2] == (0, 3) and got[0][2] >= 17
+
+
+# --------------------------------------------------------------------------- training runs (real Ray Train)
+
+AUDIT = "MEDVL_AUDIT_SAMPLES"
+
+
+def _recipe(corpus: str, name: str, scratch: Path, **over):
+    base = {"name": name, "data": {"corpus": corpus, "batch_size": 64, "shuffle_buffer": 256},
+            "model": {"name": "test-vit-micro"},
+            "train": {"epochs": 2, "num_workers": 2, "log_every": 5, "ckpt_every": 5, "max_failures": 3},
+            "eval": {"templates": ["a photo of the digit {}."]},
+            "track": {"experiment": "tests", "log_model": False}, "runtime": {"scratch_dir": str(scratch)}}
+    for k, v in over.items():
+        sect, key = k.split("__")
+        base.setdefault(sect, {})[key] = v
+    return load_recipe(data=base)
+
+
+def _audit(directory: Path) -> dict[int, dict[int, dict]]:
+    """rank -> step -> the record of the *last* attempt that trained that step (what the model kept)."""
+    out: dict[int, dict[int, dict]] = {}
+    for f in sorted(Path(directory).glob("rank*.jsonl")):
+        steps: dict[int, dict] = {}
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            steps[rec["step"]] = rec
+        out[int(f.stem[4:])] = steps
+    return out
+
+
+def _attempts(directory: Path, rank: int) -> list[str]:
+    seen: list[str] = []
+    for line in (Path(directory) / f"rank{rank}.jsonl").read_text().splitlines():
+        a = json.loads(line)["attempt"]
+        if a not in seen:
+            seen.append(a)
+    return seen
+
+
+def _same_samples(a: dict, b: dict) -> None:
+    """Step by step and rank by rank the same sample ids (hence per epoch the same multiset)."""
+    assert sorted(a) == sorted(b)
+    for rank in a:
+        assert sorted(a[rank]) == sorted(b[rank]), rank
+        for step in a[rank]:
+            assert a[rank][step]["sids"] == b[rank][step]["sids"], (rank, step)
+            assert a[rank][step]["epoch"] == b[rank][step]["epoch"], (rank, step)
+    for epoch in {r["epoch"] for r in a[0].values()}:
+        ma = Counter(s for rk in a for r in a[rk].values() if r["epoch"] == epoch for s in r["sids"])
+        mb = Counter(s for rk in b for r in b[rk].values() if r["epoch"] == epoch for s in r["sids"])
+        assert ma == mb and max(ma.values()) == 1  # nothing trained twice within an epoch
+
+
+def _kill_worker_when(audit_dir: Path, rank: int, min_step: int, storage: Path, out: dict, timeout=400) -> tuple:
+    """SIGKILL the rank's train worker process (its pid is in the audit records) once it trained `min_step` steps
+    and a checkpoint is registered."""
+    from medvl.train.worker import latest_position
+    f = audit_dir / f"rank{rank}.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and "error" not in out and "metrics" not in out:
+        lines = f.read_text().splitlines() if f.exists() else []
+        pos = latest_position(storage)
+        if lines and json.loads(lines[-1])["step"] >= min_step and pos and pos["step"] >= 5:
+            rec = json.loads(lines[-1])
+            pid = int(rec["attempt"].split("-")[0])
+            os.kill(pid, signal.SIGKILL)  # a real worker process dies mid-run
+            return pid, rec["step"], time.time()
+        time.sleep(0.02)
+    raise AssertionError(f"run did not reach step {min_step} with a checkpoint (out={out})")
+
+
+def _train_in_thread(recipe, out):
+    from medvl.train.launcher import run_training
+
+    def fit():
+        try:
+            out["job"], out["metrics"] = run_training(recipe)
+        except BaseException as e:  # noqa: BLE001
+            out["error"] = e
+    th = threading.Thread(target=fit)
+    th.start()
+    return th
+
+
+def _metric(recipe, run_id, key):
+    from mlflow.tracking import MlflowClient
+
+    from medvl.track import runs
+    return sorted(MlflowClient(runs.tracking_uri(recipe)).get_metric_history(run_id, key), key=lambda m: m.step)
+
+
+def _final_weights(run_root: str, name: str) -> dict[str, torch.Tensor]:
+    found, bad = ck.latest_valid_checkpoint(Path(run_root) / "ray" / name)
+    assert found is not None and not bad, bad
+    return ck.load_checkpoint(found)["model"]
+
+
+def _no_scratch_left(scratch: Path, name: str) -> None:
+    assert scratch.is_dir() and not list(scratch.iterdir()), list(scratch.iterdir())
+    import tempfile
+    assert not list(Path(tempfile.gettempdir()).glob(f"{ck.SCRATCH_PREFIX}{name}-*"))
+
+
+def _patch_dropout_model(tmp_path: Path) -> str:
+    """test-vit-micro with patch dropout: training draws from torch's RNG every step, so resuming with the same
+    weights needs the RNG state restored too."""
+    d = tmp_path / "models"
+    d.mkdir()
+    cfg = json.loads((Path(__file__).parents[1] / "platform/medvl/models/configs/test-vit-micro.json").read_text())
+    cfg["vision_cfg"]["patch_dropout"] = 0.5
+    (d / "test-vit-micro-pd.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_one_worker_killed_resumes_exactly_and_a_corrupt_latest_checkpoint_falls_back(
+        ray_local, digits_corpus, run_root, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from medvl.track import runs
+    from medvl.train.cli import eval_main
+    from medvl.train.launcher import run_training
+    scratch = tmp_path / "scratch"
+    models = _patch_dropout_model(tmp_path)
+    kw = dict(train__num_workers=1, model__name="test-vit-micro-pd", model__config_dir=models)
+
+    # (1) uninterrupted reference
+    monkeypatch.setenv(AUDIT, str(tmp_path / "audit-ref"))
+    ref = _recipe(digits_corpus, "exact1-ref", scratch, data__val_split=None, **kw)
+    job_ref, m_ref = run_training(ref)
+    assert m_ref["step"] == job_ref.total_steps == 2 * (1437 // 64)
+    _no_scratch_left(scratch, "exact1-ref")
+
+    # (2) the same training, its only worker SIGKILLed after step 8: Ray restarts it from the step-5 checkpoint
+    monkeypatch.setenv(AUDIT, str(tmp_path / "audit-kill"))
+    rk = _recipe(digits_corpus, "exact1-kill", scratch, **kw)
+    out: dict = {}
+    th = _train_in_thread(rk, out)
+    pid, killed_at_step, killed_at = _kill_worker_when(tmp_path / "audit-kill", 0, 8,
+                                                       Path(run_root) / "ray" / "exact1-kill", out)
+    th.join(900)
+    assert "error" not in out, out.get("error")
+    assert out["metrics"]["step"] == 44 and out["metrics"]["epoch"] == 2
+    resumed = _metric(rk, out["job"].mlflow_run_id, "train/resumed_from_step")
+    assert resumed and 5 <= resumed[-1].value <= killed_at_step and resumed[-1].timestamp / 1000 >= killed_at - 1
+    assert len(_attempts(tmp_path / "audit-kill", 0)) == 2 and str(pid) in _attempts(tmp_path / "audit-kill", 0)[0]
+    _same_samples(_audit(tmp_path / "audit-ref"), _audit(tmp_path / "audit-kill"))
+    w_ref, w_kill = _final_weights(run_root, "exact1-ref"), _final_weights(run_root, "exact1-kill")
+    assert all(torch.equal(w_ref[k], w_kill[k]) for k in w_ref)  # bit for bit
+    _no_scratch_left(scratch, "exact1-kill")
+
+    # (3) the latest checkpoint rots on disk: `medvl eval` and a re-run skip it, with a warning naming it
+    storage = Path(run_root) / "ray" / "exact1-kill"
+    latest = storage / "checkpoint_step=0000044"
+    raw = bytearray((latest / ck.STATE_FILE).read_bytes())
+    raw[len(raw) // 3] ^= 0x01
+    (latest / ck.STATE_FILE).write_bytes(bytes(raw))
+    rfile = tmp_path / "exact1-kill.yaml"
+    rfile.write_text(dump_yaml(rk))
+    assert eval_main([str(rfile)]) == 0
+    said = capsys.readouterr().out
+    assert "skipping checkpoint checkpoint_step=0000044" in said and "checkpoint checkpoint_step=0000040" in said
+    job3, m3 = run_training(rk)  # restarts from step 40, re-trains steps 41-44 exactly
+    assert job3.mlflow_run_id == out["job"].mlflow_run_id and m3["step"] == 44
+    client = MlflowClient(runs.tracking_uri(rk))
+    run = client.get_run(job3.mlflow_run_id)
+    assert "checkpoint_step=0000044 corrupt -> resumed from checkpoint_step=0000040" in \
+        run.data.tags["medvl.checkpoint_fallback"]
+    assert _metric(rk, job3.mlflow_run_id, "train/resumed_from_step")[-1].value == 40
+    assert (storage / "checkpoint_step=0000044.1").is_dir()  # never written into the corrupt one's directory
+    w_fb = _final_weights(run_root, "exact1-kill")
+    assert all(torch.equal(w_ref[k], w_fb[k]) for k in w_ref)
+    assert run.info.status == "FINISHED" and "val/zero_shot_accuracy" in run.data.metrics
+    _no_scratch_left(scratch, "exact1-kill")
+
+
+def _simulate(plan: StreamPlan, ids: dict, bad: set[int], epochs: int, per_rank: int) -> tuple[dict, int, list]:
+    """What training must do on a corpus with corrupt rows, from the plan alone: rank -> step -> sample ids, the
+    skipped rows the ranks passed, and the steps of each epoch."""
+    S = plan.steps_per_epoch(per_rank * plan.world)
+    steps: dict[int, dict[int, list[int]]] = {r: {} for r in range(plan.world)}
+    skipped, step, per_epoch = 0, 0, []
+    for e in range(epochs):
+        seqs = [[sample_hash(ids[x]) for x in plan.rank_rows(e, r)] for r in range(plan.world)]
+        goods = [[s for s in q if s not in bad] for q in seqs]
+        k = min(min(S, len(g) // per_rank) for g in goods)
+        for r in range(plan.world):
+            for i in range(k):
+                steps[r][step + i + 1] = goods[r][i * per_rank:(i + 1) * per_rank]
+            if k < S and len(goods[r]) // per_rank == k:  # this rank ran short: it passed its whole part
+                skipped += len(seqs[r]) - len(goods[r])
+            elif k:
+                last = seqs[r].index(goods[r][k * per_rank - 1])
+                skipped += last + 1 - k * per_rank
+        step += k
+        per_epoch.append(k)
+    return steps, skipped, per_epoch
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_two_workers_corrupt_rows_complete_epochs_and_killed_worker_or_driver_resume_exactly(
+        ray_local, digits_corpus, run_root, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from medvl.track import runs
+    from medvl.train.launcher import run_training
+    scratch = tmp_path / "scratch"
+    corpus = tmp_path / "corrupt"
+    bad_ids = _corrupt_copy(digits_corpus, corpus, every=24)
+    bad = {sample_hash(s) for s in bad_ids}
+    ids = {k: v[0] for k, v in _labels_by_row(str(corpus)).items()}
+
+    # (1) uninterrupted, 2 workers: ~30 corrupt rows per rank and epoch, 14 rows of reserve each
+    monkeypatch.setenv(AUDIT, str(tmp_path / "audit-ref"))
+    ref = _recipe(str(corpus), "corrupt2-ref", scratch, train__keep_checkpoints=50)  # keep every checkpoint
+    assert len(bad_ids) > 1437 % 64
+    job, m = run_training(ref)
+    plan = job.plan
+    want, want_skipped, per_epoch = _simulate(plan, ids, bad, 2, 32)
+    assert all(k < 22 for k in per_epoch)  # the ranks ran out of rows: the epochs ended early ...
+    assert m["step"] == sum(per_epoch) and m["epoch"] == 2  # ... and the run reports the steps it took
+    got = _audit(tmp_path / "audit-ref")
+    assert {r: {s: rec["sids"] for s, rec in got[r].items()} for r in got} == want
+    client = MlflowClient(runs.tracking_uri(ref))
+    run = client.get_run(job.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    ends = [per_epoch[0], sum(per_epoch)]
+    assert [x.step for x in _metric(ref, job.mlflow_run_id, "val/zero_shot_accuracy")] == ends  # eval each epoch
+    regs = {r.name for r in ck.registered_checkpoints(Path(run_root) / "ray" / "corrupt2-ref")}
+    assert {f"checkpoint_step={s:07d}" for s in ends} <= regs  # and a checkpoint each epoch
+    assert _metric(ref, job.mlflow_run_id, "train/skipped_samples")[-1].value == want_skipped
+    # train/loss is the mean over ranks (and steps since the last log) of the ranks' local losses
+    prev = 0
+    for pt in _metric(ref, job.mlflow_run_id, "train/loss"):
+        window = [got[r][s]["loss"] for r in got for s in range(prev + 1, pt.step + 1)]
+        assert pt.value == pytest.approx(sum(window) / len(window), rel=1e-5), pt.step
+        prev = pt.step
+    assert prev == m["step"]
+    _no_scratch_left(scratch, "corrupt2-ref")
+
+    # (2) rank 1's worker SIGKILLed mid-epoch: the group restarts from the last checkpoint, exactly
+    monkeypatch.setenv(AUDIT, str(tmp_path / "audit-kill"))
+    rk = _recipe(str(corpus), "corrupt2-kill", scratch)
+    out: dict = {}
+    th = _train_in_thread(rk, out)
+    _kill_worker_when(tmp_path / "audit-kill", 1, 8, Path(run_root) / "ray" / "corrupt2-kill", out)
+    th.join(900)
+    assert "error" not in out, out.get("error")
+    assert out["metrics"]["step"] == m["step"]
+    assert len(_attempts(tmp_path / "audit-kill", 1)) == 2
+    _same_samples(got, _audit(tmp_path / "audit-kill"))
+    assert _metric(rk, out["job"].mlflow_run_id, "train/skipped_samples")[-1].value == want_skipped
+    assert _metric(rk, out["job"].mlflow_run_id, "train/resumed_from_step")
+    found = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                               filter_string="tags.mlflow.runName = 'corrupt2-kill'")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    _no_scratch_left(scratch, "corrupt2-kill")
+
+    # (3) the driver (`medvl train` in its own process, embedded Ray) SIGKILLed mid-run, then run again
+    rd = _recipe(str(corpus), "corrupt2-driver", scratch)
+    rfile = tmp_path / "corrupt2-driver.yaml"
+    rfile.write_text(dump_yaml(rd))
+    env = {**os.environ, AUDIT: str(tmp_path / "audit-driver"), "MEDVL_RUN_ROOT": run_root,
+           "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "medvl.cli", "train", str(rfile)]
+    log1 = open(tmp_path / "driver1.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        f = tmp_path / "audit-driver" / "rank0.jsonl"
+        from medvl.train.worker import latest_position
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None:
+            pos = latest_position(Path(run_root) / "ray" / "corrupt2-driver")
+            if f.exists() and f.read_text().count("\n") >= 8 and pos and pos["step"] >= 5:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
+    finally:
+        tree = _descendants(proc.pid)  # Ray's workers run in sessions of their own: collect them first
+        for pid in [proc.pid] + tree:  # the driver and every Ray process it started die at once
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(60)
+    steps_before = max(_audit(tmp_path / "audit-driver")[0])
+    assert steps_before < m["step"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"step {m['step']}, epoch 2" in done.stdout
+    _same_samples(got, _audit(tmp_path / "audit-driver"))
+    found = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                               filter_string="tags.mlflow.runName = 'corrupt2-driver'")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    rid = found[0].info.run_id
+    assert _metric(rd, rid, "train/resumed_from_step")[-1].value >= 5
+    assert _metric(rd, rid, "train/skipped_samples")[-1].value == want_skipped
+    _no_scratch_left(scratch, "corrupt2-driver")
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out

@@ -203,7 +203,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             prog.window, prog.offset = _split_linear(sizes, cursor)
             prog.step += 1
             prog.step_in_epoch += 1
-            audit.write(prog, meta["_sid"])
+            audit.write(prog, meta["_sid"], terms)
             now = time.perf_counter()
             for k, v in terms.items():  # detached tensors: summed without a device sync per step
                 window["terms"][k] = window["terms"].get(k, 0) + v
@@ -450,8 +450,8 @@ def _report(model, opt, sched, scaler, method, prog: Progress, losses: dict, eva
 
 class _Audit:
     """Audit mode (`MEDVL_AUDIT_SAMPLES=<dir>` on the driver): every rank appends the sample-id hashes of each
-    step it trains to `<dir>/rank<r>.jsonl` (one line per step, with this attempt's id), so tests can compare
-    the samples of an interrupted run with an uninterrupted one."""
+    step it trains, and its local loss, to `<dir>/rank<r>.jsonl` (one line per step, with this attempt's id
+    `<pid>-<ns>`), so tests can compare an interrupted run with an uninterrupted one step by step."""
 
     def __init__(self, directory: Optional[str], rank: int):
         self.f = None
@@ -460,10 +460,10 @@ class _Audit:
             self.f = open(Path(directory) / f"rank{rank}.jsonl", "a", buffering=1)
             self.attempt = f"{os.getpid()}-{time.time_ns()}"
 
-    def write(self, prog: Progress, sids: np.ndarray) -> None:
+    def write(self, prog: Progress, sids: np.ndarray, terms: dict) -> None:
         if self.f is not None:
             self.f.write(json.dumps({"attempt": self.attempt, "step": prog.step, "epoch": prog.epoch,
-                                     "sids": [int(x) for x in sids]}) + "\n")
+                                     "sids": [int(x) for x in sids], "loss": float(terms["loss"])}) + "\n")
 
 
 def latest_position(storage_dir: Path) -> Optional[dict]:
