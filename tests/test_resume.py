@@ -226,7 +226,7 @@ def test_stream_follows_the_plan_resumes_exactly_and_skips_corrupt_rows(ray_loca
     corpus = tmp_path / "c"
     bad = {sample_hash(s) for s in _corrupt_copy(digits_corpus, corpus, every=37)}
     ids = {k: v[0] for k, v in _labels_by_row(str(corpus)).items()}
-    plan = StreamPlan(read_units(str(corpus), "train"), seed=3, world=2, window_rows=50)
+    plan = StreamPlan(read_units(str(corpus), "train"), seed=3, world=2, window_rows=120)
     dec = ClipDecoder(asdict(ModelConfig(name="test-vit-micro")), train=True)
 
     def stream(rank, start):
@@ -234,10 +234,10 @@ def test_stream_follows_the_plan_resumes_exactly_and_skips_corrupt_rows(ray_loca
         return [(int(e), int(w), int(p), int(s)) for b in ds.iter_batches(batch_size=None, batch_format="numpy")
                 for e, w, p, s in zip(b["_epoch"], b["_window"], b["_pos"], b["_sid"])]
 
-    for rank in (0, 1):
-        got = stream(rank, StreamStart(0, 0, 0))
-        want = [sample_hash(ids[x]) for e in range(2) for x in plan.rank_rows(e, rank)]
-        assert [s for *_, s in got] == [s for s in want if s not in bad]
+    got = stream(0, StreamStart(0, 0, 0))
+    want = [sample_hash(ids[x]) for e in range(2) for x in plan.rank_rows(e, 0)]
+    assert [s for *_, s in got] == [s for s in want if s not in bad]
+    assert len(plan.windows(0, 0)) >= 6 and len(want) - len(got) >= 20  # many windows, many corrupt rows
     # resume in the middle of window 3 of epoch 0 (rank 1): exactly the rest, in order
     start = StreamStart(0, 3, 17)
     got = stream(1, start)
@@ -421,6 +421,19 @@ def test_one_worker_killed_resumes_exactly_and_a_corrupt_latest_checkpoint_falls
     assert all(torch.equal(w_ref[k], w_fb[k]) for k in w_ref)
     assert run.info.status == "FINISHED" and "val/zero_shot_accuracy" in run.data.metrics
     _no_scratch_left(scratch, "exact1-kill")
+
+    # (4) the same command once more: nothing left to train, the same MLflow run (never a duplicate), and
+    # `medvl eval` takes the newest checkpoint that verifies and logs into that run
+    job4, m4 = run_training(rk)
+    assert job4.mlflow_run_id == job3.mlflow_run_id and m4["step"] == 44
+    capsys.readouterr()
+    assert eval_main([str(rfile)]) == 0
+    assert "checkpoint checkpoint_step=0000044.1 (step 44)" in capsys.readouterr().out
+    assert client.get_metric_history(job3.mlflow_run_id, "eval/zero_shot_accuracy")[-1].step == 44
+    found = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                               filter_string="tags.mlflow.runName = 'exact1-kill'")
+    assert len(found) == 1 and found[0].info.status == "FINISHED"
+    assert "plots/loss_curve.png" in {a.path for a in client.list_artifacts(job3.mlflow_run_id, "plots")}
 
 
 def _simulate(plan: StreamPlan, ids: dict, bad: set[int], epochs: int, per_rank: int) -> tuple[dict, int, list]:

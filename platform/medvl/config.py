@@ -46,6 +46,10 @@ class DataConfig:
     each window is permuted, seeded by (seed, epoch, rank, window), so the order is reproducible and a resumed run
     continues at exactly the next unseen row (0 = no shuffle inside windows; windows of `max_unit_rows`). The
     decode task of a window holds its rows' encoded bytes (not pixels)."""
+    shuffle_buffer_mb: float = 256
+    """Memory bound of a shuffle window: it ends early once its rows hold this many MB of encoded data (by the
+    Parquet row-group sizes), so a corpus of large images shuffles in smaller windows instead of a decode task
+    holding gigabytes."""
     shuffle_files: bool = True
     """Shuffle the order of the read units (Parquet row groups of the shards) every epoch (seeded by seed, epoch)."""
     max_unit_rows: int = 1024
@@ -280,6 +284,7 @@ class Recipe:
             (self.train.max_steps is None or self.train.max_steps > 0, "train.max_steps must be > 0"),
             (self.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0"),
             (self.data.max_unit_rows >= 1, "data.max_unit_rows must be >= 1"),
+            (self.data.shuffle_buffer_mb > 0, "data.shuffle_buffer_mb must be > 0"),
             (self.eval.max_memory_mb > 0, "eval.max_memory_mb must be > 0"),
         ]
         for ok, msg in checks:

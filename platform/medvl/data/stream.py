@@ -80,11 +80,13 @@ def skip_counter(name: str, namespace: Optional[str] = None):
 
 @dataclass(frozen=True)
 class ReadUnit:
-    """Rows [start, stop) of row group `row_group` of one shard."""
+    """Rows [start, stop) of row group `row_group` of one shard; `row_bytes` is the row group's bytes per row
+    (Parquet metadata: what a window of its rows holds in memory)."""
     path: str
     row_group: int
     start: int
     stop: int
+    row_bytes: int = 0
 
     @property
     def rows(self) -> int:
@@ -106,8 +108,9 @@ def read_units(corpus: str, split: str, max_unit_rows: int = 1024) -> list[ReadU
         for g in range(md.num_row_groups):
             n = md.row_group(g).num_rows
             total += n
+            per_row = -(-md.row_group(g).total_byte_size // max(1, n))
             for a in range(0, n, max(1, max_unit_rows)):
-                units.append(ReadUnit(p, g, a, min(n, a + max_unit_rows)))
+                units.append(ReadUnit(p, g, a, min(n, a + max_unit_rows), per_row))
         if p in listed and listed[p] != total:
             raise CorpusError(f"{p}: the shard has {total} rows but {manifest_path(corpus)} lists {listed[p]}")
     return units
@@ -130,6 +133,9 @@ class StreamPlan:
     window_rows: int
     shuffle_units: bool = True
     shuffle_rows: bool = True
+    window_bytes: int = 256 * 2**20
+    """A window also ends once its rows hold this many bytes (by the row groups' metadata), so large images
+    give smaller windows instead of a decode task holding gigabytes."""
 
     @property
     def rows(self) -> int:
@@ -152,19 +158,21 @@ class StreamPlan:
         lo, hi = rank * part, (rank + 1) * part
         out: list[Window] = []
         cur: list[tuple[int, int, int]] = []
-        cur_rows = 0
+        cur_rows = cur_bytes = 0
         at = 0  # global row offset of the current unit in this epoch's sequence
         for ui in self.unit_order(epoch):
             u = self.units[int(ui)]
             a, b = max(lo, at), min(hi, at + u.rows)
-            while a < b:  # cut this unit's share of the part at window boundaries
-                take = min(b - a, self.window_rows - cur_rows)
+            while a < b:  # cut this unit's share of the part at window boundaries (rows or bytes)
+                fit = -(-(self.window_bytes - cur_bytes) // u.row_bytes) if u.row_bytes else b - a
+                take = max(1, min(b - a, self.window_rows - cur_rows, fit))
                 cur.append((int(ui), u.start + a - at, u.start + a - at + take))
                 cur_rows += take
+                cur_bytes += take * u.row_bytes
                 a += take
-                if cur_rows == self.window_rows:
+                if cur_rows >= self.window_rows or cur_bytes >= self.window_bytes:
                     out.append(Window(len(out), cur, cur_rows))
-                    cur, cur_rows = [], 0
+                    cur, cur_rows, cur_bytes = [], 0, 0
             at += u.rows
             if at >= hi:
                 break
@@ -187,14 +195,15 @@ class StreamPlan:
         return out
 
     def to_dict(self) -> dict:
-        return {"units": [[u.path, u.row_group, u.start, u.stop] for u in self.units], "seed": self.seed,
-                "world": self.world, "window_rows": self.window_rows, "shuffle_units": self.shuffle_units,
-                "shuffle_rows": self.shuffle_rows}
+        return {"units": [[u.path, u.row_group, u.start, u.stop, u.row_bytes] for u in self.units],
+                "seed": self.seed, "world": self.world, "window_rows": self.window_rows,
+                "shuffle_units": self.shuffle_units, "shuffle_rows": self.shuffle_rows,
+                "window_bytes": self.window_bytes}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StreamPlan":
         return cls([ReadUnit(*u) for u in d["units"]], d["seed"], d["world"], d["window_rows"],
-                   d["shuffle_units"], d["shuffle_rows"])
+                   d["shuffle_units"], d["shuffle_rows"], d["window_bytes"])
 
     def fingerprint(self) -> str:
         """Identifies the data order (units, seed, world, windows): a checkpoint's positions are exact only
@@ -209,7 +218,8 @@ def plan_for(data: DataConfig, seed: int, world: int, train: bool = True) -> Str
     if not units:
         raise CorpusError(f"{manifest_path(data.corpus)}: split {data.train_split!r} has no rows")
     return StreamPlan(units, seed, world, data.shuffle_buffer or data.max_unit_rows,
-                      shuffle_units=train and data.shuffle_files, shuffle_rows=train and data.shuffle_buffer > 0)
+                      shuffle_units=train and data.shuffle_files, shuffle_rows=train and data.shuffle_buffer > 0,
+                      window_bytes=int(data.shuffle_buffer_mb * 2**20))
 
 
 # --------------------------------------------------------------------------- the decode tasks
@@ -386,7 +396,8 @@ def build_dataset(data: DataConfig, decoder: RowDecoder, split: str, *, train: b
     `rank_stream` directly."""
     units = read_units(data.corpus, split, data.max_unit_rows)
     plan = StreamPlan(units, seed, 1, data.shuffle_buffer or data.max_unit_rows,
-                      shuffle_units=train and data.shuffle_files, shuffle_rows=train and data.shuffle_buffer > 0)
+                      shuffle_units=train and data.shuffle_files, shuffle_rows=train and data.shuffle_buffer > 0,
+                      window_bytes=int(data.shuffle_buffer_mb * 2**20))
     return rank_stream(plan, decoder, rank=0, start=StreamStart(epochs.start, 0, 0), epochs=epochs.stop,
                        decode_tasks=data.decode_tasks, decode_batch_size=data.decode_batch_size,
                        counter=(counter_name, namespace) if counter_name else None)

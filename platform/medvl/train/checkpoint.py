@@ -87,7 +87,8 @@ def verify_checkpoint(directory: str | Path) -> dict:
     d = Path(directory)
     mf = d / MANIFEST_FILE
     if not mf.is_file():
-        raise CheckpointError(f"{d}: incomplete checkpoint (no {MANIFEST_FILE}; it was not written to the end)")
+        raise CheckpointError(f"{d}: incomplete checkpoint (no {MANIFEST_FILE}: it was not written to the end, or "
+                              f"by a medvl from before checksummed checkpoints)")
     try:
         manifest = json.loads(mf.read_text())
         files = manifest["files"]
@@ -142,9 +143,10 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["gauss"]))
     p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].cpu().tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 

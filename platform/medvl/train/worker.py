@@ -132,7 +132,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     # [3] the latest registered checkpoint after a restart / re-run (verified; a corrupt one falls back)
     prog, resumed = Progress(), False
-    state = _restore(ray.train.get_checkpoint(), storage, coll, rank, device, logger)
+    state = _restore(ray.train.get_checkpoint(), storage, coll, rank, logger)
     if state is not None:
         resumed = True
         model.load_state_dict(state["model"])
@@ -212,6 +212,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             window["time"] += now - t_last
             t_last = now
             if prog.step % t.log_every == 0:
+                if evaluator is not None:
+                    evaluator.check()
                 last_loss = _log_window(window, prog, steps_per_epoch, coll, logger, opt, method, model, recipe)
                 window = _new_window()
             if prog.step_in_epoch == steps_per_epoch:
@@ -264,6 +266,11 @@ class _Background:
 
     def get(self):
         return self._fut.result()
+
+    def check(self) -> None:
+        """Raise now if building it failed (not only at the end of the first epoch)."""
+        if self._fut.done() and self._fut.exception() is not None:
+            raise self._fut.exception()
 
 
 def _evaluate(evaluator: Optional[_Background], model, device, logger, prog: Progress, last: dict) -> dict:
@@ -387,7 +394,7 @@ class _Storage:
         return ray.train.Checkpoint(path=self.path(name), filesystem=self.fs)
 
 
-def _restore(latest, storage: _Storage, coll: _Dist, rank: int, device, logger) -> Optional[dict]:
+def _restore(latest, storage: _Storage, coll: _Dist, rank: int, logger) -> Optional[dict]:
     """Load the checkpoint to resume from: Ray's latest if it verifies, else the newest registered checkpoint that
     does (rank 0 decides, every rank loads the same one)."""
     choice = None
@@ -413,8 +420,8 @@ def _restore(latest, storage: _Storage, coll: _Dist, rank: int, device, logger) 
     if choice is None:
         return None
     ckpt = latest if latest is not None and Path(latest.path).name == choice else storage.checkpoint(choice)
-    with ckpt.as_directory() as local:
-        return ck.load_checkpoint(local, map_location=device)
+    with ckpt.as_directory() as local:  # on the CPU: load_state_dict copies to the parameters' device
+        return ck.load_checkpoint(local, map_location="cpu")
 
 
 def _report(model, opt, sched, scaler, method, prog: Progress, losses: dict, eval_metrics: dict, coll: _Dist,
