@@ -81,6 +81,30 @@ def test_ingest_and_plan_mix_classes_in_every_batch(digits_corpus):
         assert len(classes) >= 8, (k, classes)
 
 
+def test_batches_never_straddle_epochs_and_short_epochs_say_so():
+    from medvl.data.stream import BatchPrefetcher, EpochBatcher
+
+    def blocks():  # epoch 1's second window lost most rows to corrupt images
+        for e in range(3):
+            for w in range(2):
+                n = 3 if (e, w) == (1, 1) else 10
+                yield {"_epoch": np.full(n, e), "_window": np.full(n, w), "_pos": np.arange(n),
+                       "_sid": np.arange(n) + 100 * e, "x": np.arange(n)}
+
+    b = BatchPrefetcher(EpochBatcher(blocks(), 4), range(3), depth=2)
+    seen = []
+    for e in range(3):
+        while (x := b.next_batch(e)) is not None:
+            assert set(x["_epoch"]) == {e}
+            seen.append((e, len(x["x"])))
+            if e == 0 and len(seen) == 2:
+                break  # epoch 0's planned steps are done: its last full batch must not leak into epoch 1
+        if e == 1:
+            assert b.short_rows == 1  # 13 rows: 3 full batches and one dropped row
+    assert seen == [(0, 4), (0, 4), (1, 4), (1, 4), (1, 4), (2, 4), (2, 4), (2, 4), (2, 4), (2, 4)]
+    assert b.next_batch(3) is None
+
+
 # --------------------------------------------------------------------------- checkpoints (no Ray)
 
 
@@ -519,7 +543,11 @@ def test_two_workers_corrupt_rows_complete_epochs_and_killed_worker_or_driver_re
     assert len(found) == 1 and found[0].info.status == "FINISHED"
     _no_scratch_left(scratch, "corrupt2-kill")
 
-    # (3) the driver (`medvl train` in its own process, embedded Ray) SIGKILLed mid-run, then run again
+    # (3) the driver (`medvl train` in its own process, embedded Ray) SIGKILLed mid-run, then run again. This
+    # module's cluster is not needed any more: stop it, so that on a 2-core machine the driver's own Ray starts
+    # next to nothing else of ours.
+    import ray
+    ray.shutdown()
     rd = _recipe(str(corpus), "corrupt2-driver", scratch)
     rfile = tmp_path / "corrupt2-driver.yaml"
     rfile.write_text(dump_yaml(rd))
@@ -576,3 +604,4 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         frontier += kids
     return out
+

@@ -172,6 +172,10 @@ def test_epoch_report_callback_forwards_one_result_per_epoch(monkeypatch):
               {"step": 66, "epoch": 3, "val/zero_shot_accuracy": 0.5}]:                     # final: held back
         cb.after_report(None, [m], None)
     assert [m["epoch"] for m in sent] == [1, 2]
+    # corrupt rows ended epochs early: the final report comes before the planned step, flagged `final`
+    cb.last_epoch = 2
+    cb.after_report(None, [{"step": 63, "epoch": 3, "val/zero_shot_accuracy": 0.5, "final": 1}], None)
+    assert [m["epoch"] for m in sent] == [1, 2]
 
 
 # --------------------------------------------------------------------------- slow: real sweeps on local Ray

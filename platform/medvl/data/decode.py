@@ -11,8 +11,8 @@ A method reads corpus rows through a `RowDecoder`:
   so a row decodes identically in any process, in any order, after any restart;
 * images travel as uint8 CHW (a quarter of float32's bytes through the object store) and are normalised on the
   training worker (`normalize_images`, on the GPU when there is one);
-* a row that fails to decode raises; `decode_rows` drops it, counts it (`SkipCounter`) and goes on: a corrupt
-  sample never kills an epoch.
+* a row that fails to decode raises; `decode_rows` drops it, reports it (`on_skip`, a log line) and goes on: a
+  corrupt sample never kills an epoch (the trainer counts it, exactly, from the stream positions it passes).
 """
 from __future__ import annotations
 

@@ -385,6 +385,66 @@ class EpochBatcher:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+class BatchPrefetcher:
+    """`EpochBatcher` in a background thread: forms (and `convert`s: to torch, pinned memory) up to `depth`
+    batches ahead of training, epoch by epoch, so batch assembly and copies overlap the training step.
+
+    `next_batch(epoch)` has `EpochBatcher`'s meaning: the next full batch of that epoch, or None when its rows ran
+    out (then `short_rows` is the size of the dropped partial batch). Batches of an epoch the caller has left
+    (its planned steps were done before the rows ran out) are discarded."""
+
+    def __init__(self, batcher: EpochBatcher, epochs: range, convert=lambda b: b, depth: int = 2):
+        import queue
+        import threading
+        self.short_rows = 0
+        self._eof = False
+        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+
+        def produce():
+            try:
+                for e in epochs:
+                    while not self._stop.is_set():
+                        b = batcher.next_batch(e)
+                        if b is None:
+                            self._put(("end", e, batcher.short_rows))
+                            break
+                        self._put(("batch", e, convert(b)))
+                self._put(("eof", epochs.stop, None))
+            except BaseException as err:  # noqa: BLE001 - re-raised in the training thread
+                self._put(("error", -1, err))
+
+        self._thread = threading.Thread(target=produce, name="medvl-batches", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> None:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def next_batch(self, epoch: int):
+        while not self._eof:
+            kind, e, payload = self._q.get()
+            if kind == "error":
+                raise payload
+            self._eof = kind == "eof"
+            if kind == "eof" or (kind == "end" and e >= epoch):
+                self.short_rows = payload if kind == "end" else 0
+                return None
+            if e < epoch:
+                continue
+            return payload
+        self.short_rows = 0
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+
+
 # --------------------------------------------------------------------------- simple whole-split streaming
 
 

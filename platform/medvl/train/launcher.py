@@ -1,8 +1,13 @@
-"""Driver side of a training job: Ray, the MLflow run, the streaming dataset, the TorchTrainer, and what
-happens after `fit()` (loss-curve plot, final model).
+"""Driver side of a training job: Ray, the MLflow run, the data plan, the TorchTrainer, and what happens after
+`fit()` (loss-curve plot, final model).
 
 Re-running the same recipe with the same run name resumes: Ray Train V2 restores the run's checkpoint state
-from `<run_root>/ray/<run name>/`, and the job reuses its MLflow run (id kept in `<run_root>/jobs/<name>/`).
+from `<run_root>/ray/<run name>/`, the job reuses its MLflow run (id kept in `<run_root>/jobs/<name>/`), and the
+workers continue at the exact data position of the checkpoint (`medvl.train.worker`). A recipe that differs from
+the one the run started with (`<run_root>/jobs/<name>/recipe.yaml`) is refused unless
+`runtime.allow_recipe_change` (`medvl train --allow-recipe-change`); the change is then logged in the run.
+The data plan (`medvl.data.stream.StreamPlan`: the split's Parquet row groups, read from the shard footers here
+once) travels to the workers in the loop config; each rank streams its own part of it (no `datasets=`).
 """
 from __future__ import annotations
 

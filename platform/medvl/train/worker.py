@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from medvl.config import recipe_from_dict
-from medvl.data.stream import EpochBatcher, StreamPlan, StreamStart, meta_and_batch, rank_stream
+from medvl.data.stream import BatchPrefetcher, EpochBatcher, StreamPlan, StreamStart, meta_and_batch, \
+    rank_stream
 from medvl.losses import Dist
 from medvl.methods import resolve_method
 from medvl.models.factory import unwrap
@@ -100,6 +101,7 @@ class _Dist:
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
+    import ray.data
     import ray.train
     import ray.train.torch
 
@@ -173,11 +175,23 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         return
 
     # [5] this rank's own stream: its plan from its position on, decoded in Ray Data tasks, order preserved
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = data_ctx.print_on_execution_start = False
     stream = rank_stream(plan, method.decoder(train=True), rank=rank,
                          start=StreamStart(prog.epoch, prog.window, prog.offset), epochs=t.epochs,
                          decode_tasks=-(-d.decode_tasks // world), decode_batch_size=d.decode_batch_size)
     blocks = stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=d.prefetch_batches)
-    batcher = EpochBatcher(iter(blocks), per_rank)
+    pin = device.type == "cuda"
+
+    def to_torch(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        meta, arrays = meta_and_batch(batch)
+        # blocks may be read-only views of the object store: copy those, methods may edit a batch in place
+        out = {k: torch.as_tensor(v if v.flags.writeable else np.array(v), dtype=dtypes.get(k)) for k, v in
+               arrays.items()}
+        return meta, ({k: v.pin_memory() for k, v in out.items()} if pin else out)
+
+    batcher = BatchPrefetcher(EpochBatcher(iter(blocks), per_rank), range(prog.epoch, t.epochs), to_torch,
+                              depth=max(1, d.prefetch_batches))
     sizes = _window_sizes(plan, prog.epoch, rank)
     cursor = _linear(sizes, prog.window, prog.offset)  # next unseen row of this rank's part, as a row index
 
@@ -191,11 +205,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         go = coll.all_have(batch is not None) if prog.step_in_epoch < steps_per_epoch else False
         if go:
             wait = time.perf_counter() - t0
-            meta, arrays = meta_and_batch(batch)
-            # blocks may be read-only views of the object store: copy those, methods may edit a batch in place
-            tensors = {k: torch.as_tensor(v if v.flags.writeable else np.array(v), dtype=dtypes.get(k))
-                       .to(device, non_blocking=True) for k, v in arrays.items()}
-            tensors = method.prepare_batch(tensors, device)
+            meta, tensors = batch
+            tensors = method.prepare_batch({k: v.to(device, non_blocking=True) for k, v in tensors.items()},
+                                           device)
             terms = train_step(method, model, tensors, opt, sched, s, scaler)
             lin = _linear(sizes, int(meta["_window"][-1]), int(meta["_pos"][-1]) + 1)
             prog.skipped += (lin - cursor) - len(meta["_pos"])  # rows passed over but not delivered
@@ -249,6 +261,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger, recipe,
                 plan, storage, done=finished())
         t_last = time.perf_counter()
+    batcher.close()
     logger.flush()
 
 
