@@ -207,9 +207,13 @@ class StreamPlan:
 
     def fingerprint(self) -> str:
         """Identifies the data order (units, seed, world, windows): a checkpoint's positions are exact only
-        under the plan they were taken with."""
+        under the plan they were taken with. Shards count by file name, so a corpus moved elsewhere (another
+        mount point on a cluster) keeps its positions."""
         import hashlib
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        import os
+        d = self.to_dict()
+        d["units"] = [[os.path.basename(u[0])] + u[1:] for u in d["units"]]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def plan_for(data: DataConfig, seed: int, world: int, train: bool = True) -> StreamPlan:

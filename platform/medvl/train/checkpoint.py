@@ -250,17 +250,23 @@ def scratch_root(scratch_dir: Optional[str]) -> Path:
     return root
 
 
-def new_scratch_dir(scratch_dir: Optional[str], run_name: str) -> Path:
-    """A fresh directory for one checkpoint of `run_name` (deleted once Ray Train has persisted it)."""
-    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{_safe(run_name)}-", dir=scratch_root(scratch_dir)))
+def scratch_prefix(run_name: str, storage: str) -> str:
+    """`medvl-ckpt-<run name>-<hash of the run's storage>-`: two runs with the same name in different run roots
+    (two users of one machine) never touch each other's scratch checkpoints."""
+    return f"{SCRATCH_PREFIX}{_safe(run_name)}-{hashlib.sha256(str(storage).encode()).hexdigest()[:8]}-"
 
 
-def clean_scratch(scratch_dir: Optional[str], run_name: str) -> int:
+def new_scratch_dir(scratch_dir: Optional[str], run_name: str, storage: str = "") -> Path:
+    """A fresh directory for one checkpoint of the run (deleted once Ray Train has persisted it)."""
+    return Path(tempfile.mkdtemp(prefix=scratch_prefix(run_name, storage), dir=scratch_root(scratch_dir)))
+
+
+def clean_scratch(scratch_dir: Optional[str], run_name: str, storage: str = "") -> int:
     """Remove this run's scratch checkpoints left on this node by a process that was killed while writing
     or persisting one; returns how many."""
     root = scratch_root(scratch_dir)
     n = 0
-    for d in root.glob(f"{SCRATCH_PREFIX}{_safe(run_name)}-*"):
+    for d in root.glob(f"{scratch_prefix(run_name, storage)}*"):
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
             n += 1

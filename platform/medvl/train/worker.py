@@ -130,7 +130,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0)
     storage = _Storage(config.get("storage_dir"))
     if rank == 0:
-        ck.clean_scratch(recipe.runtime.scratch_dir, recipe.run_name)
+        ck.clean_scratch(recipe.runtime.scratch_dir, recipe.run_name, config.get("storage_dir") or "")
 
     # [3] the latest registered checkpoint after a restart / re-run (verified; a corrupt one falls back)
     prog, resumed = Progress(), False
@@ -373,6 +373,7 @@ class _Storage:
     """The run's checkpoint storage as Ray Train sees it (local path or a pyarrow filesystem)."""
 
     def __init__(self, local_dir: Optional[str]):
+        self.key = local_dir or ""  # identifies the run's storage (scratch directory names)
         self.fs = self.root = None
         try:
             import ray.train
@@ -457,7 +458,7 @@ def _report(model, opt, sched, scaler, method, prog: Progress, losses: dict, eva
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "scaler": scaler.state_dict() if scaler else None, "method": method.state_dict(),
                  "method_name": method.describe(), "rng": [g["rng"] for g in gathered], **position}
-        scratch = ck.new_scratch_dir(recipe.runtime.scratch_dir, recipe.run_name)
+        scratch = ck.new_scratch_dir(recipe.runtime.scratch_dir, recipe.run_name, storage.key)
         ck.write_checkpoint(scratch, state, position)
         name = ck.checkpoint_dir_name(prog.step, storage.exists)
     try:
