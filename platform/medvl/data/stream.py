@@ -61,14 +61,14 @@ def read_and_decode(items: dict[str, np.ndarray], *, decoder: RowDecoder, read_r
     the method decoder's batches (rows that fail to decode are dropped and counted)."""
     import pyarrow.parquet as pq
 
-    from medvl.data.corpus import check_shard_schema, open_file
+    from medvl.data.corpus import check_shard_schema, iter_shard_batches, open_file
     counter = [None]
 
-    def on_skip(bad):
+    def on_skip(bad, n=None):
         if counter_name:
             if counter[0] is None:
                 counter[0] = ray.get_actor(counter_name, namespace=namespace)
-            counter[0].add.remote(len(bad), bad)
+            counter[0].add.remote(len(bad) if n is None else n, bad)
 
     for path, epoch in zip(items["path"], items["epoch"]):
         path = str(path)
@@ -76,7 +76,11 @@ def read_and_decode(items: dict[str, np.ndarray], *, decoder: RowDecoder, read_r
         with open_file(path) as f:
             pf = pq.ParquetFile(f)
             cols = [c for c in decoder.columns if c in pf.schema_arrow.names]
-            for rb in pf.iter_batches(batch_size=read_rows, columns=cols):
+            def bad_group(rows: int, why: str, path=path) -> None:  # a corrupt row group: skipped and counted
+                log.warning("skipped %s", why)
+                on_skip([(f"{path}#row-group", why)], rows)
+
+            for rb in iter_shard_batches(pf, path, cols, read_rows, bad_group):
                 batch = {c: np.asarray(rb.column(c).to_pylist(), dtype=object) for c in cols}
                 out = decode_rows(decoder, batch, seed=seed, epoch=int(epoch), on_skip=on_skip)
                 if out is not None:

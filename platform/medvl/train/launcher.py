@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from medvl.config import Recipe, dump_yaml, to_dict
+from medvl.config import Recipe, to_dict
 from medvl.data.corpus import load_manifest
 from medvl.track import runs
 
@@ -27,7 +27,8 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
     import ray
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from medvl.redact import default_ray_auth_mode
+    os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_TOKEN(_PATH) is set
     addr = (recipe.runtime.ray_address if recipe else None) or os.environ.get("RAY_ADDRESS")
     if addr:
         ray.init(address=addr, logging_level=logging.WARNING)
@@ -69,10 +70,14 @@ def prepare_job(recipe: Recipe, parent_run_id: Optional[str] = None, tags: Optio
     root = runs.run_root(recipe)
     run_dir = root / "jobs" / recipe.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))  # the fully resolved config, with every run
+    (run_dir / "recipe.yaml").write_text(runs.safe_yaml(recipe))  # the fully resolved config, with every run
     manifest = load_manifest(recipe.data.corpus)
     rows = manifest.rows(recipe.data.train_split)
     steps_per_epoch = rows // recipe.data.batch_size
+    if rows == 0:  # [faults] an empty corpus is an error before anything starts
+        from medvl.data.corpus import CorpusError
+        raise CorpusError(f"{recipe.data.corpus}: split {recipe.data.train_split!r} has no rows (an empty corpus; "
+                          f"see its rejects.jsonl for what ingest refused)")
     if steps_per_epoch < 1:
         from medvl.config import ConfigError
         raise ConfigError(f"data.batch_size ({recipe.data.batch_size}) is larger than the "
@@ -81,7 +86,12 @@ def prepare_job(recipe: Recipe, parent_run_id: Optional[str] = None, tags: Optio
     if recipe.train.max_steps:
         total = min(total, recipe.train.max_steps)
     uri = runs.tracking_uri(recipe)
+    runs.wait_for_tracking(uri, recipe.track.outage_wait_s, "to start the run")  # [faults] a clear error, not a hang
     run_id = runs.start_or_resume_run(recipe, run_dir, parent_run_id, tags)
+    try:  # [faults] metrics an earlier attempt (killed driver, outage) left in the run's journal
+        runs.sync_journal(run_dir, uri)
+    except runs.TrackingUnavailable as e:
+        log.warning("%s", e)
     try:
         runs.log_dataset(run_id, uri, recipe.data.corpus, recipe.data.train_split, "training")
     except Exception as e:  # noqa: BLE001 - lineage is best effort, the manifest artifact is the fallback
@@ -98,7 +108,7 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
     from medvl.train.worker import train_fn_per_worker
 
     r = job.recipe
-    counter_name = f"medvl-skips-{job.mlflow_run_id}"
+    counter_name = f"medvl-skips-{job.mlflow_run_id}"  # released by train.faults.release_skip_counter
     skip_counter(counter_name, namespace="medvl")
     storage_dir = job.storage_path / r.run_name
     factory = TrainStreamFactory(to_dict(r), str(storage_dir), counter_name, namespace="medvl")
@@ -108,7 +118,8 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
         train_loop_config={"recipe": to_dict(r), "mlflow_uri": job.tracking_uri,
                            "mlflow_run_id": job.mlflow_run_id, "counter_name": counter_name,
                            "counter_namespace": "medvl", "steps_per_epoch": job.steps_per_epoch,
-                           "total_steps": job.total_steps},
+                           "total_steps": job.total_steps,
+                           "metrics_journal": str(runs.journal_path(job.run_dir))},
         scaling_config=ray.train.ScalingConfig(num_workers=r.train.num_workers, use_gpu=r.train.use_gpu,
                                                resources_per_worker={"CPU": r.train.cpus_per_worker}),
         datasets={"train": factory},
@@ -121,8 +132,27 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
 
 
 def finalize(job: Job, result, status: str = "FINISHED") -> dict[str, Any]:
-    """Plot the curves, log the final model, close the MLflow run; return the final metrics."""
+    """Plot the curves, log the final model, close the MLflow run; return the final metrics.
+
+    [faults] A run the workers stopped (non-finite losses) raises `TrainingAborted`. When MLflow is unreachable
+    for `track.outage_wait_s`, the training is kept and `medvl sync-metrics` finishes the run later."""
+    from medvl.train import faults
+    faults.raise_if_aborted(job, result)
     metrics = dict(result.metrics or {}) if result is not None else {}
+    summary = {k: v for k, v in metrics.items() if k in ("step", "epoch", "val/zero_shot_accuracy")}
+    try:
+        wait = job.recipe.track.outage_wait_s
+        runs.wait_for_tracking(job.tracking_uri, wait, "to finalize the run")
+        runs.sync_journal(job.run_dir, job.tracking_uri, wait)
+        _finalize_in_mlflow(job, result, status, summary)
+    except Exception as e:  # noqa: BLE001
+        if runs._probe(job.tracking_uri) is None and not isinstance(e, runs.TrackingUnavailable):
+            raise  # MLflow answers: a real error
+        faults.defer_finalize(job, result, status, summary, e)
+    return metrics
+
+
+def _finalize_in_mlflow(job: Job, result, status: str, summary: dict) -> None:
     with tempfile.TemporaryDirectory() as d:
         plot = runs.plot_loss_curve(job.tracking_uri, job.mlflow_run_id, Path(d) / "loss_curve.png")
         if plot:
@@ -130,9 +160,7 @@ def finalize(job: Job, result, status: str = "FINISHED") -> dict[str, Any]:
     ckpt = getattr(result, "checkpoint", None)
     if job.recipe.track.log_model and ckpt is not None:
         log_final_model(job, ckpt)
-    summary = {k: v for k, v in metrics.items() if k in ("step", "epoch", "val/zero_shot_accuracy")}
     runs.finish_run(job.tracking_uri, job.mlflow_run_id, status, summary)
-    return metrics
 
 
 class TrainStreamFactory:
@@ -181,15 +209,24 @@ def log_final_model(job: Job, ckpt) -> None:
 def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
                  tags: Optional[dict] = None) -> tuple[Job, dict[str, Any]]:
     """Run one training job end to end (used by `medvl train` and by each sweep trial)."""
+    from medvl.train import faults
     ensure_ray(recipe)
+    faults.check_cluster_fits(recipe)  # [faults] more workers than an embedded Ray has: fail now, not hang
     job = prepare_job(recipe, parent_run_id, tags)
     trainer = build_trainer(job, callbacks)
     try:
-        result = trainer.fit()
-    except BaseException:
-        runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED")
-        raise
-    return job, finalize(job, result)
+        try:
+            result = trainer.fit()
+        except BaseException as e:
+            try:
+                runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED",
+                                {"end_reason": f"{type(e).__name__}: {e}"})
+            except Exception as e2:  # noqa: BLE001 - MLflow down too: keep the original error
+                log.warning("could not mark MLflow run %s failed: %s", job.mlflow_run_id, e2)
+            raise
+        return job, finalize(job, result)
+    finally:  # [faults] the detached skip counter of this run (sweeps release theirs per trial)
+        faults.release_skip_counter(job.mlflow_run_id, job.tracking_uri)
 
 
 def expected_steps(recipe: Recipe) -> int:

@@ -18,6 +18,7 @@ from medvl.losses import Dist
 from medvl.methods import resolve_method
 from medvl.models.factory import unwrap
 from medvl.track.runs import RankZeroLogger
+from medvl.train.faults import ABORT_KEY, NonFiniteGuard
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
 
@@ -55,7 +56,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     total_steps = config["total_steps"]
     sched = build_scheduler(opt, recipe.optim, total_steps)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and t.precision == "fp16" else None
-    pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "nonfinite_steps": 0}
 
     ckpt = ray.train.get_checkpoint()  # [3] latest reported checkpoint after a restart / re-run
     if ckpt is not None:
@@ -67,7 +68,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         method.load_state_dict(state.get("method") or {})
-        pos = {k: state[k] for k in pos}
+        pos = {k: state.get(k, v) for k, v in pos.items()}
     resumed_from = pos["step"]
     if rank == 0:
         print(f"medvl: {'resuming from checkpoint at step ' + str(resumed_from) if ckpt else 'starting fresh'} "
@@ -75,7 +76,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model)  # [4] DDP (gloo on CPU, nccl on GPU); no-op for 1 worker
     s = StepSettings(recipe.optim.accum_freq, recipe.optim.grad_clip, t.precision, device.type)
-    logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0)
+    logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0,
+                            journal=config.get("metrics_journal"))
+    guard = NonFiniteGuard(t.max_nonfinite_steps, pos["nonfinite_steps"])  # [faults] NaN/inf steps, all ranks
     counter = _counter(config)
     evaluate = method.evaluator() if rank == 0 else None
     if rank == 0 and resumed_from:
@@ -112,10 +115,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         terms = train_step(method, model, batch, opt, sched, s, scaler)
         pos["step"] += 1
         pos["batch_in_epoch"] += 1
+        stop = guard.update(terms.skipped, pos["step"])  # [faults] the same on every rank (all-reduced flag)
+        pos["nonfinite_steps"] = guard.total
+        if stop:
+            _abort(guard.reason(pos["step"], terms["loss"]), pos, logger)
+            return
         now = time.perf_counter()
-        for k, v in terms.items():  # detached tensors: summed without a device sync per step
-            window["terms"][k] = window["terms"].get(k, 0) + v
-        window["n"] += 1
+        if not terms.skipped:  # a skipped step's NaN never enters the logged means
+            for k, v in terms.items():  # detached tensors: summed without a device sync per step
+                window["terms"][k] = window["terms"].get(k, 0) + v
+            window["n"] += 1
         window["wait"] += wait
         window["time"] += now - t_last
         t_last = now
@@ -131,6 +140,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 "train/samples_per_s": recipe.data.batch_size * n / max(window["time"], 1e-9),
                 "train/data_wait_s": window["wait"] / n,
                 "train/skipped_samples": _skipped(counter),
+                "train/nonfinite_steps": guard.total,
                 "train/epoch": pos["epoch"] + pos["batch_in_epoch"] / steps_per_epoch,
             }, step=pos["step"])
             last_loss = means
@@ -154,7 +164,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             eval_metrics = evaluate(unwrap(model), device)
         _report(model, opt, sched, scaler, method, pos, {"loss": float("nan")}, eval_metrics, rank, logger,
                 with_ckpt=False)
-    logger.flush()
+    logger.close()
+
+
+def _abort(reason: str, pos: dict, logger) -> None:
+    """[faults] Every rank reports the same abort result (no checkpoint) and returns; the driver raises."""
+    import ray.train
+    logger.log({"train/nonfinite_steps": pos["nonfinite_steps"]}, step=pos["step"])
+    logger.close()
+    if logger.enabled:
+        print(f"medvl: {reason}", flush=True)
+    ray.train.report({"step": pos["step"], "epoch": pos["epoch"], "train/nonfinite_steps": pos["nonfinite_steps"],
+                      ABORT_KEY: reason})
 
 
 def _new_window() -> dict:

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import yaml
 
 from medvl.config import Recipe, set_path, to_dict
+from medvl.redact import redact_text
 from medvl.track import runs
 from medvl.tune.spec import SweepError, SweepSpec, scheduler_horizon, spec_to_dict, validate_sweep
 
@@ -182,8 +183,10 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     exp_id = runs._client(uri).get_run(parent).info.experiment_id
     base = to_dict(recipe)
     set_path(base, "runtime.run_root", str(run_root))  # trial actors run elsewhere: absolute root, explicit URI
-    set_path(base, "track.tracking_uri", uri)
-    ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric)
+    # The URI goes to the trials through their environment, never their recipe: from $MLFLOW_TRACKING_URI it may
+    # carry a password, and every recipe key is logged as an MLflow param and saved with the run.
+    env = {} if recipe.track.tracking_uri else {"MLFLOW_TRACKING_URI": uri}
+    ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric, env=env)
     # [3] each trial: 1 driver CPU here; its TorchTrainer reserves the workers' CPUs itself
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"CPU": spec.resources.driver_cpus})
@@ -210,7 +213,7 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
         grid = tuner.fit()
     except BaseException as e:
         tracking.close_dangling_children(uri, parent, "KILLED", f"sweep aborted: {type(e).__name__}")
-        client.set_tag(parent, "medvl.end_reason", f"{type(e).__name__}: {e}"[:5000])
+        client.set_tag(parent, "medvl.end_reason", redact_text(f"{type(e).__name__}: {e}")[:5000])
         client.set_terminated(parent, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -22,7 +23,8 @@ from typing import Any, Optional
 import yaml
 from ray.tune import Callback
 
-from medvl.config import Recipe, dump_yaml
+from medvl.config import Recipe
+from medvl.redact import redact_text, uri_secret
 from medvl.track import runs
 from medvl.tune.trial import release_skip_counter, trial_run_name
 
@@ -66,7 +68,7 @@ def start_or_resume_parent(name: str, spec_dict: dict, recipe: Recipe, uri: str,
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "sweep.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
-        (Path(d) / "base_recipe.yaml").write_text(dump_yaml(recipe))
+        (Path(d) / "base_recipe.yaml").write_text(runs.safe_yaml(recipe))
         client.log_artifacts(run_id, d, artifact_path="config")
     return run_id
 
@@ -104,7 +106,13 @@ class SweepCallback(Callback):
 
     def __init__(self, sweep: str, sweep_dir: str, run_root: str, tracking_uri: str, parent_run_id: str):
         self.sweep, self.sweep_dir, self.run_root = sweep, sweep_dir, run_root
-        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+        # pickled into the sweep's state on disk: a URI with a password is looked up in the environment instead
+        self._uri = None if uri_secret(tracking_uri) else tracking_uri
+        self.parent_run_id = parent_run_id
+
+    @property
+    def tracking_uri(self) -> str:
+        return getattr(self, "_uri", None) or self.__dict__.get("tracking_uri") or os.environ["MLFLOW_TRACKING_URI"]
 
     def _event(self, trial, event: str, **extra) -> None:
         rec = {"trial_id": trial.trial_id, "event": event, "t": time.time(), **extra}
@@ -147,7 +155,7 @@ class SweepCallback(Callback):
             runs.finish_run(self.tracking_uri, run_id, status, summary)
             release_skip_counter(run_id)
         except Exception as e:  # noqa: BLE001 - never break the Tune loop over bookkeeping
-            log.warning("could not close MLflow run %s of trial %s: %s", run_id, trial.trial_id, e)
+            log.warning("could not close MLflow run %s of trial %s: %s", run_id, trial.trial_id, redact_text(e))
 
 
 def trial_times(sweep_dir: Path) -> dict[str, dict[str, float]]:
@@ -187,6 +195,7 @@ def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int,
     import pandas as pd
     children = child_runs(uri, parent_run_id)
     times = trial_times(sweep_dir)
+    client = runs._client(uri)
     rows = []
     for trial in trials:
         m = dict(trial.last_result or {})
@@ -205,8 +214,35 @@ def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int,
             "stopped_early": bool(trial_state(trial) == "TERMINATED" and epoch is not None and epoch < horizon),
             "trial_start": t.get("start"), "trial_end": t.get("end"),
             "trial_wall_s": (t["end"] - t["start"]) if "start" in t and "end" in t else None,
+            **_incidents(client, trial, child),
         })
     return pd.DataFrame(rows)
+
+
+def _incidents(client, trial, child) -> dict[str, Any]:
+    """What went wrong in a trial: how often its workers resumed from a checkpoint after a failure (a lost node, a
+    killed worker, or the sweep being resumed), and the error that ended it."""
+    resumed: list = []
+    if child is not None:
+        try:
+            resumed = sorted(client.get_metric_history(child.info.run_id, "train/resumed_from_step"),
+                             key=lambda m: m.timestamp)
+        except Exception:  # noqa: BLE001
+            resumed = []
+    error = None
+    if trial_state(trial) == "ERROR":
+        try:
+            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+            error = redact_text(lines[-1])[:300] if lines else "unknown error"
+        except Exception:  # noqa: BLE001 - no error file
+            error = "unknown error (no error file)"
+    notes = []
+    if resumed:
+        notes.append(f"resumed from a checkpoint {len(resumed)}x (step "
+                     f"{', '.join(str(int(m.value)) for m in resumed)})")
+    if error:
+        notes.append(f"failed: {error}")
+    return {"restarts": len(resumed), "error_message": error, "incidents": "; ".join(notes) or None}
 
 
 def best_row(df, metric: str, mode: str) -> Optional[dict]:
@@ -313,5 +349,8 @@ def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, m
                     client.log_artifact(parent_run_id, p, artifact_path="optuna")
                 else:
                     client.set_tag(parent_run_id, f"medvl.plot.{name}", p[:5000])
+    incidents = [f"trial {r['trial_id']}: {r['incidents']}" for r in df.to_dict("records") if r.get("incidents")] \
+        if len(df) and "incidents" in df else []
+    client.set_tag(parent_run_id, "medvl.incidents", redact_text("\n".join(incidents) or "none")[:5000])
     client.set_tag(parent_run_id, "medvl.complete", str(complete).lower())
     return plots
