@@ -127,8 +127,8 @@ class TrainConfig:
     """Worker-group restarts allowed (Ray Train FailureConfig)."""
     max_nonfinite_steps: int = 10
     """A step whose loss (or clipped gradient norm) is NaN/inf on any rank is skipped on every rank (no optimizer
-    or scheduler step) and counted (`train/nonfinite_steps`); this many in a row stop the run with an error, keeping
-    the last good checkpoint (0 = stop at the first)."""
+    or scheduler step) and counted (`train/nonfinite_steps`). Up to this many in a row are skipped; one more stops
+    the run with an error that names the last good checkpoint (0: the first non-finite step stops it)."""
 
 
 @dataclass

@@ -276,24 +276,26 @@ class JournalLogger:
                 backoff = min(backoff * 2, self.max_backoff_s)
 
     # ------------------------------------------------------------------ flush / close
-    def flush(self, timeout: float = 0.0) -> bool:
-        """Make the journal durable (fsync); then wait up to `timeout` s for delivery, but not while the server is
-        down (the journal holds the metrics). Returns whether everything is delivered."""
+    def flush(self, timeout: float = 0.0, wait_if_down: bool = False) -> bool:
+        """Make the journal durable (fsync); then wait up to `timeout` s for delivery, but (unless `wait_if_down`)
+        not while the server is down: the journal holds the metrics. Returns whether everything is delivered."""
         if not self.enabled:
             return True
         self.journal.sync()
         deadline = time.monotonic() + timeout
         self._wake.set()
-        while self.journal.pending_bytes() and time.monotonic() < deadline and self.down_since is None:
+        while self.journal.pending_bytes() and time.monotonic() < deadline and \
+                (wait_if_down or self.down_since is None):
             time.sleep(0.05)
         return self.journal.pending_bytes() == 0
 
     def close(self, timeout: float = 10.0) -> bool:
-        done = self.flush(timeout)
+        """Flush, waiting up to `timeout` s even through an outage, then stop the delivery thread."""
+        done = self.flush(timeout, wait_if_down=True)
         self._stop = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=20)
         if not done and self.enabled:
             print(f"medvl: some metrics of run {self.run_id} are not in MLflow yet (server unreachable: "
                   f"{self.last_error}); they are kept in {self.journal.path} and delivered by the driver, the next "

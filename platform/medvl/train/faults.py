@@ -2,10 +2,11 @@
 for the job, a tracking server that is down when the run ends, the per-run skip counter.
 
 - `NonFiniteGuard` (every rank): counts the steps `train_step` skipped because a loss or gradient norm was NaN/inf on
-  some rank (`train/nonfinite_steps`); after `train.max_nonfinite_steps` in a row every rank reports an abort
-  result and returns (no exception inside the workers: Ray Train would restart the group from the last checkpoint
-  and hit the same NaNs again). The driver turns that result into `TrainingAborted` (`raise_if_aborted`): the MLflow
-  run ends FAILED with the reason, the last good checkpoint is kept and named.
+  some rank (`train/nonfinite_steps`); after `train.max_nonfinite_steps` in a row every rank returns an abort value
+  from the train function (no exception inside the workers: Ray Train would restart the group from the last
+  checkpoint and hit the same NaNs again). The driver turns rank 0's return value (`Result.return_value`) into
+  `TrainingAborted` (`raise_if_aborted`): the MLflow run ends FAILED with the reason, and the last good checkpoint
+  is kept and named.
 - `check_cluster_fits`: more workers than an embedded (fixed-size) Ray has fails at once with the numbers instead
   of waiting for resources that never come.
 - `defer_finalize` / `complete_finalize`: when MLflow is still down after `track.outage_wait_s` at the end of a
@@ -20,7 +21,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from medvl.redact import redact_text
 
@@ -60,18 +61,18 @@ class NonFiniteGuard:
             self.first_of_run = step
         return self.in_a_row > self.max_in_a_row
 
-    def reason(self, step: int, loss: Any) -> str:
+    def reason(self, step: int) -> str:
         return (f"training stopped: {self.in_a_row} steps in a row ({self.first_of_run}-{step}) had a non-finite loss "
-                f"or gradient norm (last loss {float(loss):.4g}; train.max_nonfinite_steps={self.max_in_a_row}; "
-                f"{self.total} non-finite steps in all, each skipped without updating the weights)")
+                f"or gradient norm on at least one rank (train.max_nonfinite_steps={self.max_in_a_row}; "
+                f"{self.total} non-finite steps in all, each skipped on every rank without updating the weights)")
 
 
 def raise_if_aborted(job, result) -> None:
     """On the driver, after `fit()`: a run the workers stopped becomes a FAILED MLflow run and `TrainingAborted`."""
-    metrics = dict(getattr(result, "metrics", None) or {})
-    reason = metrics.get(ABORT_KEY)
-    if not reason:
+    metrics = getattr(result, "return_value", None)
+    if not isinstance(metrics, dict) or not metrics.get(ABORT_KEY):
         return
+    reason = metrics[ABORT_KEY]
     ckpt = getattr(result, "checkpoint", None)
     where = (f"the last good checkpoint (step {_ckpt_step(ckpt)}) is kept in {ckpt.path}; running the same "
              f"command again resumes from it (lower optim.lr, set optim.grad_clip, or fix the data first)"

@@ -37,7 +37,7 @@ def _save_checkpoint(model, opt, sched, scaler, method, pos: dict) -> str:
     return d
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
+def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
     import ray.train
     import ray.train.torch
 
@@ -117,9 +117,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         pos["batch_in_epoch"] += 1
         stop = guard.update(terms.skipped, pos["step"])  # [faults] the same on every rank (all-reduced flag)
         pos["nonfinite_steps"] = guard.total
-        if stop:
-            _abort(guard.reason(pos["step"], terms["loss"]), pos, logger)
-            return
+        if stop:  # every rank at once; rank 0's return value reaches the driver (Result.return_value)
+            return _abort(guard.reason(pos["step"]), pos, logger)
         now = time.perf_counter()
         if not terms.skipped:  # a skipped step's NaN never enters the logged means
             for k, v in terms.items():  # detached tensors: summed without a device sync per step
@@ -167,15 +166,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     logger.close()
 
 
-def _abort(reason: str, pos: dict, logger) -> None:
-    """[faults] Every rank reports the same abort result (no checkpoint) and returns; the driver raises."""
-    import ray.train
+def _abort(reason: str, pos: dict, logger) -> dict:
+    """[faults] A run stopped on purpose: no exception (Ray Train would restart the group from the last checkpoint
+    and meet the same NaNs), no checkpoint; the driver raises `TrainingAborted` from this return value."""
     logger.log({"train/nonfinite_steps": pos["nonfinite_steps"]}, step=pos["step"])
     logger.close()
     if logger.enabled:
         print(f"medvl: {reason}", flush=True)
-    ray.train.report({"step": pos["step"], "epoch": pos["epoch"], "train/nonfinite_steps": pos["nonfinite_steps"],
-                      ABORT_KEY: reason})
+    return {ABORT_KEY: reason, "step": pos["step"], "train/nonfinite_steps": pos["nonfinite_steps"]}
 
 
 def _new_window() -> dict:
