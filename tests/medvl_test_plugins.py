@@ -144,6 +144,9 @@ class PaceConfig:
     seconds_per_step: float = 0.1
     """Sleep this long in every step (on the training worker): a training run of a known, load-independent length
     for the outage and node-loss tests."""
+    pace_file: str = ""
+    """If set and the file exists, its content (seconds) replaces seconds_per_step, read at every step: a test
+    slows a run down, or lets it finish quickly, while it runs."""
 
 
 @register_method
@@ -153,5 +156,12 @@ class PacePlugin(Plugin):
 
     def prepare_batch(self, batch, device):
         import time
-        time.sleep(self.cfg.seconds_per_step)
+        pace = self.cfg.seconds_per_step
+        if self.cfg.pace_file:
+            try:
+                with open(self.cfg.pace_file) as f:
+                    pace = float(f.read().strip() or pace)
+            except (OSError, ValueError):
+                pass
+        time.sleep(pace)
         return self.inner.prepare_batch(batch, device)

@@ -140,9 +140,9 @@ def to_rgb(im):
     from PIL import Image
     if im.mode in HIGH_BIT_DEPTH_MODES:
         arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError(f"image (mode {im.mode}) has non-finite pixel values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # a NaN/inf pixel: skip the row, never train on it
+            raise ValueError(f"image (mode {im.mode}) has NaN or infinite pixel values")
         scaled = np.zeros(arr.shape, np.uint8) if hi <= lo else \
             np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, "L").convert("RGB")
@@ -153,8 +153,13 @@ def to_rgb(im):
 
 def open_image(row: dict):
     """The row's image as an RGB PIL image (fully loaded; see `to_rgb` for 16-bit and palette images)."""
-    from PIL import Image
-    with Image.open(io.BytesIO(load_image_bytes(row))) as im:
+    from PIL import Image, UnidentifiedImageError
+    data = load_image_bytes(row)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's own message names only a BytesIO object
+        raise ValueError(f"not an image format PIL reads ({len(data)} bytes starting {bytes(data[:8])!r})") from None
+    with im:
         im.load()
         return to_rgb(im)
 

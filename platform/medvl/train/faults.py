@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 ABORT_KEY = "medvl/abort"
 """Metric key of the result the workers report when they stop a run on purpose (its value: the reason)."""
+DATA_ENDED_KEY = "medvl/data_ended"
+"""Set in the last report when the stream ended before the planned step count (skipped rows): it is final."""
 PENDING_FILE = "finalize_pending.json"
 COUNTER_PREFIX = "medvl-skips-"
 COUNTER_NAMESPACE = "medvl"

@@ -18,7 +18,7 @@ from medvl.losses import Dist
 from medvl.methods import resolve_method
 from medvl.models.factory import unwrap
 from medvl.track.runs import RankZeroLogger
-from medvl.train.faults import ABORT_KEY, NonFiniteGuard
+from medvl.train.faults import ABORT_KEY, DATA_ENDED_KEY, NonFiniteGuard
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
 
@@ -95,6 +95,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
         prefetch_batches=recipe.data.prefetch_batches)
 
     eval_metrics: dict[str, float] = {}
+    last_loss: dict[str, float] = {}
     window = _new_window()
     skip = pos["batch_in_epoch"]  # data position: batches of the current epoch already trained on
     model.train()
@@ -158,6 +159,23 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
             _report(model, opt, sched, scaler, method, pos, last_loss, eval_metrics, rank, logger)
             t_last = time.perf_counter()
 
+    if pos["batch_in_epoch"] > 0 and pos["step"] > resumed_from:
+        # [faults] The stream ended inside an epoch: skipped (corrupt) rows left fewer full batches than the
+        # manifest's row count promised. End the epoch here (eval + checkpoint) instead of stopping half-way.
+        if rank == 0:
+            print(f"medvl: the data ended at step {pos['step']} of {total_steps} (epoch {pos['epoch']}, batch "
+                  f"{pos['batch_in_epoch']} of {steps_per_epoch}): skipped rows shortened it; ending the epoch here",
+                  flush=True)
+            if window["n"]:
+                logger.log({f"train/{k}": float(v) / window["n"] for k, v in window["terms"].items()},
+                           step=pos["step"])
+        pos["epoch"] += 1
+        pos["batch_in_epoch"] = 0
+        if evaluate is not None:
+            eval_metrics = evaluate(unwrap(model), device)
+            logger.log(eval_metrics, step=pos["step"])
+        _report(model, opt, sched, scaler, method, pos, last_loss, eval_metrics, rank, logger,
+                data_ended=True)
     if pos["step"] == resumed_from:  # nothing left to do (re-run of a finished run): report final state once
         if evaluate is not None:
             eval_metrics = evaluate(unwrap(model), device)
@@ -181,11 +199,13 @@ def _new_window() -> dict:
 
 
 def _report(model, opt, sched, scaler, method, pos, losses: dict, eval_metrics, rank, logger,
-            with_ckpt: bool = True) -> None:
+            with_ckpt: bool = True, data_ended: bool = False) -> None:
     import ray.train
-    logger.flush()  # metrics logged before a checkpoint are written before it is registered
+    logger.flush()  # the journal is durable before the checkpoint is registered (delivery may lag an outage)
     metrics = {"step": pos["step"], "epoch": pos["epoch"], **{f"train/{k}": v for k, v in losses.items()},
                **eval_metrics}
+    if data_ended:
+        metrics[DATA_ENDED_KEY] = True
     ckpt_dir = _save_checkpoint(model, opt, sched, scaler, method, dict(pos)) if (rank == 0 and with_ckpt) else None
     # [6] every rank reports; only rank 0 attaches the (DDP-replicated) checkpoint
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from medvl.config import apply_overrides, recipe_from_dict
+from medvl.train.faults import DATA_ENDED_KEY
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
@@ -54,7 +55,7 @@ class EpochReportCallback(TuneReportCallback):
         m = metrics[0]  # rank 0's metrics
         if self.metric not in m or m.get("epoch", 0) <= self.last_epoch:
             return
-        if m.get("step", 0) >= self.total_steps:
+        if m.get("step", 0) >= self.total_steps or m.get(DATA_ENDED_KEY):
             return  # the trial function reports the final result after finalize()
         self.last_epoch = m["epoch"]
         super().after_report(run_context, metrics, checkpoint)
