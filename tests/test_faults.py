@@ -296,3 +296,58 @@ def test_nan_steps_are_skipped_on_every_rank_then_the_run_stops_keeping_the_last
     import ray
     left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("medvl-skips-")]
     assert left == [], f"skip-counter actors survived the run: {left}"
+
+
+# --------------------------------------------------------------------------- the run's start and end during an outage
+
+
+def test_an_unreachable_server_at_the_start_is_a_clear_error_and_starts_nothing(digits_corpus, tmp_path, monkeypatch):
+    import time
+
+    from medvl.track.runs import TrackingUnavailable
+    from medvl.track.server import free_port
+    from medvl.train.launcher import prepare_job
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv("MEDVL_RUN_ROOT", str(tmp_path / "runs"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:{PASSWORD}@127.0.0.1:{port}")
+    recipe = load_recipe(data={"name": "nostart", "data": {"corpus": digits_corpus}, "track": {"outage_wait_s": 2}})
+    t0 = time.time()
+    with pytest.raises(TrackingUnavailable) as e:
+        prepare_job(recipe)
+    assert time.time() - t0 < 30
+    msg = str(e.value)
+    assert msg.startswith(f"MLflow tracking server at http://bob:***@127.0.0.1:{port} did not answer within 2s "
+                          f"(track.outage_wait_s) to start the run") and PASSWORD not in msg
+    assert not (tmp_path / "runs" / "jobs" / "nostart" / "mlflow_run_id").exists()
+
+
+def test_an_outage_at_the_end_defers_finalize_and_sync_metrics_completes_it(tmp_path, monkeypatch, capfd):
+    from types import SimpleNamespace
+
+    from medvl.track import runs
+    from medvl.track.server import free_port
+    from medvl.train.cli import sync_main
+    from medvl.train.launcher import Job, finalize
+    uri, client, run_id = _sqlite(tmp_path)
+    run_dir = tmp_path / "runs" / "jobs" / "late"
+    run_dir.mkdir(parents=True)
+    (run_dir / runs.RUN_ID_FILE).write_text(run_id)
+    recipe = load_recipe(data={"name": "late", "data": {"corpus": "x"},
+                               "track": {"outage_wait_s": 1, "log_model": False, "tracking_uri": uri}})
+    (run_dir / "recipe.yaml").write_text(runs.safe_yaml(recipe))
+    MetricJournal(run_dir / "metrics.jsonl").append(run_id, {"train/loss": 0.5}, 7)  # buffered, never delivered
+    dead = f"http://127.0.0.1:{free_port()}"
+    job = Job(recipe, run_dir, tmp_path / "runs" / "ray", dead, run_id, 10, 10)
+    result = SimpleNamespace(metrics={"step": 10, "epoch": 1}, checkpoint=None, return_value=None)
+    assert finalize(job, result) == {"step": 10, "epoch": 1}  # training is kept: no exception
+    pending = json.loads((run_dir / "finalize_pending.json").read_text())
+    assert pending["status"] == "FINISHED" and pending["summary"] == {"step": 10, "epoch": 1}
+    assert f"medvl sync-metrics {run_dir}" in capfd.readouterr().err
+    assert client.get_run(run_id).info.status == "RUNNING"
+    # the server is back (here: the store the recipe names): one command delivers and finishes
+    assert sync_main([str(run_dir), "--wait", "5"]) == 0
+    assert "delivered 1 buffered metrics" in capfd.readouterr().out
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["medvl.step"] == "10"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(7, 0.5)]
+    assert not (run_dir / "finalize_pending.json").exists()

@@ -77,15 +77,15 @@ def test_outage_and_killed_driver_lose_no_metric_and_leak_no_password(digits_cor
     client = MlflowClient(uri)
     run_root = tmp_path / "runs"
     pace = tmp_path / "pace"
-    pace.write_text("0.5")  # ~2 steps/s whatever the load: the run outlasts the outage
+    pace.write_text("1.0")  # <= 1 step/s whatever the load: the 440 steps outlast the outage and the restarts
     recipe = tmp_path / "outage.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "outage", "plugins": ["medvl_test_plugins"],
         "data": {"corpus": digits_corpus, "batch_size": 32, "val_split": None, "shuffle_buffer": 0},
         "model": {"name": "test-vit-micro"},
-        "train": {"epochs": 5, "num_workers": 1, "log_every": 2, "ckpt_every": 10},
+        "train": {"epochs": 10, "num_workers": 1, "log_every": 2, "ckpt_every": 10},
         "track": {"experiment": "outage", "outage_wait_s": 120},
-        "test_pace": {"seconds_per_step": 0.5, "pace_file": str(pace)}}))
+        "test_pace": {"seconds_per_step": 1.0, "pace_file": str(pace)}}))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     env.update(MLFLOW_TRACKING_URI=uri, MEDVL_RUN_ROOT=str(run_root), RAY_AUTH_MODE="disabled",
                RAY_TMPDIR=f"/tmp/ray-outage-{os.getpid()}")
@@ -108,7 +108,7 @@ def test_outage_and_killed_driver_lose_no_metric_and_leak_no_password(digits_cor
         time.sleep(OUTAGE_S)
         assert proc.poll() is None, f"training died during the outage:\n{log1.read_text()[-4000:]}"
         step_back = (latest_position(ckpts) or {}).get("step", 0)
-        assert step_back >= step_down + 20, "training did not go on during the outage"
+        assert step_back >= step_down + 10, "training did not go on during the outage"
         assert journal.pending_bytes() > 0, "nothing was buffered while the server was down"
 
         # 3. the same server comes back (same port, same store): every buffered metric arrives
@@ -132,14 +132,9 @@ def test_outage_and_killed_driver_lose_no_metric_and_leak_no_password(digits_cor
         t_rerun = time.time()
         proc = _train(recipe, env, log2)
         assert proc.wait(600) == 0, f"the re-run failed:\n{log2.read_text()[-4000:]}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        stop_server(server)
+        assert ck < 10 * (1437 // 32), "the first run had finished before the kill: nothing was resumed"
 
-    # --- one run, resumed, FINISHED, and its history equals its journal (each point once, none lost)
-    server = _start_auth_server(data, port, server_log)
-    try:
+        # --- one run, resumed, FINISHED, and its history equals its journal (each point once, none lost)
         exp = client.get_experiment_by_name("outage")
         found = client.search_runs([exp.experiment_id])
         assert [r.info.run_id for r in found] == [run_id], "the re-run must continue the same MLflow run"
@@ -154,7 +149,7 @@ def test_outage_and_killed_driver_lose_no_metric_and_leak_no_password(digits_cor
             assert [(s, t) for s, t, _ in have] == [(s, t) for s, t, _ in want], f"{key}: history != journal"
             assert all(abs(a[2] - b[2]) <= 1e-6 * max(1.0, abs(b[2])) for a, b in zip(have, want))
         steps = {m.step for m in client.get_metric_history(run_id, "train/loss")}
-        total = 5 * (1437 // 32)
+        total = 10 * (1437 // 32)
         assert set(range(2, total + 1, 2)) <= steps, "a logging step is missing"
         resumed = client.get_metric_history(run_id, "train/resumed_from_step")
         assert [int(m.value) for m in resumed] == [ck]
@@ -174,6 +169,8 @@ def test_outage_and_killed_driver_lose_no_metric_and_leak_no_password(digits_cor
             assert PASSWORD not in log.read_text(), f"{log.name} printed the password"
         assert f"MLflow at http://admin:***@127.0.0.1:{port} is unreachable" in log1.read_text()
     finally:
+        if proc.poll() is None:
+            proc.kill()
         stop_server(server)
     print(f"\n[measured] tracking outage {t_up - t_down:.0f}s: metrics complete {t_complete - t_up:.1f}s after the "
           f"server was back; driver killed at step {ck} -> training again {t_training_again - t_kill:.1f}s later "

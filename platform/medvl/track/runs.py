@@ -18,6 +18,10 @@ from medvl.track.buffer import JOURNAL_FILE, JournalLogger, MetricJournal, make_
 
 RUN_ID_FILE = "mlflow_run_id"
 
+# MLflow's fluent API prints "View run ... at: <tracking URI>/#/..." when a run it opened ends (model export), with
+# any password the URI carries; medvl prints its own links, redacted.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 
 def run_root(recipe: Recipe) -> Path:
     return Path(os.environ.get("MEDVL_RUN_ROOT") or recipe.runtime.run_root).expanduser().resolve()
