@@ -72,16 +72,31 @@ def _kill_node(proc: subprocess.Popen) -> int:
     return len(pids)
 
 
-def _start_worker_node(gcs: int, env: dict, log: Path) -> subprocess.Popen:
-    ports = _free_ports(7)
-    cmd = [str(ROOT / "cluster" / "local" / "start-worker.sh"), f"127.0.0.1:{gcs}", "--num-cpus", "3", "--",
-           "--resources", json.dumps({"node2": 1}), "--block",
-           "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
-           "--metrics-export-port", str(ports[2]), "--dashboard-agent-listen-port", str(ports[3]),
-           "--dashboard-agent-grpc-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5])]
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+def _start_worker_node(gcs: int, env: dict, log: Path, attempts: int = 3) -> subprocess.Popen:
+    """Join a worker node (`start-worker.sh ... -- --block`, its own session) and wait until it is up. `ray start`
+    gives its raylet a hard-coded 30 s to register, which a loaded 2-core machine can miss: retried, as an operator
+    or an autoscaler would."""
+    for attempt in range(attempts):
+        ports = _free_ports(6)
+        cmd = [str(ROOT / "cluster" / "local" / "start-worker.sh"), f"127.0.0.1:{gcs}", "--num-cpus", "3", "--",
+               "--resources", json.dumps({"node2": 1}), "--block",
+               "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
+               "--metrics-export-port", str(ports[2]), "--dashboard-agent-listen-port", str(ports[3]),
+               "--dashboard-agent-grpc-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5])]
+        start = log.stat().st_size if log.exists() else 0
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        t0 = time.time()
+        while time.time() - t0 < 180:
+            text = log.read_bytes()[start:].decode(errors="replace")
+            if "will now block forever" in text:
+                return proc
+            if proc.poll() is not None:
+                break
+            time.sleep(1)
+        _kill_node(proc)
+    raise AssertionError(f"the worker node did not join in {attempts} attempts:\n{log.read_text()[-3000:]}")
 
 
 def _wait_nodes(address: str, env: dict, n: int, timeout: float = 120) -> None:
