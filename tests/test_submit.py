@@ -339,3 +339,13 @@ def test_stop_a_submitted_job(local_cluster, digits_corpus, tmp_path, capsys):
     assert f"{stop_id}: STOPPED" in out or f"{stop_id} already" in out, out[-2000:]
     assert jobs_main(["status", stop_id, "--address", local_cluster]) == 0
     assert f"{stop_id}: STOPPED" in capsys.readouterr().out
+
+
+def test_dependencies_default_to_the_cluster_image(tmp_path, capsys):
+    """`--image-has-deps` is the default: no runtime_env pip unless --pip-from-lock (both options share a dest,
+    and argparse used to take the store_false option's default, True)."""
+    recipe = _smoke_recipe(tmp_path, str(tmp_path / "corpus"))
+    assert submit_main([str(recipe), "--dry-run"]) == 0
+    assert '"pip"' not in capsys.readouterr().out
+    assert submit_main([str(recipe), "--dry-run", "--pip-from-lock"]) == 0
+    assert '"pip"' in capsys.readouterr().out

@@ -493,6 +493,8 @@ def submit_main(argv: list[str]) -> int:
                       help="the cluster already has the pinned dependencies (default)")
     deps.add_argument("--pip-from-lock", dest="pip_from_lock", action="store_true",
                       help="install requirements.lock (minus ray) into the job's runtime_env")
+    # both options share `dest`; argparse would take the first one's default (store_false -> True): pip was on
+    p.set_defaults(pip_from_lock=False)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra job environment variable")
     p.add_argument("--submission-id", help="job id to use (default medvl-<name>-<time>-<hex>)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the job; contact no cluster")

@@ -91,7 +91,7 @@ def close_dangling_children(uri: str, parent_run_id: str, status: str = "KILLED"
             if reason:
                 client.set_tag(r.info.run_id, "medvl.end_reason", reason)
             client.set_terminated(r.info.run_id, status=status)
-            release_skip_counter(r.info.run_id)
+            release_skip_counter(r.info.run_id, uri)
             n += 1
     return n
 
@@ -153,7 +153,7 @@ class SweepCallback(Callback):
                         client.log_artifact(run_id, str(plot), artifact_path="plots")
             summary = {k: last[k] for k in ("step", "epoch") if k in last}
             runs.finish_run(self.tracking_uri, run_id, status, summary)
-            release_skip_counter(run_id)
+            release_skip_counter(run_id, self.tracking_uri)
         except Exception as e:  # noqa: BLE001 - never break the Tune loop over bookkeeping
             log.warning("could not close MLflow run %s of trial %s: %s", run_id, trial.trial_id, redact_text(e))
 
