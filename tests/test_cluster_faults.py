@@ -72,14 +72,22 @@ def _kill_node(proc: subprocess.Popen) -> int:
     return len(pids)
 
 
+_NODE_DIRS: list[str] = []
+
+
 def _start_worker_node(gcs: int, env: dict, log: Path, attempts: int = 3) -> subprocess.Popen:
     """Join a worker node (`start-worker.sh ... -- --block`, its own session) and wait until it is up. `ray start`
     gives its raylet a hard-coded 30 s to register, which a loaded 2-core machine can miss: retried, as an operator
     or an autoscaler would."""
     for attempt in range(attempts):
         ports = _free_ports(6)
+        # its own temp dir, as a separate machine would have: nodes of one host otherwise share
+        # <session>/runtime_resources, and this node's runtime-env agent deletes the job's working_dir (the head's
+        # job driver's cwd) once this node's own references to it drop to zero
+        node_tmp = tempfile.mkdtemp(prefix="medvl-n2-", dir="/tmp")
+        _NODE_DIRS.append(node_tmp)
         cmd = [str(ROOT / "cluster" / "local" / "start-worker.sh"), f"127.0.0.1:{gcs}", "--num-cpus", "3", "--",
-               "--resources", json.dumps({"node2": 1}), "--block",
+               "--resources", json.dumps({"node2": 1}), "--block", "--temp-dir", node_tmp,
                "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
                "--metrics-export-port", str(ports[2]), "--dashboard-agent-listen-port", str(ports[3]),
                "--dashboard-agent-grpc-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5])]
@@ -212,7 +220,8 @@ def test_token_cluster_refuses_anonymous_jobs_and_a_sweep_survives_a_lost_node(d
             _kill_node(node)
         subprocess.run([str(ROOT / "cluster" / "local" / "stop.sh"), "--temp-dir", temp_dir], env=cluster_env,
                        capture_output=True, text=True, timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for d in [temp_dir, *_NODE_DIRS]:
+            shutil.rmtree(d, ignore_errors=True)
         stop_server(mlflow_proc)
 
     import pandas as pd

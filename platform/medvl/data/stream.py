@@ -41,9 +41,12 @@ class SkipCounter:
 
 
 def skip_counter(name: str, namespace: Optional[str] = None):
-    """Get or create the run's named counter (detached from the driver so worker restarts keep it)."""
-    return SkipCounter.options(name=name, namespace=namespace, get_if_exists=True,
-                               lifetime="detached").remote()
+    """Get or create the run's named counter (detached from the driver so worker restarts keep it), on the
+    driver's node (a 0-CPU actor could land anywhere, and a lost worker node would take the count with it)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return SkipCounter.options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
+                               scheduling_strategy=here).remote()
 
 
 def epoch_file_order(paths: list[str], epochs: range, seed: int, shuffle: bool) -> list[tuple[str, int]]:

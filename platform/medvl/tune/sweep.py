@@ -204,7 +204,9 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
                 max_concurrent_trials=k, reuse_actors=False),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweeps_root), verbose=verbose,
-                failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside Train (max_failures)
+                # a trial whose driver died (node lost) restarts and resumes from its checkpoint; worker losses are
+                # retried inside the trial by Ray Train (train.max_failures)
+                failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
                 callbacks=[tracking.SweepCallback(name, str(sweep_dir), str(run_root), uri, parent)]))
     print(f"medvl tune: sweep '{name}': {spec.num_samples} trials, up to {k} at a time ({per_trial} CPUs each "
           f"of {ray.cluster_resources().get('CPU', 0):.0f}); MLflow parent run {parent}", flush=True)

@@ -131,6 +131,10 @@ class SweepCallback(Callback):
         self._event(trial, "complete", epoch=last.get("epoch"))
         self._close(trial, "KILLED", last, "stopped by the scheduler")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        """The trial's driver failed (e.g. its node was lost) and Tune restarts it; it resumes from its checkpoint."""
+        self._event(trial, "recover")
+
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._event(trial, "error")
         self._close(trial, "FAILED", dict(trial.last_result or {}), "trial error")
@@ -172,6 +176,8 @@ def trial_times(sweep_dir: Path) -> dict[str, dict[str, float]]:
         t = out.setdefault(e["trial_id"], {})
         if e["event"] == "start":
             t.setdefault("start", e["t"])
+        elif e["event"] == "recover":
+            t["recovered"] = t.get("recovered", 0) + 1
         else:
             t["end"] = e["t"]
     return out
@@ -214,14 +220,15 @@ def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int,
             "stopped_early": bool(trial_state(trial) == "TERMINATED" and epoch is not None and epoch < horizon),
             "trial_start": t.get("start"), "trial_end": t.get("end"),
             "trial_wall_s": (t["end"] - t["start"]) if "start" in t and "end" in t else None,
-            **_incidents(client, trial, child),
+            **_incidents(client, trial, child, int(t.get("recovered", 0))),
         })
     return pd.DataFrame(rows)
 
 
-def _incidents(client, trial, child) -> dict[str, Any]:
-    """What went wrong in a trial: how often its workers resumed from a checkpoint after a failure (a lost node, a
-    killed worker, or the sweep being resumed), and the error that ended it."""
+def _incidents(client, trial, child, recovered: int = 0) -> dict[str, Any]:
+    """What went wrong in a trial: how often Tune restarted its driver (a lost node), how often its workers resumed
+    from a checkpoint after a failure (a lost node, a killed worker, or the sweep being resumed), and the error that
+    ended it."""
     resumed: list = []
     if child is not None:
         try:
@@ -237,12 +244,15 @@ def _incidents(client, trial, child) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - no error file
             error = "unknown error (no error file)"
     notes = []
+    if recovered:
+        notes.append(f"its driver was lost and Tune restarted it {recovered}x")
     if resumed:
         notes.append(f"resumed from a checkpoint {len(resumed)}x (step "
                      f"{', '.join(str(int(m.value)) for m in resumed)})")
     if error:
         notes.append(f"failed: {error}")
-    return {"restarts": len(resumed), "error_message": error, "incidents": "; ".join(notes) or None}
+    return {"restarts": len(resumed), "driver_restarts": recovered, "error_message": error,
+            "incidents": "; ".join(notes) or None}
 
 
 def best_row(df, metric: str, mode: str) -> Optional[dict]:
