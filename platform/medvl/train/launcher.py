@@ -222,7 +222,8 @@ def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks:
                 runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED",
                                 {"end_reason": f"{type(e).__name__}: {e}"})
             except Exception as e2:  # noqa: BLE001 - MLflow down too: keep the original error
-                log.warning("could not mark MLflow run %s failed: %s", job.mlflow_run_id, e2)
+                from medvl.redact import redact_text
+                log.warning("could not mark MLflow run %s failed: %s", job.mlflow_run_id, redact_text(e2))
             raise
         return job, finalize(job, result)
     finally:  # [faults] the detached skip counter of this run (sweeps release theirs per trial)
