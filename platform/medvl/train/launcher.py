@@ -42,10 +42,22 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
     # reserved) until a sweep starves and hangs. A single training job's controller is never killed from outside
     # (Ray goes down with the driver), so it runs without the dashboard's processes (measured: ~2% of this
     # 2-core machine, and fewer training samples/s).
-    ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
-                                       "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
-                                       "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+                                               "RAY_DATA_DISABLE_PROGRESS_BARS":
+                                                   os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
+                                               "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+            return
+        except Exception as e:  # noqa: BLE001
+            # [faults] Ray gives a new node's raylet a fixed 30 s to register; an overloaded machine can miss it
+            # ("The current node timed out during startup"). Start over once instead of failing the command.
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            log.warning("embedded Ray did not start in time (%s); starting it again", e)
+            ray.shutdown()
 
 
 def quiet_ray_data() -> None:
