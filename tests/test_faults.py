@@ -77,6 +77,22 @@ def test_nonfinite_step_changes_nothing(grad_clip):
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_nonfinite_loss_under_a_grad_scaler_skips_and_the_scaler_goes_on():
+    """fp16 path (GradScaler; its CPU variant runs the same bookkeeping): the skip closes the scaler's unscale_ with
+    update(), which lowers the scale, and the next step works."""
+    method, batch = _Toy(), {"x": torch.randn(8, 4)}
+    model, opt, sched, s = _toy_setup(1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    assert not train_step(method, model, batch, opt, sched, s, scaler).skipped
+    scale, before = scaler.get_scale(), model.weight.detach().clone()
+    method.nan = True
+    assert train_step(method, model, batch, opt, sched, s, scaler).skipped
+    assert torch.equal(before, model.weight) and scaler.get_scale() == scale / 2
+    method.nan = False
+    assert not train_step(method, model, batch, opt, sched, s, scaler).skipped
+    assert not torch.equal(before, model.weight)
+
+
 def test_inf_gradient_with_finite_loss_is_skipped_when_clipping():
     method, batch = _Toy(), {"x": torch.randn(8, 4)}
     model, opt, sched, s = _toy_setup(1.0)
