@@ -87,7 +87,14 @@ def _check_cluster_spec(spec: dict, where: str) -> None:
                 src = (env.get(var) or {}).get("valueFrom") or {}
                 assert "configMapKeyRef" in src or "secretKeyRef" in src, \
                     f"{where}.{name}: {var} must come from a ConfigMap or Secret (valueFrom)"
-            assert env.get("RAY_AUTH_MODE", {}).get("value"), f"{where}.{name}: RAY_AUTH_MODE not set explicitly"
+            # token auth on by default, the explicit value agreeing with authOptions (KubeRay keeps an explicit
+            # RAY_AUTH_MODE, so "disabled" here would silently switch authOptions off)
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", \
+                f"{where}.{name}: RAY_AUTH_MODE must be set explicitly to token"
+            tok = env.get("RAY_AUTH_TOKEN")
+            assert tok is None or "secretKeyRef" in (tok.get("valueFrom") or {}), \
+                f"{where}.{name}: RAY_AUTH_TOKEN must come from a Secret, never a literal"
+    assert (spec.get("authOptions") or {}).get("mode") == "token", f"{where}: authOptions.mode must be token"
 
 
 def test_cluster_dir_has_the_expected_files():
@@ -116,6 +123,7 @@ def test_raycluster():
     claim = rc["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
     assert pvc["metadata"]["name"] in {v.get("persistentVolumeClaim", {}).get("claimName") for v in claim}
     assert rc["spec"]["headGroupSpec"]["rayStartParams"].get("dashboard-host") == "0.0.0.0"
+    assert rc["spec"]["authOptions"] == {"mode": "token"}  # KubeRay generates the token Secret
 
 
 def test_rayjob():
@@ -187,6 +195,10 @@ def test_launcher_config():
     assert "requirements.lock" in setup, "setup_commands must install the pinned dependencies"
     assert "pip install" in setup and "-e" in setup, "setup_commands must install the project"
     assert "MEDVL_RUN_ROOT" in setup and "MLFLOW_TRACKING_URI" in setup
+    # token auth on every node: the launching machine's token file copied everywhere, RAY_AUTH_MODE=token
+    assert "RAY_AUTH_MODE=token" in setup and "RAY_AUTH_MODE=disabled" not in setup
+    mounts = cfg["file_mounts"]
+    assert any(remote.endswith("/.ray/auth_token") for remote in mounts), "the Ray token file must be file-mounted"
     head_start = " ".join(cfg["head_start_ray_commands"])
     assert "ray start --head" in head_start and "--dashboard-port=8265" in head_start
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in cfg["worker_start_ray_commands"])
@@ -215,3 +227,20 @@ def test_scripts_print_usage_and_reject_unknown_options():
     r = subprocess.run([str(CLUSTER / "local" / "start-head.sh"), "--bogus"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and "--bogus" in r.stderr
+
+
+def test_start_head_refuses_an_open_jobs_api_without_token_auth():
+    """The Jobs API runs arbitrary code: serving it beyond loopback needs token auth (or an explicit --insecure);
+    refused before `ray start` runs."""
+    head = str(CLUSTER / "local" / "start-head.sh")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    for argv, extra in (([head, "--dashboard-host", "0.0.0.0", "--auth", "disabled"], {}),
+                        ([head, "--dashboard-host", "0.0.0.0"], {"RAY_AUTH_MODE": "disabled"})):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={**env, **extra, "RAY": "/bin/false"})
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "refusing to serve the Jobs API on 0.0.0.0 without authentication" in r.stderr
+        assert "--auth token" in r.stderr
+    r = subprocess.run([head, "--auth", "maybe"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 2 and "--auth must be token or disabled" in r.stderr
+    text = (CLUSTER / "local" / "start-head.sh").read_text()
+    assert 'DASH_HOST=127.0.0.1' in text, "the dashboard must bind to loopback by default"

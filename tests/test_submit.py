@@ -141,7 +141,8 @@ def test_plan_for_a_recipe_in_the_project(monkeypatch):
     assert renv["py_modules"] == [str(ROOT / "platform" / "medvl")]
     assert renv["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
     assert renv["env_vars"]["MEDVL_RUN_ROOT"] == "/mnt/medvl/runs"
-    assert renv["env_vars"]["RAY_AUTH_MODE"] == "disabled" and "UNRELATED" not in renv["env_vars"]
+    # the job runs with the cluster's own RAY_AUTH_MODE (forwarding ours could contradict a token cluster)
+    assert "RAY_AUTH_MODE" not in renv["env_vars"] and "UNRELATED" not in renv["env_vars"]
     assert "pip" not in renv and plan.submission_id == "medvl-test-1" and plan.kind == "train"
     assert not any("run_root" in n for n in plan.notes)  # MEDVL_RUN_ROOT is set
 
@@ -338,3 +339,13 @@ def test_stop_a_submitted_job(local_cluster, digits_corpus, tmp_path, capsys):
     assert f"{stop_id}: STOPPED" in out or f"{stop_id} already" in out, out[-2000:]
     assert jobs_main(["status", stop_id, "--address", local_cluster]) == 0
     assert f"{stop_id}: STOPPED" in capsys.readouterr().out
+
+
+def test_dependencies_default_to_the_cluster_image(tmp_path, capsys):
+    """`--image-has-deps` is the default: no runtime_env pip unless --pip-from-lock (both options share a dest,
+    and argparse used to take the store_false option's default, True)."""
+    recipe = _smoke_recipe(tmp_path, str(tmp_path / "corpus"))
+    assert submit_main([str(recipe), "--dry-run"]) == 0
+    assert '"pip"' not in capsys.readouterr().out
+    assert submit_main([str(recipe), "--dry-run", "--pip-from-lock"]) == 0
+    assert '"pip"' in capsys.readouterr().out

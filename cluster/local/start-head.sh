@@ -2,15 +2,24 @@
 # Start the head node of a local (or on-prem, multi-machine) Ray cluster for medvl.
 #
 #   cluster/local/start-head.sh [--num-cpus N] [--num-gpus N] [--temp-dir DIR] [--port 6379]
-#                               [--dashboard-host 127.0.0.1] [--dashboard-port 8265] [-- EXTRA `ray start` ARGS]
+#                               [--dashboard-host 127.0.0.1] [--dashboard-port 8265] [--auth token|disabled]
+#                               [--insecure] [-- EXTRA `ray start` ARGS]
 #
 # Then submit with:  .venv/bin/medvl submit jobs/digits_clip.yaml --address http://127.0.0.1:8265
 #
+# Security. The dashboard / Jobs API (which runs arbitrary code) binds to 127.0.0.1 unless --dashboard-host says
+# otherwise. Binding it wider (--dashboard-host 0.0.0.0, for submitting from other machines) turns Ray token auth
+# on: a token is generated once in $RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token) and the script prints what
+# clients and worker machines need. --auth disabled with a wide dashboard is refused unless --insecure is given.
+# Ray's GCS and raylet ports listen on all interfaces whatever these flags (Ray's behaviour): on a network you do
+# not trust, use --auth token even on 127.0.0.1.
+#
 # Environment:
 #   RAY            the ray CLI (default: .venv/bin/ray of this checkout, else `ray` on PATH)
-#   RAY_AUTH_MODE  default `disabled`. Ray >= 2.59 turns token auth on for `ray start --head` when ~/.ray/auth_token
-#                  exists (e.g. left by an earlier `ray.init()`), so it is set explicitly here. Use `token` (with
-#                  RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) for a dashboard reachable from other machines.
+#   RAY_AUTH_MODE  default: `disabled` for a loopback dashboard, `token` otherwise (--auth overrides). Ray >= 2.59
+#                  turns token auth on for `ray start --head` when ~/.ray/auth_token exists (e.g. left by an earlier
+#                  `ray.init()`), so it is always set explicitly here.
+#   RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH   the token (auth token mode); default file ~/.ray/auth_token
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
@@ -22,7 +31,8 @@ fi
 # A job's entrypoint (`python -m medvl.cli ...`) runs with the PATH of the Ray processes, so put the interpreter
 # that has ray/torch/medvl installed (the one next to the ray CLI) first: then `python` on the cluster is that one.
 export PATH="$(dirname "$RAY_BIN"):$PATH"
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+AUTH="${RAY_AUTH_MODE:-}"
+INSECURE=""
 
 cores="$(nproc 2>/dev/null || echo 2)"
 # Logical CPUs above the core count leave room for Ray Data decode tasks, the Train controller and the job driver
@@ -41,11 +51,38 @@ while [ $# -gt 0 ]; do
     --port) PORT="$2"; shift 2 ;;
     --dashboard-host) DASH_HOST="$2"; shift 2 ;;
     --dashboard-port) DASH_PORT="$2"; shift 2 ;;
+    --auth) AUTH="$2"; shift 2 ;;
+    --insecure) INSECURE=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "start-head.sh: unknown option $1 (extra ray start options go after --)" >&2; exit 2 ;;
   esac
 done
+
+case "$DASH_HOST" in 127.*|localhost|::1) WIDE="" ;; *) WIDE=1 ;; esac
+if [ -z "$AUTH" ]; then AUTH=disabled; [ -n "$WIDE" ] && AUTH=token; fi
+case "$AUTH" in token|disabled) ;; *) echo "start-head.sh: --auth must be token or disabled, not $AUTH" >&2; exit 2 ;; esac
+if [ "$AUTH" = disabled ] && [ -n "$WIDE" ] && [ -z "$INSECURE" ]; then
+  cat >&2 <<MSG
+start-head.sh: refusing to serve the Jobs API on $DASH_HOST without authentication: anyone who can reach port
+$DASH_PORT could run code on this machine. Use token auth (the default when binding wider):
+    cluster/local/start-head.sh --dashboard-host $DASH_HOST --auth token
+or pass --insecure if this network is yours alone.
+MSG
+  exit 2
+fi
+export RAY_AUTH_MODE="$AUTH"
+TOKEN_NOTE=""
+if [ "$AUTH" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+  export RAY_AUTH_TOKEN_PATH="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+  if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
+    mkdir -p "$(dirname "$RAY_AUTH_TOKEN_PATH")"
+    ( umask 077; "$(dirname "$RAY_BIN")/python" -c 'import secrets; print(secrets.token_hex(32))' \
+        > "$RAY_AUTH_TOKEN_PATH" 2>/dev/null || openssl rand -hex 32 > "$RAY_AUTH_TOKEN_PATH" )
+    echo "[start-head] generated a Ray auth token in $RAY_AUTH_TOKEN_PATH"
+  fi
+  TOKEN_NOTE="export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH   # clients and worker machines (copy the file there)"
+fi
 
 args=(start --head --port "$PORT" --dashboard-host "$DASH_HOST" --dashboard-port "$DASH_PORT"
       --num-cpus "$NUM_CPUS" --disable-usage-stats)
@@ -68,4 +105,6 @@ cat <<MSG
   submit a recipe      : $ROOT/.venv/bin/medvl submit jobs/digits_clip.yaml --address http://${shown_host}:${DASH_PORT}
   add a worker machine : cluster/local/start-worker.sh <head-ip>:${PORT} [--num-cpus N] [--num-gpus N]
   stop                 : cluster/local/stop.sh${TEMP_DIR:+ --temp-dir $TEMP_DIR}
+  auth                 : RAY_AUTH_MODE=$AUTH${TOKEN_NOTE:+
+  token                : $TOKEN_NOTE}
 MSG

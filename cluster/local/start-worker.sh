@@ -5,8 +5,8 @@
 #
 # Every node needs the same Python environment as the head (same ray/torch/medvl versions: ./dev setup on a
 # checkout at the same path, or the same image) and must see the shared storage (corpora, MEDVL_RUN_ROOT) at the
-# same path as the head. RAY_AUTH_MODE must match the head's (default `disabled`; with `token`, also set
-# RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the head's token).
+# same path as the head. RAY_AUTH_MODE must match the head's: `token` when RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH
+# (the head's token, e.g. the file start-head.sh printed, copied here) is set, else `disabled`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
@@ -24,7 +24,14 @@ if [ ! -x "$RAY_BIN" ]; then
   [ -n "$RAY_BIN" ] || { echo "start-worker.sh: no ray CLI (run ./dev setup, or set RAY=/path/to/ray)" >&2; exit 2; }
 fi
 export PATH="$(dirname "$RAY_BIN"):$PATH"   # Ray workers spawned here use this interpreter
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+if [ -z "${RAY_AUTH_MODE:-}" ]; then
+  if [ -n "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]; then RAY_AUTH_MODE=token; else RAY_AUTH_MODE=disabled; fi
+fi
+export RAY_AUTH_MODE
+if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
+  echo "start-worker.sh: RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN_PATH to a copy of the head's token file" >&2
+  exit 2
+fi
 
 NUM_CPUS=""
 NUM_GPUS=""

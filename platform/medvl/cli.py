@@ -9,13 +9,16 @@
     medvl tune jobs/sweep_digits_lr_temp.yaml [key=value ...]
     medvl submit jobs/digits_clip.yaml --address http://127.0.0.1:8265
     medvl jobs status|logs|stop <job-id> --address ...
+    medvl sync-metrics jobs/digits_clip.yaml        # after an MLflow outage: deliver buffered metrics, finish the run
 """
 from __future__ import annotations
 
 import os
 import sys
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from medvl.redact import default_ray_auth_mode  # noqa: E402
+
+os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_TOKEN(_PATH) is set
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     from medvl.config import ConfigError
     from medvl.data.corpus import CorpusError
+    from medvl.redact import redact_text
+    from medvl.track.runs import TrackingUnavailable
+    from medvl.train.faults import TrainingAborted
     try:
         if cmd == "ingest":
             from medvl.data.ingest import main as run
@@ -41,13 +47,18 @@ def main(argv: list[str] | None = None) -> int:
             from medvl.submit import submit_main as run
         elif cmd == "jobs":
             from medvl.submit import jobs_main as run
+        elif cmd == "sync-metrics":
+            from medvl.train.cli import sync_main as run
         else:
             print(f"medvl: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
             return 2
         return int(run(rest) or 0)
     except (ConfigError, CorpusError) as e:
-        print(f"medvl {cmd}: error: {e}", file=sys.stderr)
+        print(f"medvl {cmd}: error: {redact_text(e)}", file=sys.stderr)
         return 2
+    except (TrainingAborted, TrackingUnavailable) as e:
+        print(f"medvl {cmd}: error: {redact_text(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -140,6 +140,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 2
     """Worker-group restarts allowed (Ray Train FailureConfig)."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss (or clipped gradient norm) is NaN/inf on any rank is skipped on every rank (no optimizer
+    or scheduler step) and counted (`train/nonfinite_steps`). Up to this many in a row are skipped; one more stops
+    the run with an error that names the last good checkpoint (0: the first non-finite step stops it)."""
 
 
 @dataclass
@@ -177,6 +181,10 @@ class TrackConfig:
     """MLflow run name and Ray Train run name; default: the recipe name. Same name again = resume."""
     log_model: bool = True
     """Log the final model with mlflow.pytorch."""
+    outage_wait_s: float = 60.0
+    """How long the driver waits for an unreachable tracking server at the start of a run (then: a clear error,
+    nothing started) and at its end (then: training is kept, the run is finalized later by `medvl sync-metrics`).
+    During training an outage never waits: metrics go to a local journal and are delivered when it is back."""
 
 
 @dataclass
@@ -286,10 +294,19 @@ class Recipe:
             (self.data.max_unit_rows >= 1, "data.max_unit_rows must be >= 1"),
             (self.data.shuffle_buffer_mb > 0, "data.shuffle_buffer_mb must be > 0"),
             (self.eval.max_memory_mb > 0, "eval.max_memory_mb must be > 0"),
+            (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
+            (self.track.outage_wait_s >= 0, "track.outage_wait_s must be >= 0"),
+            (self.train.cpus_per_worker >= 1, "train.cpus_per_worker must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        from medvl.redact import secret_in_recipe
+        leaked = secret_in_recipe(flatten(to_dict(self)))
+        if leaked:  # every recipe key is logged as an MLflow param and copied into each run's recipe.yaml
+            raise ConfigError(f"{leaked}: holds a credential; credentials come from the environment only "
+                              f"(MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, ...), never "
+                              f"from a recipe, which is logged and copied into every run")
         for sec in self.sections.values():  # a section may define its own checks (`validate()` naming its keys)
             check = getattr(sec, "validate", None)
             if callable(check):

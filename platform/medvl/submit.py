@@ -18,9 +18,17 @@ submitted with:
     resolve on the cluster exactly as here, and `py_modules` = `platform/medvl`: that puts this checkout's medvl on
     the PYTHONPATH of the job driver AND of every Ray worker process (an entrypoint-only `PYTHONPATH=platform` would
     reach the driver but not the train workers, which would import whatever medvl the image has, or none).
-  - env_vars: RAY_AUTH_MODE, PYTHONUNBUFFERED, `--env KEY=VALUE`, and MLFLOW_TRACKING_URI / MEDVL_RUN_ROOT when they
-    are set HERE. On a real cluster leave them unset here and let the cluster's environment provide them (KubeRay:
-    cluster/kuberay/mlflow-config.yaml); a value set here overrides the cluster's for this job.
+  - env_vars: PYTHONUNBUFFERED, `--env KEY=VALUE`, and MLFLOW_TRACKING_URI / MEDVL_RUN_ROOT when they are set HERE.
+    On a real cluster leave them unset here and let the cluster's environment provide them (KubeRay:
+    cluster/kuberay/mlflow-config.yaml); a value set here overrides the cluster's for this job. Credentials are
+    never sent: a job's runtime_env is readable by everyone who can list the cluster's jobs, so a password in
+    MLFLOW_TRACKING_URI is stripped (the cluster supplies MLFLOW_TRACKING_USERNAME/PASSWORD) and a secret-named
+    `--env` (…_TOKEN, …PASSWORD, …SECRET…) is refused. RAY_AUTH_MODE is not forwarded either: the job runs with the
+    cluster's own setting.
+
+Token auth: with RAY_AUTH_MODE=token and the token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (RAY_AUTH_MODE defaults
+to `token` when either is set), `medvl submit` / `medvl jobs` send it as `Authorization: Bearer <token>` on every
+Jobs API request (Ray's JobSubmissionClient does this itself); without it a token cluster answers 401.
   - dependencies: by default the cluster already has them (prebuilt image / same venv); `--pip-from-lock` adds
     runtime_env `pip` = requirements.lock without `ray` itself (the job must use the cluster's Ray).
 
@@ -50,6 +58,7 @@ from typing import Any, Optional
 import yaml
 
 from medvl.config import ConfigError, apply_overrides, load_recipe, load_yaml
+from medvl.redact import default_ray_auth_mode, is_secret_key, redact_uri, strip_credentials, uri_secret
 
 EXCLUDES = [".venv", "runs", ".git", "test-artifacts", "bench/out", "__pycache__", "*.egg-info", ".pytest_cache"]
 """Paths of the project never uploaded as the job's working_dir (gitignore-style, relative to the project root)."""
@@ -121,11 +130,16 @@ def check_reachable(address: str, timeout: float = 5.0) -> str:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             body = r.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
+        if e.code == 401:
             raise SubmitError(
-                f"Ray dashboard at {address} refused the request (HTTP {e.code}): the cluster has token "
-                "authentication on; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
-                "cluster's token") from None
+                f"Ray dashboard at {address} refused the request (HTTP 401, no token sent): the cluster has token "
+                "authentication on; set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token (RAY_AUTH_MODE "
+                "then defaults to token; see cluster/README.md for where each cluster keeps it)") from None
+        if e.code == 403:
+            raise SubmitError(
+                f"Ray dashboard at {address} refused the request (HTTP 403): the token in "
+                f"{'RAY_AUTH_TOKEN' if os.environ.get('RAY_AUTH_TOKEN') else 'RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token'}"
+                " is not this cluster's") from None
         raise SubmitError(f"{address} answered HTTP {e.code} on /api/version; is that the Ray dashboard port "
                           f"(default 8265, not the GCS port 6379)? {README_HINT}") from None
     except urllib.error.URLError as e:
@@ -345,15 +359,25 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
     cluster_overrides += [f"{k}={_yaml_scalar(v)}" for k, v in fixed.items()]
 
     uri = environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri_secret(uri):
+        notes.append(f"MLFLOW_TRACKING_URI={redact_uri(uri)} carries a password: it is NOT sent with the job (a "
+                     f"job's runtime_env is readable by everyone who can list the cluster's jobs); the job gets "
+                     f"{strip_credentials(uri)} and the cluster must provide MLFLOW_TRACKING_USERNAME / "
+                     f"MLFLOW_TRACKING_PASSWORD (KubeRay: the medvl-mlflow-auth Secret)")
     if uri and address and not _is_loopback(address) and re.search(r"//(localhost|127\.)", uri):
         notes.append(f"MLFLOW_TRACKING_URI={uri} is forwarded to the job, but on the cluster that host is the "
                      "cluster node itself; unset it here to use the cluster's own setting")
 
     sid = submission_id or f"medvl-{_slug(name)}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    env_vars = {"RAY_AUTH_MODE": environ.get("RAY_AUTH_MODE", "disabled"), "PYTHONUNBUFFERED": "1"}
+    env_vars = {"PYTHONUNBUFFERED": "1"}  # RAY_AUTH_MODE: the cluster's own (forwarding could contradict it)
     for k in PASSTHROUGH_ENV:
         if environ.get(k):
-            env_vars[k] = environ[k]
+            env_vars[k] = strip_credentials(environ[k])
+    for k in extra_env or {}:
+        if is_secret_key(k) or uri_secret(extra_env[k]):
+            raise SubmitError(f"--env {k}=...: credentials are not sent with a job (its runtime_env is readable by "
+                              f"everyone who can list the cluster's jobs); set {k} in the cluster's environment "
+                              f"instead (KubeRay: a Secret, see cluster/README.md)")
     env_vars.update(extra_env or {})
 
     prefix = ""
@@ -469,11 +493,13 @@ def submit_main(argv: list[str]) -> int:
                       help="the cluster already has the pinned dependencies (default)")
     deps.add_argument("--pip-from-lock", dest="pip_from_lock", action="store_true",
                       help="install requirements.lock (minus ray) into the job's runtime_env")
+    # both options share `dest`; argparse would take the first one's default (store_false -> True): pip was on
+    p.set_defaults(pip_from_lock=False)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra job environment variable")
     p.add_argument("--submission-id", help="job id to use (default medvl-<name>-<time>-<hex>)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the job; contact no cluster")
     a = p.parse_intermixed_args(argv)  # overrides may follow options
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_TOKEN(_PATH) is set
 
     try:
         address = None if a.dry_run and not a.address else normalize_address(a.address)
@@ -552,7 +578,7 @@ def jobs_main(argv: list[str]) -> int:
     st.add_argument("--wait", action="store_true", help="wait until it is STOPPED")
     add("list", "all jobs of the cluster", with_id=False)
     a = p.parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()
 
     try:
         address = normalize_address(a.address)

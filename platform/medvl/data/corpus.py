@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -151,6 +151,8 @@ def check_shard_schema(path: str | os.PathLike) -> pa.Schema:
 
 
 def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    if pa.types.is_null(got):  # an all-null column (pandas/pyarrow infer `null` for it) holds no wrong values
+        return True
     if pa.types.is_large_string(got) and pa.types.is_string(want):
         return True
     if pa.types.is_large_binary(got) and pa.types.is_binary(want):
@@ -210,11 +212,32 @@ class ShardWriter:
         return self.shards
 
 
-def iter_rows(paths: Iterable[str], columns: Optional[list[str]] = None, batch_size: int = 256):
-    """Stream rows of the given shards as dicts (bounded memory: one record batch at a time)."""
+def iter_shard_batches(pf: "pq.ParquetFile", path: str, columns: Optional[list[str]], batch_size: int,
+                       on_bad: Optional[Callable[[int, str], None]] = None):
+    """Record batches of an open shard, one row group at a time. A row group that cannot be read (a corrupt
+    data page behind a valid footer) is reported to `on_bad(rows, reason)` and skipped instead of ending the whole
+    read (and with it the epoch)."""
+    for i in range(pf.num_row_groups):
+        try:
+            table = pf.read_row_group(i, columns=columns)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises OSError / ArrowInvalid / ... for corrupt pages
+            rows = pf.metadata.row_group(i).num_rows
+            reason = f"{path}: row group {i} ({rows} rows) is unreadable ({type(e).__name__}: {e})"[:300]
+            if on_bad is None:
+                raise CorpusError(reason) from None
+            on_bad(rows, reason)
+            continue
+        yield from table.to_batches(max_chunksize=batch_size)
+
+
+def iter_rows(paths: Iterable[str], columns: Optional[list[str]] = None, batch_size: int = 256,
+              on_bad: Optional[Callable[[int, str], None]] = None):
+    """Stream rows of the given shards as dicts (bounded memory: one row group at a time); unreadable row groups
+    go to `on_bad(rows, reason)` (default: CorpusError naming the shard and row group)."""
     for p in paths:
         check_shard_schema(p)
-        pf = pq.ParquetFile(p)
-        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
-        for rb in pf.iter_batches(batch_size=batch_size, columns=cols):
-            yield from rb.to_pylist()
+        with open_file(p) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
+            for rb in iter_shard_batches(pf, p, cols, batch_size, on_bad):
+                yield from rb.to_pylist()

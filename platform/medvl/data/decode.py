@@ -123,6 +123,8 @@ def decode_rows(decoder: RowDecoder, batch: dict[str, np.ndarray], *, seed: int,
 
 def load_image_bytes(row: dict) -> bytes:
     data = row.get("image")
+    if data is not None and len(data) == 0 and not row.get("image_uri"):
+        raise ValueError("image is empty (0 bytes)")
     if data:
         return data
     uri = row.get("image_uri")
@@ -130,14 +132,46 @@ def load_image_bytes(row: dict) -> bytes:
         raise ValueError("row has neither image bytes nor image_uri")
     from medvl.data.corpus import open_file
     with open_file(str(uri)) as f:
-        return f.read()
+        data = f.read()
+    if not data:
+        raise ValueError(f"image file {uri} is empty (0 bytes)")
+    return data
+
+
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+"""PIL modes of 16-bit / 32-bit grayscale images (PNG/TIFF exports of DICOM, 12-bit radiographs)."""
+
+
+def to_rgb(im):
+    """Any PIL image -> 8-bit RGB. 16/32-bit grayscale is rescaled from the image's own min..max to 0..255
+    (PIL's `convert("RGB")` clips it at 255, which turns a 12-bit radiograph stored in a 16-bit PNG almost entirely
+    white); a constant image becomes black. Palette images go through their palette (via RGBA when the palette has
+    transparency); alpha is dropped."""
+    from PIL import Image
+    if im.mode in HIGH_BIT_DEPTH_MODES:
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # a NaN/inf pixel: skip the row, never train on it
+            raise ValueError(f"image (mode {im.mode}) has NaN or infinite pixel values")
+        scaled = np.zeros(arr.shape, np.uint8) if hi <= lo else \
+            np.clip(np.rint((arr - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
 
 
 def open_image(row: dict):
-    """The row's image as an RGB PIL image (fully loaded)."""
-    from PIL import Image
-    with Image.open(io.BytesIO(load_image_bytes(row))) as im:
-        return im.convert("RGB")
+    """The row's image as an RGB PIL image (fully loaded; see `to_rgb` for 16-bit and palette images)."""
+    from PIL import Image, UnidentifiedImageError
+    data = load_image_bytes(row)
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's own message names only a BytesIO object
+        raise ValueError(f"not an image format PIL reads ({len(data)} bytes starting {bytes(data[:8])!r})") from None
+    with im:
+        im.load()
+        return to_rgb(im)
 
 
 def to_uint8_chw(img) -> np.ndarray:
@@ -150,11 +184,13 @@ def to_uint8_chw(img) -> np.ndarray:
 
 def pick_text(texts: Any, mode: str, rng: np.random.Generator) -> str:
     """One caption from a row's `texts`: `random` (seeded), `first`, or `join`."""
-    if texts is None or len(texts) == 0:
-        raise ValueError("empty texts")
+    if texts is None:
+        raise ValueError("no text: texts is missing")
+    if len(texts) == 0:
+        raise ValueError("no text: texts is an empty list")
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
-        raise ValueError("empty texts")
+        raise ValueError("no text: every entry of texts is empty")
     if mode == "first":
         return texts[0]
     if mode == "join":

@@ -4,8 +4,10 @@
     medvl ingest folder images/    --out corpora/y [--template "a photo of {}." ...]
     medvl ingest digits            --out corpora/digits   # scikit-learn's handwritten digits, via `folder`
 
-Every row is validated (image decodes, texts non-empty strings, labels numeric). A bad row is written to
-`<out>/rejects.jsonl` with its source file, row number, field and reason, counted, and never silently dropped.
+Every row is validated (image decodes, texts non-empty strings, labels numeric, sample id unique). A bad row is
+written to `<out>/rejects.jsonl` with its source file, row number, field and reason, counted, and never silently
+dropped. A duplicated sample id is rejected (the first row with that id is kept): training seeds each row's
+augmentation and caption choice from its id, and evaluation matches rows by id, so ids must be unique.
 """
 from __future__ import annotations
 
@@ -101,6 +103,14 @@ class Ingestor:
         self.rejects = open(self.rejects_path, "w")
         self.stats = IngestStats()
         self.source = source
+        self._seen: dict[str, str] = {}
+
+    def claim(self, sample_id: str, where: str) -> None:
+        """Reject a sample id seen before (ids must be unique: per-sample seeding, evaluation by id)."""
+        first = self._seen.get(sample_id)
+        if first is not None:
+            raise Rejected("sample_id", f"duplicate sample_id {sample_id!r} (first seen at {first}; that row is kept)")
+        self._seen[sample_id] = where
 
     def reject(self, file: str, row: Optional[int], fld: str, reason: str) -> None:
         self.stats.rejected += 1
@@ -175,6 +185,7 @@ def ingest_table(path: str, out: str, image_key: str = "filepath", text_keys: It
             texts = check_texts([rec.get(k) for k in text_keys])
             labels = check_labels({k: rec.get(k) for k in label_keys if rec.get(k) not in (None, "")})
             sid = str(rec[id_key]) if id_key and rec.get(id_key) not in (None, "") else f"{src.stem}-{rowno}"
+            ing.claim(sid, f"row {rowno}")
             split = str(rec[split_key]) if split_key and rec.get(split_key) else split_for(sid, val_fraction, seed)
             ing.add({
                 "sample_id": sid,
@@ -223,6 +234,7 @@ def ingest_folder(root: str, out: str, templates: Iterable[str] = ("a photo of {
             data = f.read_bytes()
             check_image(data, "image")
             sid = f"{cdir}/{f.stem}"
+            ing.claim(sid, str(f))
             ing.add({"sample_id": sid, "image": data, "image_uri": None,
                      "texts": [t.format(cname) for t in templates],
                      "labels": {label_field: float(ci)}, "split": split_for(sid, val_fraction, seed),

@@ -70,9 +70,12 @@ class SkipCounter:
 
 
 def skip_counter(name: str, namespace: Optional[str] = None):
-    """Get or create a named counter (detached from the driver so worker restarts keep it)."""
-    return SkipCounter.options(name=name, namespace=namespace, get_if_exists=True,
-                               lifetime="detached").remote()
+    """Get or create the run's named counter (detached from the driver so worker restarts keep it), on the
+    driver's node (a 0-CPU actor could land anywhere, and a lost worker node would take the count with it)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return SkipCounter.options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
+                               scheduling_strategy=here).remote()
 
 
 # --------------------------------------------------------------------------- read units and the epoch plan
@@ -257,19 +260,39 @@ def read_window(items: dict[str, np.ndarray], *, decoder: RowDecoder, decode_row
     for spec_json, epoch, win, skip in zip(items["spec"], items["epoch"], items["window"], items["skip"]):
         spec = json.loads(str(spec_json))
         values: dict[str, list] = {}
+        unreadable: set[int] = set()  # window rows of a corrupt row group: never delivered (counted as skipped)
+        n = 0
         for path, rg, a, b in spec["slices"]:
             names = _checked(path)
             cols = [c for c in decoder.columns if c in names]
             if "sample_id" not in cols:
                 cols.append("sample_id")
-            with open_file(path) as f:
-                tbl = pq.ParquetFile(f).read_row_group(rg, columns=cols).slice(a, b - a)
+            try:
+                with open_file(path) as f:
+                    tbl = pq.ParquetFile(f).read_row_group(rg, columns=cols).slice(a, b - a)
+                got = {c: tbl.column(c).to_pylist() for c in cols}
+            except Exception as e:  # noqa: BLE001 - pyarrow raises OSError / ArrowInvalid / ... for corrupt pages
+                why = f"{path}: row group {rg} is unreadable ({type(e).__name__}: {e})"[:300]
+                log.warning("skipped %d rows: %s", b - a, why)
+                on_skip([(f"{path}#row-group-{rg}", why)])
+                unreadable.update(range(n, n + b - a))
+                got = {c: [None] * (b - a) for c in cols}
             for c in set(cols) | set(values):
-                values.setdefault(c, []).extend(tbl.column(c).to_pylist() if c in cols else [None] * tbl.num_rows)
-        n = len(values["sample_id"])
+                values.setdefault(c, [None] * n).extend(got.get(c) or [None] * (b - a))
+            n += b - a
         order = np.asarray(spec["order"]) if spec.get("order") is not None else np.arange(n)
         for c0 in range(int(skip), n, decode_rows_n):
             idx = order[c0:c0 + decode_rows_n]
+            if unreadable:
+                keep = [j for j, i in enumerate(idx) if int(i) not in unreadable]
+                if not keep:
+                    continue
+                if len(keep) < len(idx):  # positions stay those of the window order (`_pos` below)
+                    sub = _read_subset(decoder, values, idx, keep, seed, int(epoch), on_skip, c0)
+                    if sub is not None:
+                        sub["_window"] = np.full(len(sub["_pos"]), int(win), dtype=np.int64)
+                        yield sub
+                    continue
             batch = {c: _object_array([v[i] for i in idx]) for c, v in values.items()}
             kept: list[int] = []
             out = decode_rows(decoder, batch, seed=seed, epoch=int(epoch), on_skip=on_skip, kept=kept)
@@ -281,6 +304,20 @@ def read_window(items: dict[str, np.ndarray], *, decoder: RowDecoder, decode_row
             out["_pos"] = c0 + k
             out["_sid"] = np.asarray([sample_hash(str(batch["sample_id"][i])) for i in k], dtype=np.int64)
             yield out
+
+
+def _read_subset(decoder, values, idx, keep, seed, epoch, on_skip, c0):
+    """Decode the rows `idx[keep]` of a chunk whose other rows are unreadable; `_pos` keeps window positions."""
+    sel = [idx[j] for j in keep]
+    batch = {c: _object_array([v[i] for i in sel]) for c, v in values.items()}
+    kept: list[int] = []
+    out = decode_rows(decoder, batch, seed=seed, epoch=epoch, on_skip=on_skip, kept=kept)
+    if out is None:
+        return None
+    out["_epoch"] = np.full(len(kept), epoch, dtype=np.int64)
+    out["_pos"] = np.asarray([c0 + keep[k] for k in kept], dtype=np.int64)
+    out["_sid"] = np.asarray([sample_hash(str(batch["sample_id"][k])) for k in kept], dtype=np.int64)
+    return out
 
 
 @dataclass

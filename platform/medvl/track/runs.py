@@ -12,9 +12,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from medvl.config import Recipe, dump_yaml, flatten, to_dict
+from medvl.config import Recipe, flatten, to_dict
+from medvl.redact import redact_mapping, redact_text, redact_uri, redact_value
+from medvl.track.buffer import JOURNAL_FILE, JournalLogger, MetricJournal, make_sender
 
 RUN_ID_FILE = "mlflow_run_id"
+
+# MLflow's fluent API prints "View run ... at: <tracking URI>/#/..." when a run it opened ends (model export), with
+# any password the URI carries; medvl prints its own links, redacted.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def run_root(recipe: Recipe) -> Path:
@@ -62,8 +68,9 @@ def start_or_resume_run(recipe: Recipe, run_dir: Path, parent_run_id: Optional[s
                 client.update_run(run_id, status="RUNNING")
                 client.set_tag(run_id, "medvl.resumed", "true")
                 return run_id
-        except Exception:  # noqa: BLE001 - a different tracking server: start a new run
-            pass
+        except Exception as e:  # noqa: BLE001
+            if not _not_found(e):
+                raise  # an outage or an auth error: never start a second run for the same job
     exp_id = ensure_experiment(uri, recipe.track.experiment, run_root(recipe))
     all_tags = {"mlflow.runName": recipe.run_name, "medvl.method": recipe.method, "medvl.recipe": recipe.name}
     if parent_run_id:
@@ -77,15 +84,29 @@ def start_or_resume_run(recipe: Recipe, run_dir: Path, parent_run_id: Optional[s
     return run_id
 
 
+def _not_found(e: BaseException) -> bool:
+    """MLflow says the run does not exist (another tracking server than the one that created it)."""
+    return getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "RESOURCE_DOES_NOT_EXIST" in str(e)
+
+
+def safe_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML with credentials redacted (recipes hold none, see `Recipe.validate`; this is
+    the second line of defence for everything medvl writes)."""
+    import yaml
+    return yaml.safe_dump(redact_mapping(to_dict(recipe)), sort_keys=False)
+
+
 def log_recipe(client, run_id: str, recipe: Recipe) -> None:
     from mlflow.entities import Param
-    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-              for k, v in flatten(to_dict(recipe)).items()]
+    params = []
+    for k, v in flatten(to_dict(recipe)).items():
+        v = redact_value(k, v)
+        params.append(Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)))
     for i in range(0, len(params), 90):
         client.log_batch(run_id, params=params[i:i + 90])
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "recipe.yaml"
-        p.write_text(dump_yaml(recipe))
+        p.write_text(safe_yaml(recipe))
         client.log_artifact(run_id, str(p), artifact_path="config")
 
 
@@ -108,7 +129,7 @@ def log_recipe_change(uri: str, run_id: str, recipe: Recipe, changes: dict[str, 
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / f"recipe_change_{n}.json").write_text(json.dumps(
             {k: {"old": a, "new": b} for k, (a, b) in changes.items()}, indent=1, default=str))
-        (Path(d) / f"recipe_{n}.yaml").write_text(dump_yaml(recipe))
+        (Path(d) / f"recipe_{n}.yaml").write_text(safe_yaml(recipe))
         client.log_artifacts(run_id, d, artifact_path="config")
     return n
 
@@ -134,65 +155,21 @@ def log_dataset(run_id: str, uri: str, corpus: str, split: str, context: str) ->
                                                      tags=[InputTag("mlflow.data.context", context)])])
 
 
-class RankZeroLogger:
+class RankZeroLogger(JournalLogger):
     """Metric logging from the rank-0 train worker into the job's existing run (no-op elsewhere).
 
-    `log` only queues: a background thread writes the queued metrics with `log_batch`, so a slow tracking
-    store (a remote server, SQLite under load) never stalls a training step. `flush()` waits until everything
-    queued is written (the worker calls it before each checkpoint report and at the end), so a checkpoint never
-    runs ahead of the metrics logged before it. A failed write is retried at the next flush, then reported."""
+    Metrics go to the run's durable journal (`<run_root>/jobs/<run>/metrics.jsonl`, see `medvl.track.buffer`) and a
+    background thread delivers them, so a slow or unreachable tracking server never stalls or fails a training
+    step, and nothing is lost or sent twice. `flush()` makes the journal durable (called before each checkpoint
+    report); it never raises."""
 
-    def __init__(self, uri: Optional[str], run_id: Optional[str], enabled: bool):
-        import queue
-        import threading
-        self.enabled = enabled and bool(run_id)
-        self.run_id = run_id
-        self.client = _client(uri) if self.enabled else None
-        self._queue: "queue.Queue" = queue.Queue()
-        self._error: Optional[BaseException] = None
-        self._thread = None
-        if self.enabled:
-            self._thread = threading.Thread(target=self._drain, name="medvl-mlflow-logger", daemon=True)
-            self._thread.start()
+    def __init__(self, uri: Optional[str], run_id: Optional[str], enabled: bool,
+                 journal: Optional[str | os.PathLike] = None):
+        super().__init__(uri, run_id, journal=journal, enabled=enabled)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        import time
 
-        from mlflow.entities import Metric
-        ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]
-        if batch:
-            self._queue.put(batch)
-
-    def _drain(self) -> None:
-        pending: list = []
-        while True:
-            item = self._queue.get()
-            if item is not None:
-                pending.extend(item)
-            if pending and (item is None or self._queue.empty()):
-                try:
-                    while pending:  # at most 1000 metrics per log_batch; a retry never re-sends a written chunk
-                        self.client.log_batch(self.run_id, metrics=pending[:1000])
-                        pending = pending[1000:]
-                    self._error = None
-                except Exception as e:  # noqa: BLE001 - keep the metrics and retry with the next batch
-                    self._error = e
-            self._queue.task_done()
-
-    def flush(self) -> None:
-        """Block until every queued metric is written; raises if the tracking store keeps failing."""
-        if not self.enabled:
-            return
-        self._queue.put(None)  # forces a write attempt of whatever is pending
-        self._queue.join()
-        if self._error is not None:
-            self._queue.put(None)  # one retry
-            self._queue.join()
-            if self._error is not None:
-                raise RuntimeError(f"MLflow: could not log metrics to run {self.run_id}: {self._error}")
+def journal_path(run_dir: Path) -> Path:
+    return Path(run_dir) / JOURNAL_FILE
 
 
 def plot_loss_curve(uri: str, run_id: str, out: Path) -> Optional[Path]:
@@ -222,5 +199,76 @@ def finish_run(uri: str, run_id: str, status: str = "FINISHED", summary: Optiona
     client = _client(uri)
     if summary:
         for k, v in summary.items():
-            client.set_tag(run_id, f"medvl.{k}", str(v))
+            client.set_tag(run_id, f"medvl.{k}", redact_text(v)[:5000])
     client.set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------- tracking-server outages
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within `track.outage_wait_s` (the message has the URI, redacted)."""
+
+
+def _probe(uri: str, timeout: float = 5.0) -> Optional[str]:
+    """None when the tracking store answers, else why not. HTTP: GET /health; other stores: a cheap query."""
+    if uri.startswith(("http://", "https://")):
+        import requests
+        try:
+            r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            return None if r.status_code == 200 else f"HTTP {r.status_code} on /health"
+        except requests.RequestException as e:
+            return f"{type(e).__name__}: {e}"
+    try:
+        _client(uri).search_experiments(max_results=1)
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
+
+def wait_for_tracking(uri: str, wait_s: float, what: str) -> None:
+    """Return once the tracking store answers; poll with backoff for up to `wait_s`, printing once that it waits;
+    raise TrackingUnavailable (URI redacted) after that."""
+    import sys
+    import time
+    t0 = time.monotonic()
+    delay, said = 1.0, False
+    while True:
+        why = _probe(uri)
+        if why is None:
+            if said:
+                print(f"medvl: MLflow at {redact_uri(uri)} answers again after {time.monotonic() - t0:.0f}s",
+                      file=sys.stderr, flush=True)
+            return
+        left = wait_s - (time.monotonic() - t0)
+        if left <= 0:
+            raise TrackingUnavailable(f"MLflow tracking server at {redact_uri(uri)} did not answer within "
+                                      f"{wait_s:.0f}s (track.outage_wait_s) {what}: {redact_text(why)[:300]}")
+        if not said:
+            print(f"medvl: MLflow at {redact_uri(uri)} does not answer ({redact_text(why)[:200]}); waiting up to "
+                  f"{wait_s:.0f}s {what}", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 10.0)
+
+
+def sync_journal(run_dir: Path, uri: str, wait_s: float = 0.0) -> int:
+    """Deliver what the run's metric journal still holds (left by a crash, a killed driver or an outage); retries
+    for up to `wait_s`. Returns the metrics delivered; raises TrackingUnavailable when the server stays away."""
+    import time
+    journal = MetricJournal(journal_path(run_dir))
+    if journal.pending_bytes() == 0:
+        return 0
+    send = make_sender(uri)
+    t0 = time.monotonic()
+    delay, sent = 1.0, 0
+    while True:
+        try:
+            sent += journal.deliver(send)
+            return sent
+        except Exception as e:  # noqa: BLE001
+            if time.monotonic() - t0 >= wait_s:
+                raise TrackingUnavailable(f"MLflow at {redact_uri(uri)} unreachable: {journal.pending_bytes()} bytes "
+                                          f"of metrics stay in {journal.path} ({redact_text(e)[:300]})") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)

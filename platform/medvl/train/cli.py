@@ -1,7 +1,10 @@
-"""`medvl train RECIPE [key.sub=value ...]` and `medvl eval RECIPE [--checkpoint DIR]`."""
+"""`medvl train RECIPE [key.sub=value ...]`, `medvl eval RECIPE [--checkpoint DIR]` and
+`medvl sync-metrics RECIPE|RUN_DIR [--wait S]` (deliver what a run's metric journal holds after an MLflow outage,
+and finish a run whose end the outage deferred)."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from medvl.config import load_recipe
@@ -18,10 +21,11 @@ def _parse(prog: str, argv: list[str], extra=None):
 
 
 def _ui_hint(uri: str, run_id: str, experiment: str) -> str:
+    from medvl.redact import redact_uri
     if uri.startswith("sqlite:"):
         return (f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000, "
                 f"experiment '{experiment}', run {run_id}")
-    return f"open {uri} -> experiment '{experiment}', run {run_id}"
+    return f"open {redact_uri(uri)} -> experiment '{experiment}', run {run_id}"
 
 
 def train_main(argv: list[str]) -> int:
@@ -78,14 +82,58 @@ def eval_main(argv: list[str]) -> int:
         print("medvl eval: no held-out rows (data.val_split)")
         return 2
     metrics = evaluate(model, "cpu")
-    id_file = runs.run_root(recipe) / "jobs" / recipe.run_name / runs.RUN_ID_FILE
+    run_dir = runs.run_root(recipe) / "jobs" / recipe.run_name
+    id_file = run_dir / runs.RUN_ID_FILE
     if id_file.exists():
-        logger = runs.RankZeroLogger(runs.tracking_uri(recipe), id_file.read_text().strip(), True)
+        logger = runs.RankZeroLogger(runs.tracking_uri(recipe), id_file.read_text().strip(), True,
+                                     journal=runs.journal_path(run_dir))
         logger.log({k.replace("val/", "eval/"): v for k, v in metrics.items()}, step=int(state["step"]))
-        logger.flush()
+        logger.close(timeout=recipe.track.outage_wait_s)
     print(f"checkpoint {Path(ckpt).name} (step {state['step']}):")
     for k, v in sorted(metrics.items()):
         print(f"  {k} = {v:.4f}")
     if "val/zero_shot_accuracy" in metrics:
         print(f"zero_shot_accuracy={metrics['val/zero_shot_accuracy']:.4f}")
+    return 0
+
+
+def sync_main(argv: list[str]) -> int:
+    """`medvl sync-metrics RECIPE|RUN_DIR`: deliver buffered metrics; finish a deferred finalize."""
+    from pathlib import Path
+
+    from medvl.config import load_recipe, recipe_from_dict
+    from medvl.redact import redact_uri
+    from medvl.track import runs
+    from medvl.train import faults
+    p = argparse.ArgumentParser(prog="medvl sync-metrics", description=sync_main.__doc__)
+    p.add_argument("target", help="the run's recipe (with the same overrides) or its run directory "
+                                  "(<run_root>/jobs/<run name>)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (as given to medvl train)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for an unreachable server")
+    a = p.parse_args(argv)
+    target = Path(a.target)
+    if target.is_dir():  # <run_root>/jobs/<run>: the recipe it ran with is next to the run id
+        import yaml
+        run_dir = target.resolve()
+        recipe = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text())) \
+            if (run_dir / "recipe.yaml").exists() else None
+        uri = (recipe.track.tracking_uri if recipe is not None else None) or os.environ.get("MLFLOW_TRACKING_URI") \
+            or f"sqlite:///{run_dir.parent.parent / 'mlflow.db'}"
+    else:
+        recipe = load_recipe(target, a.overrides)
+        run_dir = runs.run_root(recipe) / "jobs" / recipe.run_name
+        uri = runs.tracking_uri(recipe)
+    if not (run_dir / runs.RUN_ID_FILE).exists():
+        print(f"medvl sync-metrics: {run_dir} is not a medvl run directory (no {runs.RUN_ID_FILE})")
+        return 2
+    try:
+        runs.wait_for_tracking(uri, a.wait, "to sync metrics")
+        n = runs.sync_journal(run_dir, uri, a.wait)
+        done = faults.complete_finalize(recipe, run_dir, uri)
+    except runs.TrackingUnavailable as e:
+        print(f"medvl sync-metrics: {e}")
+        return 1
+    run_id = (run_dir / runs.RUN_ID_FILE).read_text().strip()
+    print(f"medvl sync-metrics: delivered {n} buffered metrics to run {run_id} at {redact_uri(uri)}"
+          + (f"; finished the run ({done['status']})" if done else "") + "; nothing is pending")
     return 0

@@ -166,6 +166,7 @@ def main(argv: list[str]) -> int:
     out = run_comparison(name, ra, rb, (la, lb))
     print(f"\ncomparison '{name}' ({la} = {ra.method}, {lb} = {rb.method}; same data, budget and seed):")
     print(table_markdown(out.table))
-    print(f"MLflow: parent run {out.parent_run_id} ({out.tracking_uri}); runs {out.run_ids[0]} and {out.run_ids[1]} "
-          f"nested under it; table in its artifacts (compare/table.md)")
+    from medvl.redact import redact_uri
+    print(f"MLflow: parent run {out.parent_run_id} ({redact_uri(out.tracking_uri)}); runs {out.run_ids[0]} and "
+          f"{out.run_ids[1]} nested under it; table in its artifacts (compare/table.md)")
     return 0

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from medvl.config import Recipe, dump_yaml, to_dict
+from medvl.config import Recipe, to_dict
 from medvl.data.corpus import load_manifest
 from medvl.track import runs
 
@@ -32,7 +32,8 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
     import ray
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from medvl.redact import default_ray_auth_mode
+    os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_TOKEN(_PATH) is set
     addr = (recipe.runtime.ray_address if recipe else None) or os.environ.get("RAY_ADDRESS")
     if addr:
         ray.init(address=addr, logging_level=logging.WARNING)
@@ -46,10 +47,22 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
     # reserved) until a sweep starves and hangs. A single training job's controller is never killed from outside
     # (Ray goes down with the driver), so it runs without the dashboard's processes (measured: ~2% of this
     # 2-core machine, and fewer training samples/s).
-    ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
-                                       "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
-                                       "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+                                               "RAY_DATA_DISABLE_PROGRESS_BARS":
+                                                   os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
+                                               "PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+            return
+        except Exception as e:  # noqa: BLE001
+            # [faults] Ray gives a new node's raylet a fixed 30 s to register; an overloaded machine can miss it
+            # ("The current node timed out during startup"). Start over once instead of failing the command.
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            log.warning("embedded Ray did not start in time (%s); starting it again", e)
+            ray.shutdown()
 
 
 def quiet_ray_data() -> None:
@@ -126,7 +139,11 @@ def prepare_job(recipe: Recipe, parent_run_id: Optional[str] = None, tags: Optio
     run_dir = root / "jobs" / recipe.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     changes = check_resume(recipe, run_dir, root / "ray" / recipe.run_name)
-    load_manifest(recipe.data.corpus)  # a clear error for a missing corpus before anything else
+    manifest = load_manifest(recipe.data.corpus)  # a clear error for a missing corpus before anything else
+    if manifest.rows(recipe.data.train_split) == 0:  # [faults] an empty corpus is an error before anything starts
+        from medvl.data.corpus import CorpusError
+        raise CorpusError(f"{recipe.data.corpus}: split {recipe.data.train_split!r} has no rows (an empty corpus; "
+                          f"see its rejects.jsonl for what ingest refused)")
     plan = plan_for(recipe.data, recipe.train.seed, recipe.train.num_workers)
     steps_per_epoch = plan.steps_per_epoch(recipe.data.batch_size)
     if steps_per_epoch < 1:
@@ -136,12 +153,17 @@ def prepare_job(recipe: Recipe, parent_run_id: Optional[str] = None, tags: Optio
     if recipe.train.max_steps:
         total = min(total, recipe.train.max_steps)
     uri = runs.tracking_uri(recipe)
+    runs.wait_for_tracking(uri, recipe.track.outage_wait_s, "to start the run")  # [faults] a clear error, not a hang
     run_id = runs.start_or_resume_run(recipe, run_dir, parent_run_id, tags)
     if changes:
         runs.log_recipe_change(uri, run_id, recipe, changes, run_dir)
         log.warning("run '%s' resumes with a changed recipe: %s", recipe.run_name,
                     ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))  # the fully resolved config, with every run
+    (run_dir / "recipe.yaml").write_text(runs.safe_yaml(recipe))  # the fully resolved config, with every run
+    try:  # [faults] metrics an earlier attempt (killed driver, outage) left in the run's journal
+        runs.sync_journal(run_dir, uri)
+    except runs.TrackingUnavailable as e:
+        log.warning("%s", e)
     try:
         runs.log_dataset(run_id, uri, recipe.data.corpus, recipe.data.train_split, "training")
     except Exception as e:  # noqa: BLE001 - lineage is best effort, the manifest artifact is the fallback
@@ -169,7 +191,8 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
                            "mlflow_run_id": job.mlflow_run_id, "steps_per_epoch": job.steps_per_epoch,
                            "total_steps": job.total_steps, "plan": job.plan.to_dict(),
                            "storage_dir": str(job.storage_path / r.run_name),
-                           "audit_dir": os.environ.get(AUDIT_ENV) or None},
+                           "audit_dir": os.environ.get(AUDIT_ENV) or None,
+                           "metrics_journal": str(runs.journal_path(job.run_dir))},
         scaling_config=ray.train.ScalingConfig(num_workers=r.train.num_workers, use_gpu=r.train.use_gpu,
                                                resources_per_worker={"CPU": r.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -181,8 +204,27 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
 
 
 def finalize(job: Job, result, status: str = "FINISHED") -> dict[str, Any]:
-    """Plot the curves, log the final model, close the MLflow run; return the final metrics."""
+    """Plot the curves, log the final model, close the MLflow run; return the final metrics.
+
+    [faults] A run the workers stopped (non-finite losses) raises `TrainingAborted`. When MLflow is unreachable
+    for `track.outage_wait_s`, the training is kept and `medvl sync-metrics` finishes the run later."""
+    from medvl.train import faults
+    faults.raise_if_aborted(job, result)
     metrics = dict(result.metrics or {}) if result is not None else {}
+    summary = {k: v for k, v in metrics.items() if k in ("step", "epoch", "val/zero_shot_accuracy")}
+    try:
+        wait = job.recipe.track.outage_wait_s
+        runs.wait_for_tracking(job.tracking_uri, wait, "to finalize the run")
+        runs.sync_journal(job.run_dir, job.tracking_uri, wait)
+        _finalize_in_mlflow(job, result, status, summary)
+    except Exception as e:  # noqa: BLE001
+        if runs._probe(job.tracking_uri) is None and not isinstance(e, runs.TrackingUnavailable):
+            raise  # MLflow answers: a real error
+        faults.defer_finalize(job, result, status, summary, e)
+    return metrics
+
+
+def _finalize_in_mlflow(job: Job, result, status: str, summary: dict) -> None:
     with tempfile.TemporaryDirectory() as d:
         plot = runs.plot_loss_curve(job.tracking_uri, job.mlflow_run_id, Path(d) / "loss_curve.png")
         if plot:
@@ -190,9 +232,7 @@ def finalize(job: Job, result, status: str = "FINISHED") -> dict[str, Any]:
     ckpt = getattr(result, "checkpoint", None)
     if job.recipe.track.log_model and ckpt is not None:
         log_final_model(job, ckpt)
-    summary = {k: v for k, v in metrics.items() if k in ("step", "epoch", "val/zero_shot_accuracy")}
     runs.finish_run(job.tracking_uri, job.mlflow_run_id, status, summary)
-    return metrics
 
 
 def load_model_from_checkpoint(recipe: Recipe, ckpt_dir: str):
@@ -217,15 +257,25 @@ def log_final_model(job: Job, ckpt) -> None:
 def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
                  tags: Optional[dict] = None) -> tuple[Job, dict[str, Any]]:
     """Run one training job end to end (used by `medvl train` and by each sweep trial)."""
+    from medvl.train import faults
     ensure_ray(recipe)
+    faults.check_cluster_fits(recipe)  # [faults] more workers than an embedded Ray has: fail now, not hang
     job = prepare_job(recipe, parent_run_id, tags)
     trainer = build_trainer(job, callbacks)
     try:
-        result = trainer.fit()
-    except BaseException:
-        runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED")
-        raise
-    return job, finalize(job, result)
+        try:
+            result = trainer.fit()
+        except BaseException as e:
+            try:
+                runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED",
+                                {"end_reason": f"{type(e).__name__}: {e}"})
+            except Exception as e2:  # noqa: BLE001 - MLflow down too: keep the original error
+                from medvl.redact import redact_text
+                log.warning("could not mark MLflow run %s failed: %s", job.mlflow_run_id, redact_text(e2))
+            raise
+        return job, finalize(job, result)
+    finally:  # [faults] the detached skip counter of this run (sweeps release theirs per trial)
+        faults.release_skip_counter(job.mlflow_run_id, job.tracking_uri)
 
 
 def expected_steps(recipe: Recipe) -> int:

@@ -38,6 +38,7 @@ from medvl.methods import resolve_method
 from medvl.models.factory import unwrap
 from medvl.track.runs import RankZeroLogger
 from medvl.train import checkpoint as ck
+from medvl.train.faults import ABORT_KEY, NonFiniteGuard
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
 
@@ -55,6 +56,7 @@ class Progress:
     window: int = 0
     offset: int = 0
     skipped: int = 0
+    nonfinite_steps: int = 0
 
 
 class _Dist:
@@ -100,7 +102,7 @@ class _Dist:
         return box[0]
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
+def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
     import ray.data
     import ray.train
     import ray.train.torch
@@ -127,7 +129,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     plan = StreamPlan.from_dict(config["plan"])
     steps_per_epoch = config["steps_per_epoch"]
     per_rank = d.batch_size // world
-    logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0)
+    logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0,
+                            journal=config.get("metrics_journal"))
     storage = _Storage(config.get("storage_dir"))
     if rank == 0:
         ck.clean_scratch(recipe.runtime.scratch_dir, recipe.run_name, config.get("storage_dir") or "")
@@ -148,6 +151,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if len(rngs) == world:
             ck.restore_rng(rngs[rank])
     resumed_from = prog.step
+    guard = NonFiniteGuard(t.max_nonfinite_steps, prog.nonfinite_steps)  # [faults] NaN/inf steps, all ranks
     if rank == 0:
         print(f"medvl: {'resuming from checkpoint at step ' + str(resumed_from) if resumed else 'starting fresh'} "
               f"(epoch {prog.epoch}, step {prog.step_in_epoch} of {steps_per_epoch} in it), "
@@ -171,8 +175,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             eval_metrics = evaluator.get()(unwrap(model), device)
         _report(model, opt, sched, scaler, method, prog, {"loss": float("nan")}, eval_metrics, coll, rank,
                 logger, recipe, plan, storage, with_ckpt=False, done=True)
-        logger.flush()
-        return
+        logger.close()
+        return None
 
     # [5] this rank's own stream: its plan from its position on, decoded in Ray Data tasks, order preserved
     data_ctx = ray.data.DataContext.get_current()
@@ -209,6 +213,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             tensors = method.prepare_batch({k: v.to(device, non_blocking=True) for k, v in tensors.items()},
                                            device)
             terms = train_step(method, model, tensors, opt, sched, s, scaler)
+            stop = guard.update(terms.skipped, prog.step + 1)  # [faults] the same on every rank (all-reduced)
+            prog.nonfinite_steps = guard.total
             lin = _linear(sizes, int(meta["_window"][-1]), int(meta["_pos"][-1]) + 1)
             prog.skipped += (lin - cursor) - len(meta["_pos"])  # rows passed over but not delivered
             cursor = lin
@@ -216,10 +222,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             prog.step += 1
             prog.step_in_epoch += 1
             audit.write(prog, meta["_sid"], terms)
+            if stop:  # every rank at once; rank 0's return value reaches the driver (Result.return_value)
+                batcher.close()
+                return _abort(guard.reason(prog.step), prog, logger)
             now = time.perf_counter()
-            for k, v in terms.items():  # detached tensors: summed without a device sync per step
-                window["terms"][k] = window["terms"].get(k, 0) + v
-            window["n"] += 1
+            if not terms.skipped:  # a skipped step's NaN never enters the logged means
+                for k, v in terms.items():  # detached tensors: summed without a device sync per step
+                    window["terms"][k] = window["terms"].get(k, 0) + v
+                window["n"] += 1
             window["wait"] += wait
             window["time"] += now - t_last
             t_last = now
@@ -262,7 +272,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 plan, storage, done=finished())
         t_last = time.perf_counter()
     batcher.close()
-    logger.flush()
+    logger.close()
+    return None
+
+
+def _abort(reason: str, prog: Progress, logger) -> dict:
+    """[faults] A run stopped on purpose: no exception (Ray Train would restart the group from the last checkpoint
+    and meet the same NaNs), no checkpoint; the driver raises `TrainingAborted` from this return value."""
+    logger.log({"train/nonfinite_steps": prog.nonfinite_steps}, step=prog.step)
+    logger.close()
+    if logger.enabled:
+        print(f"medvl: {reason}", flush=True)
+    return {ABORT_KEY: reason, "step": prog.step, "train/nonfinite_steps": prog.nonfinite_steps}
 
 
 # --------------------------------------------------------------------------- helpers of the loop
@@ -320,6 +341,7 @@ def _log_window(window: dict, prog: Progress, steps_per_epoch: int, coll: _Dist,
         "train/samples_per_s": recipe.data.batch_size * n / max(window["time"], 1e-9),
         "train/data_wait_s": window["wait"] / n,
         "train/skipped_samples": float(vals[-1]),
+        "train/nonfinite_steps": prog.nonfinite_steps,
         "train/epoch": prog.epoch + prog.step_in_epoch / max(1, steps_per_epoch),
     }, step=prog.step)
     return means
@@ -352,7 +374,8 @@ def _resume_position(state: dict, plan: StreamPlan, rank: int, world: int, per_r
     size, corpus or shuffle settings (refused unless the recipe change was allowed) the epoch continues at the
     same fraction of every rank's part, which may repeat or leave out some of its rows (warned)."""
     p = Progress(step=int(state["step"]), epoch=int(state["epoch"]),
-                 step_in_epoch=int(state.get("step_in_epoch", state.get("batch_in_epoch", 0))))
+                 step_in_epoch=int(state.get("step_in_epoch", state.get("batch_in_epoch", 0))),
+                 nonfinite_steps=int(state.get("nonfinite_steps", 0)))
     positions = state.get("positions") or []
     if state.get("plan") == plan.fingerprint() and len(positions) == world:
         mine = positions[rank]
@@ -452,6 +475,7 @@ def _report(model, opt, sched, scaler, method, prog: Progress, losses: dict, eva
     scratch, name = None, None
     if rank == 0 and with_ckpt:
         position = {"step": prog.step, "epoch": prog.epoch, "step_in_epoch": prog.step_in_epoch,
+                    "nonfinite_steps": prog.nonfinite_steps,
                     "world_size": coll.world, "plan": plan.fingerprint(),
                     "positions": [g["position"] for g in gathered]}
         state = {"format": ck.FORMAT, "version": ck.VERSION, "model": unwrap(model).state_dict(),

@@ -58,6 +58,9 @@ def main(argv: list[str]) -> int:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths)))
         for r in rows:
             print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    incidents = [r for r in df.to_dict("records") if r.get("incidents")] if len(df) and "incidents" in df else []
+    for r in incidents:  # node losses, worker restarts, trial errors: what happened, per trial
+        print(f"  trial {r['trial_id']} ({r.get('tune_status')}): {r['incidents']}")
     if out.best:
         params = ", ".join(f"{k}={_fmt(out.best.get(k))}" for k in keys)
         print(f"best: trial {out.best['trial_id']} ({out.best.get('run_name')}): {spec.metric}="
@@ -65,7 +68,8 @@ def main(argv: list[str]) -> int:
     for name, path in out.plots.items():
         print(f"  plot {name}: {'logged' if not path.startswith('skipped') else path}")
     print(f"results: {out.sweep_dir / 'results.csv'}")
-    uri = out.tracking_uri
+    from medvl.redact import redact_uri
+    uri = redact_uri(out.tracking_uri)  # a password in $MLFLOW_TRACKING_URI is never printed
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000   # then open "
           f"http://127.0.0.1:5000/#/experiments/{out.experiment_id}" if uri.startswith("sqlite:")
           else f"{uri.rstrip('/')}/#/experiments/{out.experiment_id}")

@@ -85,6 +85,9 @@ class ResourcesSpec:
     """CPUs kept free per trial so its Ray Data decode tasks can run next to the workers."""
     max_concurrent_trials: Optional[int] = None
     """Cap on trials running at once (default: as many as the cluster's CPUs/GPUs fit)."""
+    trial_max_failures: int = 1
+    """How often Tune restarts a trial whose driver died (its node was lost): the restart resumes from the trial's
+    last checkpoint in the same MLflow run. Worker losses are retried inside the trial (`train.max_failures`)."""
 
 
 @dataclass
@@ -287,6 +290,8 @@ def validate_sweep(spec: SweepSpec) -> Recipe:
             raise SweepError(f"resources.{key} must be >= 1")
     if r.driver_cpus < 0 or r.data_cpus < 0:
         raise SweepError("resources.driver_cpus and resources.data_cpus must be >= 0")
+    if r.trial_max_failures < 0:
+        raise SweepError("resources.trial_max_failures must be >= 0")
     if r.max_concurrent_trials is not None and r.max_concurrent_trials < 1:
         raise SweepError("resources.max_concurrent_trials must be >= 1")
     if spec.study_name and not spec.optuna_storage:

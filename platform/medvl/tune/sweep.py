@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import yaml
 
 from medvl.config import Recipe, set_path, to_dict
+from medvl.redact import redact_text
 from medvl.track import runs
 from medvl.tune.spec import SweepError, SweepSpec, scheduler_horizon, spec_to_dict, validate_sweep
 
@@ -182,8 +183,10 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     exp_id = runs._client(uri).get_run(parent).info.experiment_id
     base = to_dict(recipe)
     set_path(base, "runtime.run_root", str(run_root))  # trial actors run elsewhere: absolute root, explicit URI
-    set_path(base, "track.tracking_uri", uri)
-    ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric)
+    # The URI goes to the trials through their environment, never their recipe: from $MLFLOW_TRACKING_URI it may
+    # carry a password, and every recipe key is logged as an MLflow param and saved with the run.
+    env = {} if recipe.track.tracking_uri else {"MLFLOW_TRACKING_URI": uri}
+    ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric, env=env)
     # [3] each trial: 1 driver CPU here; its TorchTrainer reserves the workers' CPUs itself
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"CPU": spec.resources.driver_cpus})
@@ -201,7 +204,9 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
                 max_concurrent_trials=k, reuse_actors=False),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweeps_root), verbose=verbose,
-                failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside Train (max_failures)
+                # a trial whose driver died (node lost) restarts and resumes from its checkpoint; worker losses are
+                # retried inside the trial by Ray Train (train.max_failures)
+                failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
                 callbacks=[tracking.SweepCallback(name, str(sweep_dir), str(run_root), uri, parent)]))
     print(f"medvl tune: sweep '{name}': {spec.num_samples} trials, up to {k} at a time ({per_trial} CPUs each "
           f"of {ray.cluster_resources().get('CPU', 0):.0f}); MLflow parent run {parent}", flush=True)
@@ -210,7 +215,7 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
         grid = tuner.fit()
     except BaseException as e:
         tracking.close_dangling_children(uri, parent, "KILLED", f"sweep aborted: {type(e).__name__}")
-        client.set_tag(parent, "medvl.end_reason", f"{type(e).__name__}: {e}"[:5000])
+        client.set_tag(parent, "medvl.end_reason", redact_text(f"{type(e).__name__}: {e}")[:5000])
         client.set_terminated(parent, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
 

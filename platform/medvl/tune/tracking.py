@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -22,7 +23,8 @@ from typing import Any, Optional
 import yaml
 from ray.tune import Callback
 
-from medvl.config import Recipe, dump_yaml
+from medvl.config import Recipe
+from medvl.redact import redact_text, uri_secret
 from medvl.track import runs
 from medvl.tune.trial import release_skip_counter, trial_run_name
 
@@ -66,7 +68,7 @@ def start_or_resume_parent(name: str, spec_dict: dict, recipe: Recipe, uri: str,
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "sweep.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
-        (Path(d) / "base_recipe.yaml").write_text(dump_yaml(recipe))
+        (Path(d) / "base_recipe.yaml").write_text(runs.safe_yaml(recipe))
         client.log_artifacts(run_id, d, artifact_path="config")
     return run_id
 
@@ -89,7 +91,7 @@ def close_dangling_children(uri: str, parent_run_id: str, status: str = "KILLED"
             if reason:
                 client.set_tag(r.info.run_id, "medvl.end_reason", reason)
             client.set_terminated(r.info.run_id, status=status)
-            release_skip_counter(r.info.run_id)
+            release_skip_counter(r.info.run_id, uri)
             n += 1
     return n
 
@@ -104,7 +106,13 @@ class SweepCallback(Callback):
 
     def __init__(self, sweep: str, sweep_dir: str, run_root: str, tracking_uri: str, parent_run_id: str):
         self.sweep, self.sweep_dir, self.run_root = sweep, sweep_dir, run_root
-        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+        # pickled into the sweep's state on disk: a URI with a password is looked up in the environment instead
+        self._uri = None if uri_secret(tracking_uri) else tracking_uri
+        self.parent_run_id = parent_run_id
+
+    @property
+    def tracking_uri(self) -> str:
+        return getattr(self, "_uri", None) or self.__dict__.get("tracking_uri") or os.environ["MLFLOW_TRACKING_URI"]
 
     def _event(self, trial, event: str, **extra) -> None:
         rec = {"trial_id": trial.trial_id, "event": event, "t": time.time(), **extra}
@@ -122,6 +130,10 @@ class SweepCallback(Callback):
         last = dict(trial.last_result or {})
         self._event(trial, "complete", epoch=last.get("epoch"))
         self._close(trial, "KILLED", last, "stopped by the scheduler")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        """The trial's driver failed (e.g. its node was lost) and Tune restarts it; it resumes from its checkpoint."""
+        self._event(trial, "recover")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._event(trial, "error")
@@ -145,9 +157,9 @@ class SweepCallback(Callback):
                         client.log_artifact(run_id, str(plot), artifact_path="plots")
             summary = {k: last[k] for k in ("step", "epoch") if k in last}
             runs.finish_run(self.tracking_uri, run_id, status, summary)
-            release_skip_counter(run_id)
+            release_skip_counter(run_id, self.tracking_uri)
         except Exception as e:  # noqa: BLE001 - never break the Tune loop over bookkeeping
-            log.warning("could not close MLflow run %s of trial %s: %s", run_id, trial.trial_id, e)
+            log.warning("could not close MLflow run %s of trial %s: %s", run_id, trial.trial_id, redact_text(e))
 
 
 def trial_times(sweep_dir: Path) -> dict[str, dict[str, float]]:
@@ -164,6 +176,8 @@ def trial_times(sweep_dir: Path) -> dict[str, dict[str, float]]:
         t = out.setdefault(e["trial_id"], {})
         if e["event"] == "start":
             t.setdefault("start", e["t"])
+        elif e["event"] == "recover":
+            t["recovered"] = t.get("recovered", 0) + 1
         else:
             t["end"] = e["t"]
     return out
@@ -187,6 +201,7 @@ def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int,
     import pandas as pd
     children = child_runs(uri, parent_run_id)
     times = trial_times(sweep_dir)
+    client = runs._client(uri)
     rows = []
     for trial in trials:
         m = dict(trial.last_result or {})
@@ -205,8 +220,39 @@ def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int,
             "stopped_early": bool(trial_state(trial) == "TERMINATED" and epoch is not None and epoch < horizon),
             "trial_start": t.get("start"), "trial_end": t.get("end"),
             "trial_wall_s": (t["end"] - t["start"]) if "start" in t and "end" in t else None,
+            **_incidents(client, trial, child, int(t.get("recovered", 0))),
         })
     return pd.DataFrame(rows)
+
+
+def _incidents(client, trial, child, recovered: int = 0) -> dict[str, Any]:
+    """What went wrong in a trial: how often Tune restarted its driver (a lost node), how often its workers resumed
+    from a checkpoint after a failure (a lost node, a killed worker, or the sweep being resumed), and the error that
+    ended it."""
+    resumed: list = []
+    if child is not None:
+        try:
+            resumed = sorted(client.get_metric_history(child.info.run_id, "train/resumed_from_step"),
+                             key=lambda m: m.timestamp)
+        except Exception:  # noqa: BLE001
+            resumed = []
+    error = None
+    if trial_state(trial) == "ERROR":
+        try:
+            lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+            error = redact_text(lines[-1])[:300] if lines else "unknown error"
+        except Exception:  # noqa: BLE001 - no error file
+            error = "unknown error (no error file)"
+    notes = []
+    if recovered:
+        notes.append(f"its driver was lost and Tune restarted it {recovered}x")
+    if resumed:
+        notes.append(f"resumed from a checkpoint {len(resumed)}x (step "
+                     f"{', '.join(str(int(m.value)) for m in resumed)})")
+    if error:
+        notes.append(f"failed: {error}")
+    return {"restarts": len(resumed), "driver_restarts": recovered, "error_message": error,
+            "incidents": "; ".join(notes) or None}
 
 
 def best_row(df, metric: str, mode: str) -> Optional[dict]:
@@ -313,5 +359,8 @@ def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, m
                     client.log_artifact(parent_run_id, p, artifact_path="optuna")
                 else:
                     client.set_tag(parent_run_id, f"medvl.plot.{name}", p[:5000])
+    incidents = [f"trial {r['trial_id']}: {r['incidents']}" for r in df.to_dict("records") if r.get("incidents")] \
+        if len(df) and "incidents" in df else []
+    client.set_tag(parent_run_id, "medvl.incidents", redact_text("\n".join(incidents) or "none")[:5000])
     client.set_tag(parent_run_id, "medvl.complete", str(complete).lower())
     return plots

@@ -13,7 +13,8 @@ a scheduler stops earlier are closed (status KILLED) by `medvl.tune.tracking.Swe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -30,9 +31,13 @@ class SweepContext:
     """What every trial needs from the sweep driver (passed with `tune.with_parameters`)."""
     sweep: str
     base: dict
-    """Resolved base recipe dict: absolute corpus paths, `runtime.run_root`, `track.tracking_uri` filled in."""
+    """Resolved base recipe dict: absolute corpus paths and `runtime.run_root` filled in."""
     parent_run_id: str
     metric: str
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment every trial process needs, e.g. the sweep's MLFLOW_TRACKING_URI: it may carry a password, so it
+    travels here (the Ray object store, like every `tune.with_parameters` value) and never in the trial's recipe,
+    which is logged as MLflow params and saved with the run."""
 
 
 class EpochReportCallback(TuneReportCallback):
@@ -67,6 +72,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     from medvl.train.launcher import build_trainer, finalize, prepare_job
 
     trial_id = ray.tune.get_context().get_trial_id()
+    os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
     recipe = trial_recipe(ctx, config, trial_id)
     job = prepare_job(recipe, parent_run_id=ctx.parent_run_id,  # [2] MLflow child run of the sweep's parent
                       tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id})
@@ -75,18 +81,18 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     # fit() raises, and a FAILED written from here raced SweepCallback (seen: ASHA-stopped trials ending FAILED).
     # SweepCallback on the driver is the one place that closes unfinished runs: KILLED + stopped-early tags when
     # Tune completes the trial, FAILED when Tune reports a trial error (including this actor dying).
-    result = trainer.fit()  # [3] Train V2: the controller + workers run as their own actors
-    final = finalize(job, result)
-    release_skip_counter(job.mlflow_run_id)
+    try:
+        result = trainer.fit()  # [3] Train V2: the controller + workers run as their own actors
+        final = finalize(job, result)
+    finally:
+        release_skip_counter(job.mlflow_run_id, job.tracking_uri)
     out = {k: v for k, v in final.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))}
     ray.tune.report(out)  # [4] the final epoch's result, after the run is complete in MLflow
 
 
-def release_skip_counter(mlflow_run_id: Optional[str]) -> None:
-    """`build_trainer` creates a detached per-run counter actor; a finished trial no longer needs it."""
-    import ray
-    try:
-        ray.kill(ray.get_actor(f"medvl-skips-{mlflow_run_id}", namespace="medvl"))
-    except Exception:  # noqa: BLE001 - already gone
-        pass
+def release_skip_counter(mlflow_run_id: Optional[str], tracking_uri: Optional[str] = None) -> None:
+    """`build_trainer` creates a detached per-run counter actor; a finished trial no longer needs it (see
+    `medvl.train.faults.release_skip_counter`, which `medvl train` uses too)."""
+    from medvl.train.faults import release_skip_counter as release
+    release(mlflow_run_id, tracking_uri)
