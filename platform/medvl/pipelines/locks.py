@@ -228,8 +228,9 @@ def _lock_service():
     global _SERVICE_CLS
     if _SERVICE_CLS is None:
         _SERVICE_CLS = _define_service()
+    # "DEFAULT": never inside a Tune trial's placement group, which goes away with the trial
     return _SERVICE_CLS.options(name=LOCK_ACTOR, namespace=LOCK_NAMESPACE, lifetime="detached",
-                                get_if_exists=True).remote()
+                                get_if_exists=True, scheduling_strategy="DEFAULT").remote()
 
 
 def _define_service():

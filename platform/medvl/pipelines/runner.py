@@ -253,11 +253,13 @@ def _remote_execute():
     return _REMOTE_EXECUTE
 
 
+def lock_kind(p: Pipeline, store) -> str:
+    return p.cache.lock if p.cache.lock != "auto" else ("ray" if store.remote else "file")
+
+
 def make_lock(p: Pipeline, store, name: str, key: str, what: str,
               on_wait: Callable[[dict], None], on_stale: Callable[[str], None]) -> BuildLock:
-    kind = p.cache.lock
-    if kind == "auto":
-        kind = "ray" if store.remote else "file"
+    kind = lock_kind(p, store)
     common = dict(stale_s=p.cache.stale_lock_s, timeout_s=p.cache.wait_timeout_s, on_wait=on_wait, on_stale=on_stale)
     if kind == "file":
         return FileLock(store.lock_path(name, key), what, **common)
@@ -293,6 +295,9 @@ class _Run:
         marker = None if pl.forced else self.store.read_marker(name, key)
         waited = False
         if marker is None:
+            if not pl.forced:  # the plan's reason may predate the upstream builds of this run
+                pl.reason = ("an interrupted build left a half-written output" if self.store.partial(name, key)
+                             else why_build(self.store, name, pl.code, pl.config, upstream, pl.fingerprints))
             marker, waited, built = self.build(node, pl, key, upstream)
         else:
             built = False
@@ -321,6 +326,10 @@ class _Run:
         def on_stale(reason: str) -> None:
             self.say(f"[{name}] broke a stale build lock of key {key}: {reason}")
 
+        cls = type(node.stage)
+        if lock_kind(self.p, self.store) == "ray" or cls.executor == "task" or cls.needs_ray:
+            from medvl.train.launcher import ensure_ray
+            ensure_ray(self.p)  # [1] only when something is built: a fully cached pipeline runs without Ray
         lock = make_lock(self.p, self.store, name, key, f"pipeline run '{self.run_name}' (stage {name})",
                          on_wait, on_stale)
         with lock:
@@ -362,7 +371,10 @@ class _Run:
             if cls.executor == "task":
                 import ray
                 res = {k.lower(): v for k, v in stage.resources().items() if k in ("CPU", "GPU") and v}
-                ref = _remote_execute().options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0)).remote(
+                # "DEFAULT": not inside the placement group of a Tune trial running this pipeline (its bundle holds
+                # the trial driver's CPU only); sweeps count each stage's resources per trial (cpus_per_trial)
+                ref = _remote_execute().options(num_cpus=res.get("cpu", 1), num_gpus=res.get("gpu", 0),
+                                                scheduling_strategy="DEFAULT").remote(
                     stage, ctx, inputs, store_root_of(store), store.remote)
                 metrics, own_run, files = ray.get(ref)
             else:
@@ -416,10 +428,6 @@ def run_pipeline(p: Pipeline, only: Iterable[str] = (), force: Iterable[str] = (
     store = open_store(cache_root(p))
     plans = plan_pipeline(p, only, force, store)  # every error that needs no cluster, before anything starts
     run_name = run_name or p.run_name
-    lock_kind = p.cache.lock if p.cache.lock != "auto" else ("ray" if store.remote else "file")
-    if any(pl.action == "build" for pl in plans.values()) or lock_kind == "ray":
-        from medvl.train.launcher import ensure_ray
-        ensure_ray(p)  # [1] only when something is built: a fully cached pipeline runs without Ray
     r = _Run(p, plans, store, say, run_name)
     r.uri = runs.tracking_uri(p)
     r.run_id, r.exp_id = tracking.start_pipeline_run(r.uri, p, run_name, parent_run_id, tags, plans)

@@ -108,6 +108,9 @@ class Stage:
     """Dotted config keys (or prefixes ending in '.') that cannot change the output: left out of the cache key."""
     reserved_keys: ClassVar[tuple[str, ...]] = ()
     """Dotted keys (or prefixes ending in '.') a sweep may not search (run identity, resources)."""
+    needs_ray: ClassVar[bool] = True
+    """False for a `driver` kind that uses no Ray at all: a pipeline that builds only such stages (and reuses the
+    rest) never starts or connects to Ray."""
     owns_mlflow_run: ClassVar[bool] = False
     """True for kinds that create their stage run themselves (a Ray Train stage: the training run is the stage run)."""
 
