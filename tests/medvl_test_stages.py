@@ -87,14 +87,14 @@ class _Write(Stage):
 
 
 @register_stage
-class TestWriteStage(_Write):
+class WriteKind(_Write):
     kind = "test_write"
     executor = "driver"
     needs_ray = False
 
 
 @register_stage
-class TestTaskStage(_Write):
+class TaskKind(_Write):
     kind = "test_task"
     executor = "task"
 

@@ -216,7 +216,13 @@ def pipeline_key_type(path: str, kinds: dict[str, type[Stage]]) -> Any:
         except ConfigError as e:
             raise ConfigError(f"unknown key {path}: stage {head!r} (kind {kinds[head].kind}): {e}") from None
     if head in TOP_SECTIONS:
-        return field_type(rest, TOP_SECTIONS[head]) if rest else TOP_SECTIONS[head]
+        if not rest:
+            return TOP_SECTIONS[head]
+        try:
+            return field_type(rest, TOP_SECTIONS[head])
+        except ConfigError:
+            valid = ", ".join(f.name for f in dataclasses.fields(TOP_SECTIONS[head]))
+            raise ConfigError(f"unknown key {path} (valid keys of {head}: {valid})") from None
     if head in ("name", "description") and not rest:
         return str
     raise ConfigError(f"unknown key {path}: no stage named {head!r} (stages: {', '.join(kinds) or 'none'}) and "
@@ -387,6 +393,7 @@ def _parse(raw: Any, base_dir: Path, overrides: list[tuple[str, Any]]) -> Pipeli
         cfg = _merge(cfg, own)
         for k, v in cli:
             set_path(cfg, k, v)
+            record.pop(k, None)  # no longer the file's relative path
         _resolve_paths(cfg, [k for k, _ in cli if k in cls.path_keys(cfg)], Path.cwd())
         try:
             config = cls.parse_config(cfg)
