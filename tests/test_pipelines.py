@@ -218,6 +218,33 @@ def test_bad_overrides_files_and_flags_are_named(tmp_path, env, capsys):
     assert not env.exists(), "nothing may be written before the pipeline is valid"
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("override, message", [
+    ("metric=probe/acc", r"metric: no stage of pipeline 'digits-probe' reports 'probe/acc'; objectives are "
+                         r"<stage>/<metric>, one of: .*clip/val/zero_shot_accuracy.*probe/accuracy"),
+    ("search_space.probe.Cc={type: uniform, low: 0.1, high: 1}", r"search_space\.probe\.Cc: unknown key probe\.Cc"),
+    ("search_space.probe.C.low=0", r"search_space\.probe\.C: loguniform needs low > 0"),
+    ("search_space.probe.label_fraction={type: uniform, low: 0.5, high: 2}",
+     r"value 2 is not valid for the pipeline: stages\.probe \(kind linear_probe\): label_fraction must be in"),
+    ("search_space.clip.train.num_workers={type: int, low: 1, high: 2}", r"stage 'clip' \(train\) sets it itself"),
+    ("search_space.cache.lock={type: choice, values: [ray]}", r"a pipeline setting .* cannot be searched"),
+    ("search_space.embed.inputs.model={type: choice, values: [clip]}", r"the stage graph is the same"),
+    ("scheduler.kind=asha", r"scheduler\.kind: asha stops trials at epoch ends, but a pipeline trial reports"),
+    ("resources.workers=2", r"resources\.workers: the base is a pipeline"),
+    ("probe.Cc=1", r"unknown key probe\.Cc: neither a sweep key .* nor a pipeline key"),
+])
+def test_pipeline_sweeps_are_validated_before_any_trial(digits_corpus, override, message):
+    import ray
+
+    from medvl.tune.spec import SweepError, load_sweep, validate_sweep
+    path = ROOT / "jobs" / "sweep_pipeline_probe.yaml"
+    with pytest.raises(SweepError, match=message):
+        validate_sweep(load_sweep(path, [f"clip.data.corpus={digits_corpus}", override]))
+    assert not ray.is_initialized()
+    ok = validate_sweep(load_sweep(path, [f"clip.data.corpus={digits_corpus}", "clip.optim.lr=3e-4"]))
+    assert ok.stages["clip"].stage.config.optim.lr == 3e-4 and "probe/accuracy" in ok.metric_names()
+
+
 # --------------------------------------------------------------------------- running, reusing, --only/--force/--dry-run
 
 
