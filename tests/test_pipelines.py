@@ -295,6 +295,10 @@ def test_reuse_only_force_and_dry_run(tmp_path, env, capsys):
     out = capsys.readouterr().out
     assert "(1 built, 2 reused)" in out  # c (--only) runs; d (--force, but not selected with --only) does not
     assert "c/value=" in out and "d/value=" not in out
+    # --only with a forced upstream: that upstream is rebuilt first
+    both = run_pipeline(p, only=["c"], force=["b"], say=quiet)
+    assert {r["stage"]: r["action"] for r in both.table} == {"a": "reused", "b": "built", "c": "built",
+                                                              "d": "skipped"}
 
 
 @pytest.mark.timeout(180)

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("recipe", help="pipeline recipe in jobs/ (a YAML with `stages:`)")
     ap.add_argument("overrides", nargs="*", help="<stage>.<key>=value or <section>.<key>=value")
     ap.add_argument("--only", action="append", default=[], metavar="STAGE",
-                    help="rebuild only this stage (its inputs must be complete); repeatable")
+                    help="rebuild only this stage (its inputs must be complete, or named by --force); repeatable")
     ap.add_argument("--force", action="append", default=[], metavar="STAGE",
                     help="rebuild this stage even if its output exists (stages below it follow); repeatable")
     ap.add_argument("--dry-run", action="store_true", help="print what would be built or reused, and why; run nothing")

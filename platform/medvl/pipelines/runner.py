@@ -197,7 +197,7 @@ def plan_pipeline(p: Pipeline, only: Iterable[str] = (), force: Iterable[str] = 
                              else why_build(store, name, code, cfg, upstream, fps))
         if only and name not in only:
             if name in needed:
-                if pl.action != "reuse":
+                if pl.action != "reuse" and not pl.forced:  # (an upstream named by --force is rebuilt first)
                     first = next(s for s in only if name in p.ancestors(s))
                     raise PipelineError(f"--only {first}: its upstream stage {name!r} has no complete output "
                                         f"({pl.reason}); run the pipeline without --only first, or add --only {name}")
