@@ -552,7 +552,7 @@ def test_submit_the_digits_pipeline_to_a_real_local_cluster(local_cluster, digit
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.setenv("MEDVL_RUN_ROOT", str(run_root))
     ov = [f"clip.data.corpus={digits_corpus}", "clip.train.epochs=1", "clip.train.max_steps=8",
-          "clip.data.batch_size=32", "clip.data.decode_tasks=1", "embed.max_rows=400"]
+          "clip.data.batch_size=32", "clip.data.decode_tasks=1"]
     rc = submit_main([str(DIGITS_PIPELINE), "--address", local_cluster, "--no-logs", *ov])
     out, err = capsys.readouterr()
     assert rc == 0, f"{out[-4000:]}\n{err[-4000:]}"
@@ -563,7 +563,7 @@ def test_submit_the_digits_pipeline_to_a_real_local_cluster(local_cluster, digit
     assert parent.info.status == "FINISHED"
     acc, chance = parent.data.metrics["probe/accuracy"], parent.data.metrics["probe/chance"]
     assert acc > max(0.5, 3 * chance), (acc, chance)  # frozen features of a CLIP trained 8 steps: far from chance
-    assert parent.data.metrics["embed/rows/val"] == 360 and parent.data.metrics["embed/rows/train"] == 400
+    assert parent.data.metrics["embed/rows/val"] == 360 and parent.data.metrics["embed/rows/train"] == 1437
     stages = {r.data.tags["medvl.stage"]: r for r in
               c.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
     assert set(stages) == {"clip", "embed", "probe"}

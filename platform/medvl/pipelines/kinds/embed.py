@@ -39,7 +39,8 @@ class EmbedConfig:
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
     """Splits to embed, one `<split>.parquet` each."""
     max_rows: Optional[int] = None
-    """Embed at most this many rows per split (None: all)."""
+    """Embed at most the first this many rows of each split, in shard order: a quick look, not a random sample
+    (None: all)."""
     batch_size: int = 128
     """Rows per model call."""
     normalize: bool = True
