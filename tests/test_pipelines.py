@@ -537,6 +537,41 @@ def test_pipeline_sweep_trials_share_their_first_stage(tmp_path, env, tracking, 
     assert sorted(r.data.tags["medvl.reused"] for r in stage_runs) == ["false", "true", "true"]
 
 
+@pytest.mark.timeout(120)
+def test_submit_plans_pipelines_and_pipeline_sweeps(tmp_path, digits_corpus, monkeypatch):
+    """What `medvl submit` would send (no cluster): `medvl pipeline` with --only/--force, stage paths re-mapped."""
+    import shlex
+
+    from medvl.submit import plan_job
+    monkeypatch.chdir(ROOT)
+    plan = plan_job("jobs/pipeline_digits_probe.yaml", ["probe.C=0.5"], environ={}, submission_id="p1",
+                    pipeline_args=["--force", "probe"])
+    assert plan.kind == "pipeline" and plan.name == "digits-probe"
+    # runs/ is not uploaded: the train stage's corpus (a relative path in jobs/digits_clip.yaml) goes absolute
+    assert shlex.split(plan.command) == ["python", "-m", "medvl.cli", "pipeline", "jobs/pipeline_digits_probe.yaml",
+                                         "probe.C=0.5", f"clip.data.corpus={ROOT / 'runs' / 'corpora' / 'digits'}",
+                                         "--force", "probe"]
+    from medvl.config import ConfigError
+    with pytest.raises(ConfigError, match=r"--only nope: no stage named 'nope'"):
+        plan_job("jobs/pipeline_digits_probe.yaml", [], environ={}, pipeline_args=["--only", "nope"])
+    with pytest.raises(PipelineError, match=r"unknown key probe\.Cc"):
+        plan_job("jobs/pipeline_digits_probe.yaml", ["probe.Cc=1"], environ={})
+    with pytest.raises(ConfigError, match=r"--only / --force apply to pipeline recipes"):
+        plan_job("jobs/digits_clip.yaml", [], environ={}, pipeline_args=["--force", "x"])
+    # a sweep over the pipeline: validated against the pipeline, stage paths as `<stage>.<key>` overrides
+    sweep = plan_job("jobs/sweep_pipeline_probe.yaml", [f"clip.data.corpus={digits_corpus}", "num_samples=2"],
+                     environ={}, submission_id="s1")
+    assert sweep.kind == "tune" and shlex.split(sweep.command)[3:] == [
+        "tune", "jobs/sweep_pipeline_probe.yaml", f"clip.data.corpus={digits_corpus}", "num_samples=2"]
+    # a pipeline outside the project is shipped with its stages' base files merged in
+    (tmp_path / "base.yaml").write_text("value: 5\n")
+    outside = write(tmp_path / "p.yaml", {"a": {"kind": "test_write", "base": "base.yaml", "files": 1}})
+    staged = plan_job(str(outside), [], environ={}, submission_id="o1")
+    shipped = yaml.safe_load(staged.runtime_env["env_vars"]["MEDVL_SUBMIT_RECIPE"])
+    assert shipped["stages"]["a"]["value"] == 5 and "base" not in shipped["stages"]["a"]
+    assert load_pipeline(data=shipped).stages["a"].stage.config.value == 5
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_submit_the_digits_pipeline_to_a_real_local_cluster(local_cluster, digits_corpus, tmp_path, monkeypatch,

@@ -351,7 +351,6 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
                          f"readable here ({e}); `medvl tune` checks it on the cluster")
         name = spec.sweep_name
         base_path = resolve_base(spec)
-        base_raw = apply_overrides(load_yaml(base_path), dict(spec.overrides))
         base_v = None
         if _uploaded_relpath(base_path, root) is None:
             base_v = _cluster_path("base", base_path, root, address, notes)
@@ -363,6 +362,7 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
             fixed.update(_pipeline_path_overrides(recipe, root, address, notes))
             _run_root_note(recipe.runtime.run_root, environ, notes)
         else:
+            base_raw = apply_overrides(load_yaml(base_path), dict(spec.overrides))
             fixed.update(_path_overrides(base_raw, recipe, root, address, notes, environ))
     elif "stages" in raw:
         kind = "pipeline"
