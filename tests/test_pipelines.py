@@ -338,6 +338,7 @@ def test_mlflow_parent_nested_and_reused_runs(tmp_path, env, tracking):
 # --------------------------------------------------------------------------- atomic outputs
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_interrupted_stage_is_recomputed_and_complete_one_reused(tmp_path, env, tracking):
     """A real process killed (SIGKILL) while its stage b writes: a stays complete, b's half-written output is never
