@@ -64,7 +64,29 @@ def test_every_job_recipe_loads(path, request):
         # exist (the objective depends on the corpus having labels): the real digits corpus, ingested here
         from medvl.tune.spec import load_sweep, validate_sweep
         corpus = request.getfixturevalue("digits_corpus")
-        r = validate_sweep(load_sweep(path, [f"data.corpus={corpus}"]))
-    else:
-        r = load_recipe(path)
+        r = validate_sweep(load_sweep(path, corpus_overrides(path, corpus)))
+        assert r.name
+        return
+    if "stages" in raw:  # a pipeline: every stage's config validated against its kind; its train stages' corpora
+        from medvl.pipelines import load_pipeline, plan_pipeline
+        corpus = request.getfixturevalue("digits_corpus")
+        p = load_pipeline(path, corpus_overrides(path, corpus))
+        assert p.name and p.stages
+        plan_pipeline(p)  # fingerprints every input: the corpus exists, the graph plans
+        return
+    r = load_recipe(path)
     assert r.name and r.data.corpus
+
+
+def corpus_overrides(path: str, corpus: str) -> list[str]:
+    """`data.corpus=<corpus>` for a recipe or a sweep over a recipe; `<stage>.data.corpus=...` for each train stage
+    of a pipeline (or of a sweep's base pipeline)."""
+    import yaml
+    raw = yaml.safe_load(Path(path).read_text())
+    target = raw
+    if "search_space" in raw:
+        base = Path(path).parent / raw["base"]
+        target = yaml.safe_load(base.read_text()) if base.is_file() else {}
+    if "stages" in target:
+        return [f"{n}.data.corpus={corpus}" for n, e in target["stages"].items() if e.get("kind") == "train"]
+    return [f"data.corpus={corpus}"]

@@ -37,8 +37,14 @@ def _spec(corpus: str, *overrides: str, path: str = SMALL):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", SWEEPS, ids=[Path(p).name for p in SWEEPS])
 def test_every_sweep_spec_validates(path, digits_corpus):
-    recipe = validate_sweep(_spec(digits_corpus, path=path))
-    assert recipe.data.corpus == digits_corpus
+    from test_config import corpus_overrides
+
+    from medvl.tune.spec import is_pipeline_sweep
+    recipe = validate_sweep(load_sweep(path, corpus_overrides(path, digits_corpus)))
+    if is_pipeline_sweep(recipe):  # a sweep over a pipeline: its train stages read the corpus
+        assert any(n.stage.config.data.corpus == digits_corpus for n in recipe.stages.values() if n.kind == "train")
+    else:
+        assert recipe.data.corpus == digits_corpus
 
 
 @pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""`medvl` command line: ingest | train | eval | compare | tune | submit | jobs.
+"""`medvl` command line: ingest | train | eval | compare | pipeline | tune | submit | jobs.
 
     medvl ingest digits --out runs/corpora/digits
     medvl ingest csv data.tsv --out corpora/x --image-key filepath --text-key title
@@ -6,6 +6,7 @@
     medvl train jobs/digits_clip.yaml [key.sub=value ...]
     medvl eval jobs/digits_clip.yaml [--checkpoint PATH]
     medvl compare jobs/a.yaml [jobs/b.yaml] [--a key=value ...] [--b key=value ...]   # same data, budget, seed
+    medvl pipeline jobs/pipeline_digits_probe.yaml [stage.key=value ...] [--only S] [--force S] [--dry-run]
     medvl tune jobs/sweep_digits_lr_temp.yaml [key=value ...]
     medvl submit jobs/digits_clip.yaml --address http://127.0.0.1:8265
     medvl jobs status|logs|stop <job-id> --address ...
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             from medvl.train.cli import eval_main as run
         elif cmd == "compare":
             from medvl.train.compare import main as run
+        elif cmd == "pipeline":
+            from medvl.pipelines.cli import main as run
         elif cmd == "tune":
             from medvl.tune.cli import main as run
         elif cmd == "submit":

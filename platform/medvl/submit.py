@@ -2,6 +2,7 @@
 
     medvl submit jobs/digits_clip.yaml --address http://127.0.0.1:8265 [--no-wait] [key.sub=value ...]
     medvl submit jobs/sweep_digits_lr_temp.yaml --address http://HEAD:8265   # a sweep file (has `search_space`)
+    medvl submit jobs/pipeline_digits_probe.yaml --address http://HEAD:8265 [--force STAGE] [--only STAGE]  # a pipeline
     medvl submit jobs/digits_clip.yaml --address ... --dry-run                # print entrypoint + runtime_env only
     medvl jobs list --address http://127.0.0.1:8265
     medvl jobs status|logs|stop JOB_ID --address http://127.0.0.1:8265
@@ -10,7 +11,7 @@
 
 The recipe is validated here before anything is sent, then the cluster's dashboard is checked, then the job is
 submitted with:
-  - entrypoint `<python> -m medvl.cli train|tune <recipe> [overrides]`. `<python>` (`--python`, default `python`)
+  - entrypoint `<python> -m medvl.cli train|tune|pipeline <recipe> [overrides]`. `<python>` (`--python`, default `python`)
     is looked up on the CLUSTER's PATH (the head node's Ray processes), not this machine's: give the cluster's
     interpreter path if its `python` is not the environment with ray/torch (cluster/local/start-head.sh puts the
     interpreter next to its ray CLI first on PATH).
@@ -179,7 +180,7 @@ def _client(address: str):
 @dataclasses.dataclass
 class JobPlan:
     kind: str
-    """`train` (a recipe) or `tune` (a sweep file)."""
+    """`train` (a recipe), `tune` (a sweep file) or `pipeline` (a pipeline recipe: top-level `stages`)."""
     name: str
     recipe_path: Path
     entrypoint: str
@@ -300,27 +301,50 @@ def _path_overrides(raw: dict, recipe, root: Path, address: Optional[str], notes
         cluster_v = _cluster_path(key, Path(getattr(getattr(recipe, section), attr)), root, address, notes)
         if cluster_v != raw_v:
             fixed[key] = cluster_v
-    run_root = recipe.runtime.run_root
+    _run_root_note(recipe.runtime.run_root, environ, notes)
+    return fixed
+
+
+def _pipeline_path_overrides(p, root: Path, address: Optional[str], notes: list[str]) -> dict[str, str]:
+    """`<stage>.<key>` overrides that make a pipeline's relative paths (from its file or a stage's base file)
+    valid in the job: relative to the uploaded project copy, else absolute (shared storage)."""
+    from medvl.config import get_path
+    fixed: dict[str, str] = {}
+    for name, node in p.stages.items():
+        cfg = node.stage.config_dict()
+        for key, raw_v in node.relative_paths.items():
+            local = get_path(cfg, key)
+            if not isinstance(local, str) or not local:
+                continue
+            cluster_v = _cluster_path(f"{name}.{key}", Path(local), root, address, notes)
+            if cluster_v != raw_v:
+                fixed[f"{name}.{key}"] = cluster_v
+    return fixed
+
+
+def _run_root_note(run_root: str, environ: dict[str, str], notes: list[str]) -> None:
     if not environ.get("MEDVL_RUN_ROOT") and "://" not in run_root and not os.path.isabs(run_root):
         notes.append(f"runtime.run_root is the relative path {run_root!r} and MEDVL_RUN_ROOT is not set here: "
                      "unless the cluster sets MEDVL_RUN_ROOT, checkpoints and the default MLflow store land in "
                      "the job's temporary working directory on the head node and are lost with it; point "
                      "MEDVL_RUN_ROOT or runtime.run_root at shared storage")
-    return fixed
 
 
 def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: str = "python",
              pip_from_lock: bool = False, extra_env: dict[str, str] | None = None,
              submission_id: Optional[str] = None, address: Optional[str] = None,
-             environ: Optional[dict[str, str]] = None) -> JobPlan:
-    """Validate a recipe or sweep file locally and build the job's entrypoint and runtime_env."""
+             environ: Optional[dict[str, str]] = None, pipeline_args: Optional[list[str]] = None) -> JobPlan:
+    """Validate a recipe, sweep or pipeline file locally and build the job's entrypoint and runtime_env.
+    `pipeline_args` (`--only S`, `--force S`) are passed to `medvl pipeline`."""
     overrides = list(overrides or [])
+    pipeline_args = list(pipeline_args or [])
     environ = dict(os.environ if environ is None else environ)
     root = project_root()
     path = Path(recipe_path)
     raw = load_yaml(path)  # ConfigError names the file when missing / not a mapping
     notes: list[str] = []
     staged = _uploaded_relpath(path, root) is None
+    staged_text: Optional[str] = None
     fixed: dict[str, str] = {}
 
     if is_sweep_file(raw):
@@ -330,7 +354,7 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
             raise ConfigError(f"{path}: a sweep file needs top-level `base` and `search_space` "
                               f"(missing: {', '.join(missing)})")
         from medvl.data.corpus import CorpusError
-        from medvl.tune.spec import base_recipe, load_sweep, resolve_base, validate_sweep
+        from medvl.tune.spec import base_recipe, is_pipeline_sweep, load_sweep, resolve_base, validate_sweep
         spec = load_sweep(path, overrides)  # SweepError (a ConfigError) names the key
         try:
             recipe = validate_sweep(spec)  # search space vs recipe types, metric, scheduler, base recipe
@@ -341,7 +365,6 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
                          f"readable here ({e}); `medvl tune` checks it on the cluster")
         name = spec.sweep_name
         base_path = resolve_base(spec)
-        base_raw = apply_overrides(load_yaml(base_path), dict(spec.overrides))
         base_v = None
         if _uploaded_relpath(base_path, root) is None:
             base_v = _cluster_path("base", base_path, root, address, notes)
@@ -349,12 +372,41 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
             base_v = _uploaded_relpath(base_path, root)
         if base_v is not None and base_v != spec.base:
             fixed["base"] = base_v
-        fixed.update(_path_overrides(base_raw, recipe, root, address, notes, environ))
+        if is_pipeline_sweep(recipe):  # `base:` is a pipeline: its stages' paths, as `<stage>.<key>` overrides
+            fixed.update(_pipeline_path_overrides(recipe, root, address, notes))
+            _run_root_note(recipe.runtime.run_root, environ, notes)
+        else:
+            base_raw = apply_overrides(load_yaml(base_path), dict(spec.overrides))
+            fixed.update(_path_overrides(base_raw, recipe, root, address, notes, environ))
+    elif "stages" in raw:
+        kind = "pipeline"
+        from medvl.pipelines import dump_pipeline, load_pipeline
+        from medvl.pipelines.runner import plan_pipeline
+        p = load_pipeline(path, overrides)  # keys, types, kinds, inputs, cycles: PipelineError names them
+        name = p.name
+        if pipeline_args:
+            only = [v for k, v in zip(pipeline_args[::2], pipeline_args[1::2]) if k == "--only"]
+            force = [v for k, v in zip(pipeline_args[::2], pipeline_args[1::2]) if k == "--force"]
+            for opt, names in (("--only", only), ("--force", force)):
+                for s_ in names:
+                    if s_ not in p.stages:
+                        raise ConfigError(f"{opt} {s_}: no stage named {s_!r} (stages: {', '.join(p.stages)})")
+        try:
+            plan_pipeline(p, [], [])  # every input file and corpus fingerprinted: a missing one is named here
+        except ConfigError as e:
+            notes.append(f"the pipeline's inputs were not checked here ({e}); `medvl pipeline` checks them on "
+                         f"the cluster (they may live on its shared storage)")
+        fixed.update(_pipeline_path_overrides(p, root, address, notes))
+        _run_root_note(p.runtime.run_root, environ, notes)
+        if staged:  # its stages' base files stay here: ship the pipeline with them merged (paths absolute)
+            staged_text = dump_pipeline(load_pipeline(path))
     else:
         kind = "train"
         recipe = load_recipe(path, overrides)  # full validation: unknown keys, types, value checks
         name = recipe.name
         fixed.update(_path_overrides(apply_overrides(raw, overrides), recipe, root, address, notes, environ))
+    if pipeline_args and kind != "pipeline":
+        raise ConfigError(f"--only / --force apply to pipeline recipes; {path} is a {kind} file")
     cluster_overrides = [ov for ov in overrides if ov.split("=", 1)[0].strip() not in fixed]
     cluster_overrides += [f"{k}={_yaml_scalar(v)}" for k, v in fixed.items()]
 
@@ -387,10 +439,10 @@ def plan_job(recipe_path: str, overrides: list[str] | None = None, *, python: st
         # Not part of the uploaded project (e.g. a file in /tmp or under runs/): ship its text in the job's env and
         # write it into the job's working directory first. Its local paths were made absolute above.
         recipe_arg = f"{STAGED_DIR}/{sid}.yaml"
-        env_vars["MEDVL_SUBMIT_RECIPE"] = path.read_text()
+        env_vars["MEDVL_SUBMIT_RECIPE"] = staged_text if staged_text is not None else path.read_text()
         prefix = (f"mkdir -p {STAGED_DIR} && printf '%s\\n' \"$MEDVL_SUBMIT_RECIPE\" > {shlex.quote(recipe_arg)} "
                   "&& ")
-    command = shlex.join([python, "-m", "medvl.cli", kind, recipe_arg, *cluster_overrides])
+    command = shlex.join([python, "-m", "medvl.cli", kind, recipe_arg, *cluster_overrides, *pipeline_args])
     entrypoint = prefix + command
 
     runtime_env: dict[str, Any] = {
@@ -481,7 +533,8 @@ def _quiet_packaging_logs() -> None:
 def submit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="medvl submit", description="Submit a recipe or sweep to a Ray cluster "
                                 "(Ray Jobs API). " + README_HINT)
-    p.add_argument("recipe", help="recipe YAML (jobs/*.yaml) or sweep file (top-level `search_space`)")
+    p.add_argument("recipe", help="recipe YAML (jobs/*.yaml), sweep file (top-level `search_space`) or pipeline "
+                                  "(top-level `stages`)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4")
     p.add_argument("--address", help="Ray dashboard URL, e.g. http://127.0.0.1:8265 (default $RAY_API_SERVER_ADDRESS)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
@@ -498,13 +551,17 @@ def submit_main(argv: list[str]) -> int:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra job environment variable")
     p.add_argument("--submission-id", help="job id to use (default medvl-<name>-<time>-<hex>)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the job; contact no cluster")
+    p.add_argument("--only", action="append", default=[], metavar="STAGE", help="pipelines: rebuild only this stage")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="pipelines: rebuild this stage")
     a = p.parse_intermixed_args(argv)  # overrides may follow options
+    pipeline_args = [x for s_ in a.only for x in ("--only", s_)] + [x for s_ in a.force for x in ("--force", s_)]
     os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_TOKEN(_PATH) is set
 
     try:
         address = None if a.dry_run and not a.address else normalize_address(a.address)
         plan = plan_job(a.recipe, a.overrides, python=a.python, pip_from_lock=a.pip_from_lock,
-                        extra_env=_parse_env(a.env), submission_id=a.submission_id, address=address)
+                        extra_env=_parse_env(a.env), submission_id=a.submission_id, address=address,
+                        pipeline_args=pipeline_args)
         for note in plan.notes:
             print(f"medvl submit: note: {note}", file=sys.stderr)
         if a.dry_run:

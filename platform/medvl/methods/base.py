@@ -39,6 +39,9 @@ class Method:
     name: ClassVar[str] = ""
     config_cls: ClassVar[Optional[type]] = None
     plugin: ClassVar[bool] = False
+    version: ClassVar[str] = "1"
+    """Code version: bump it when a change to the method changes what it trains. Pipelines put it in the cache
+    key of every stage that trains this method (`medvl.pipelines`), so such stages are rebuilt."""
     feature_keys: ClassVar[tuple[str, ...]] = ()
     """Per-sample outputs of `forward` (batch dimension first), concatenated across accumulation micro-batches."""
     global_keys: ClassVar[tuple[str, ...]] = ("logit_scale", "logit_bias")
@@ -115,6 +118,15 @@ class Method:
         """Exactly the names the evaluator reports at epoch ends (sweeps validate objectives against them)."""
         return set()
 
+    def image_features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of a prepared batch (`prepare_batch` output), for batch inference outside training
+        (pipeline stages that embed a corpus). Default: the open_clip model's `encode_image`."""
+        enc = getattr(getattr(model, "clip", model), "encode_image", None)
+        if enc is None:
+            raise NotImplementedError(f"method {self.name!r}: its model has no encode_image; override "
+                                      f"Method.image_features")
+        return enc(images)
+
     # ---------------------------------------------------------------- export
     def export(self, model: nn.Module, tracking_uri: str, run_id: str) -> None:
         """Log the final model to the MLflow run (default: the whole module with mlflow.pytorch)."""
@@ -184,6 +196,9 @@ class Plugin(Method):
 
     def metric_names(self):
         return self.inner.metric_names()
+
+    def image_features(self, model, images):
+        return self.inner.image_features(model, images)
 
     def export(self, model, tracking_uri, run_id):
         return self.inner.export(model, tracking_uri, run_id)

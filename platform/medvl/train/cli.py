@@ -17,6 +17,9 @@ def _parse(prog: str, argv: list[str], extra=None):
     if extra:
         extra(p)
     a = p.parse_args(argv)
+    from medvl.config import ConfigError, load_yaml
+    if "stages" in load_yaml(a.recipe):
+        raise ConfigError(f"{a.recipe} is a pipeline (it has `stages:`); run it with `medvl pipeline {a.recipe}`")
     return a, load_recipe(a.recipe, a.overrides)
 
 

@@ -4,6 +4,7 @@
     medvl tune jobs/sweep_digits_small.yaml num_samples=2 train.epochs=1 data.corpus=/tmp/digits
     medvl tune jobs/sweep_digits_lr_temp.yaml scheduler.kind=none search_space.optim.lr.high=1e-2
     medvl tune jobs/sweep_digits_small.yaml --check     # validate only (no Ray, no MLflow)
+    medvl tune jobs/sweep_pipeline_probe.yaml           # `base:` a pipeline: search any stage's keys (probe.C)
 
 Overrides: a key whose first part is a sweep field changes the spec (`num_samples`, `scheduler.kind`,
 `search_space.<recipe key>.<low|high|values|...>`, `overrides.<recipe key>`, `name`); any other key must be a
@@ -41,7 +42,9 @@ def main(argv: list[str]) -> int:
         address = recipe.runtime.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
             check_ray_address(address)
-        print(f"sweep '{spec.sweep_name}' is valid: {len(spec.search_space)} dimension(s) over recipe "
+        from medvl.tune.spec import is_pipeline_sweep
+        what = "pipeline" if is_pipeline_sweep(recipe) else "recipe"
+        print(f"sweep '{spec.sweep_name}' is valid: {len(spec.search_space)} dimension(s) over {what} "
               f"'{recipe.name}', {spec.num_samples} trials, objective {spec.mode} {spec.metric}")
         return 0
 

@@ -14,6 +14,10 @@ take their allowed values). A `when` condition refers to an earlier `choice` dim
 
 `SearchSpace` is a plain picklable object: OptunaSearch calls it with an Optuna trial (define-by-run, which is
 what makes conditional dimensions possible) and pickles it with the searcher state for `Tuner.restore`.
+
+What the keys are checked against is a *schema*: `RecipeSchema` (a training recipe: `optim.lr`, the default) or
+`PipelineSchema` (a pipeline recipe as a sweep's base: `<stage>.<key>` of any stage, e.g. `probe.C`,
+`clip.optim.lr`, each checked against its stage kind's typed config and validated by loading the pipeline).
 """
 from __future__ import annotations
 
@@ -45,6 +49,49 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+class RecipeSchema:
+    """Search keys of a training recipe (the base of an ordinary sweep)."""
+
+    what = "recipe"
+
+    def field_type(self, path: str) -> Any:
+        return field_type(path)
+
+    def check(self, base: dict, path: str, value: Any) -> None:
+        recipe_from_dict(apply_overrides(base, {path: value}))
+
+    def flat(self, base: dict) -> dict[str, Any]:
+        return flatten(base)
+
+    def reserved(self, path: str) -> Optional[str]:
+        if path == "name" or path.startswith(RESERVED) or path in RESERVED:
+            return ("this key is set by the sweep itself (run names, tracking, cluster, per-trial resources via "
+                    "`resources:`)")
+        return None
+
+
+class PipelineSchema:
+    """Search keys of a pipeline recipe (a sweep whose `base:` is a pipeline): `<stage>.<key>`."""
+
+    what = "pipeline"
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def field_type(self, path: str) -> Any:
+        return self.pipeline.field_type(path)
+
+    def check(self, base: dict, path: str, value: Any) -> None:
+        from medvl.pipelines import load_pipeline
+        load_pipeline(data=base, overrides={path: value})
+
+    def flat(self, base: dict) -> dict[str, Any]:
+        return self.pipeline.flat_values()
+
+    def reserved(self, path: str) -> Optional[str]:
+        return self.pipeline.reserved(path)
+
+
 class SearchSpace:
     """Ordered search dimensions `{recipe key: ParamSpec}`."""
 
@@ -53,24 +100,26 @@ class SearchSpace:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, base: dict) -> None:
-        """Raise SweepError naming the first bad dimension; `base` is the nested base recipe dict."""
+    def validate(self, base: dict, schema=None) -> None:
+        """Raise SweepError naming the first bad dimension; `base` is the nested base recipe (or pipeline) dict,
+        `schema` what its keys are checked against (default: a training recipe)."""
+        schema = schema or RecipeSchema()
         if not self.params:
-            raise SweepError("search_space is empty: name at least one recipe key to search")
-        flat = flatten(base)
+            raise SweepError(f"search_space is empty: name at least one {schema.what} key to search")
+        flat = schema.flat(base)
         for i, (path, p) in enumerate(self.params.items()):
             where = f"search_space.{path}"
-            if path == "name" or path.startswith(RESERVED) or path in RESERVED:
-                raise SweepError(f"{where}: this key is set by the sweep itself (run names, tracking, cluster, "
-                                 f"per-trial resources via `resources:`) and cannot be searched")
+            why = schema.reserved(path)
+            if why:
+                raise SweepError(f"{where}: {why} and cannot be searched")
             try:
-                tp = field_type(path)
+                tp = schema.field_type(path)
             except ConfigError as e:
                 raise SweepError(f"{where}: {e}") from None
             self._check_dim(where, path, tp, p)
             for v in self._probe_values(p):
-                self._check_in_recipe(where, base, path, v)
-            self._check_condition(where, list(self.params)[:i], flat, p)
+                self._check_in_recipe(where, base, path, v, schema)
+            self._check_condition(where, list(self.params)[:i], flat, p, schema)
 
     def _check_dim(self, where: str, path: str, tp: Any, p: ParamSpec) -> None:
         bt = _base_type(tp)
@@ -128,13 +177,13 @@ class SearchSpace:
         return list(p.values) if p.type == "choice" else [p.low, p.high]
 
     @staticmethod
-    def _check_in_recipe(where: str, base: dict, path: str, value: Any) -> None:
+    def _check_in_recipe(where: str, base: dict, path: str, value: Any, schema) -> None:
         try:
-            recipe_from_dict(apply_overrides(base, {path: value}))
+            schema.check(base, path, value)
         except ConfigError as e:
-            raise SweepError(f"{where}: value {value!r} is not valid for the recipe: {e}") from None
+            raise SweepError(f"{where}: value {value!r} is not valid for the {schema.what}: {e}") from None
 
-    def _check_condition(self, where: str, earlier: list[str], flat: dict, p: ParamSpec) -> None:
+    def _check_condition(self, where: str, earlier: list[str], flat: dict, p: ParamSpec, schema) -> None:
         if not p.when:
             return
         for key, want in p.when.items():
@@ -151,11 +200,11 @@ class SearchSpace:
                                      f"values {dep.values}")
                 continue
             try:
-                field_type(key)
+                schema.field_type(key)
             except ConfigError as e:
                 raise SweepError(f"{where}: when: {e}") from None
             if flat.get(key) not in wants:
-                raise SweepError(f"{where}: condition {key} in {wants} is never true: the base recipe has "
+                raise SweepError(f"{where}: condition {key} in {wants} is never true: the base {schema.what} has "
                                  f"{key}={flat.get(key)!r} and {key} is not searched")
 
     # ------------------------------------------------------------------ sampling
@@ -207,4 +256,4 @@ def is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-__all__ = ["SearchSpace", "is_missing"]
+__all__ = ["SearchSpace", "RecipeSchema", "PipelineSchema", "is_missing"]

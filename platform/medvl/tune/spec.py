@@ -16,6 +16,15 @@ is a sweep field changes the spec (`scheduler.kind=none`, `search_space.optim.lr
 must be a recipe key and joins `overrides`. `validate_sweep(spec)` then checks everything that can be checked
 before a trial starts (parameter paths, ranges vs field types, the objective metric, the scheduler horizon)
 and returns the resolved base recipe.
+
+Pipeline sweeps: `base:` may name a pipeline recipe (`medvl.pipelines`, a YAML with `stages:`). Then every key
+(`overrides`, `search_space`, command-line overrides) is a pipeline key, `<stage>.<key>` (`probe.C`,
+`clip.optim.lr`), checked against that stage kind's typed config; the objective is any stage's reported metric,
+`<stage>/<metric>` (`probe/accuracy`), checked against what the stages declare; each trial runs the whole
+pipeline, and trials that share a prefix of stages reuse their cached outputs (built once, also when trials run
+concurrently: the per-key build lock). A pipeline reports its objective once, at its end, so the scheduler must be
+`none`; stages set their own resources (`<stage>.train.num_workers`), so `resources.workers` and
+`resources.cpus_per_worker` are not used.
 """
 from __future__ import annotations
 
@@ -167,8 +176,9 @@ def _split_override(key: str) -> tuple[str, ...]:
     return tuple(key.split("."))
 
 
-def apply_sweep_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`["num_samples=2", "scheduler.kind=none", "train.epochs=1", "overrides.name=x"]` -> updated raw spec."""
+def apply_sweep_overrides(raw: dict, overrides: list[str], key_type=field_type) -> dict:
+    """`["num_samples=2", "scheduler.kind=none", "train.epochs=1", "overrides.name=x"]` -> updated raw spec.
+    `key_type` checks a base key (a training recipe's by default; a pipeline's for a pipeline base)."""
     raw = copy.deepcopy(raw)
     for ov in overrides:
         if "=" not in ov:
@@ -179,10 +189,11 @@ def apply_sweep_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = _split_override(key)
         if parts[0] not in SWEEP_KEYS:
             try:
-                field_type(key)
-            except ConfigError:
+                key_type(key)
+            except ConfigError as e:
+                what = "pipeline key" if key_type is not field_type else "recipe key"
                 raise SweepError(f"unknown key {key}: neither a sweep key ({', '.join(sorted(SWEEP_KEYS))}) "
-                                 f"nor a recipe key") from None
+                                 f"nor a {what}" + (f" ({e})" if what == "pipeline key" else "")) from None
             parts = ("overrides", key)
         cur = raw
         for p in parts[:-1]:
@@ -197,11 +208,33 @@ def apply_sweep_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _base_key_type(raw: dict, sweep_path: str | os.PathLike, overrides: list[str]):
+    """The key checker of the sweep's base: a pipeline's `<stage>.<key>` when the base is a pipeline file."""
+    base = raw.get("base")
+    for ov in overrides:
+        k, _, v = ov.partition("=")
+        if k.strip() == "base":
+            base = yaml.safe_load(v)
+    if not isinstance(base, str):
+        return field_type
+    try:
+        path = resolve_base(SweepSpec(base=base, source=str(Path(sweep_path).resolve())))
+    except SweepError:
+        return field_type  # reported by validate_sweep
+    from medvl.pipelines import is_pipeline_file, load_pipeline
+    if not is_pipeline_file(path):
+        return field_type
+    try:
+        return load_pipeline(path).field_type
+    except ConfigError as e:
+        raise SweepError(f"base pipeline {path}: {e}") from None
+
+
 def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> SweepSpec:
     """Read a sweep file, apply command-line overrides, parse strictly (no validation against the recipe)."""
     raw = load_yaml(path)
     if overrides:
-        raw = apply_sweep_overrides(raw, overrides)
+        raw = apply_sweep_overrides(raw, overrides, _base_key_type(raw, path, overrides))
     spec = _parse_spec(raw, f"{path}: ")
     spec.source = str(Path(path).resolve())
     return spec
@@ -254,12 +287,16 @@ def trial_epochs(recipe: Recipe) -> int:
     return max(1, math.ceil(expected_steps(recipe) / max(1, per_epoch)))
 
 
-def base_recipe(spec: SweepSpec) -> Recipe:
-    """Base recipe + sweep overrides + resources, validated, local paths made absolute."""
+def base_recipe(spec: SweepSpec):
+    """Base recipe + sweep overrides + resources, validated, local paths made absolute (a `Pipeline` when the
+    base is a pipeline recipe)."""
     path = resolve_base(spec)
     ov = dict(spec.overrides)
     if "track.run_name" in ov:
         raise SweepError("overrides.track.run_name: trial run names are set by the sweep (<sweep>-<trial id>)")
+    from medvl.pipelines import is_pipeline_file
+    if is_pipeline_file(path):
+        return _base_pipeline(spec, path, ov)
     for key, v in (("train.num_workers", spec.resources.workers),
                    ("train.cpus_per_worker", spec.resources.cpus_per_worker)):
         if v is None:
@@ -272,6 +309,36 @@ def base_recipe(spec: SweepSpec) -> Recipe:
         return load_recipe(path, ov)
     except ConfigError as e:
         raise SweepError(f"base recipe with the sweep's overrides: {e}") from None
+
+
+def _base_pipeline(spec: SweepSpec, path: Path, ov: dict):
+    from medvl.pipelines import load_pipeline
+    for key in ("workers", "cpus_per_worker"):
+        if getattr(spec.resources, key) is not None:
+            raise SweepError(f"resources.{key}: the base is a pipeline, whose train stages set their own workers "
+                             f"(`<stage>.train.num_workers` / `<stage>.train.cpus_per_worker` in overrides)")
+    try:
+        return load_pipeline(path, ov)
+    except ConfigError as e:
+        raise SweepError(f"base pipeline with the sweep's overrides: {e}") from None
+
+
+def is_pipeline_sweep(target: Any) -> bool:
+    from medvl.pipelines import Pipeline
+    return isinstance(target, Pipeline)
+
+
+def _validate_pipeline_sweep(spec: SweepSpec, p) -> None:
+    from medvl.pipelines import pipeline_to_dict
+    from medvl.tune.space import PipelineSchema, SearchSpace
+    SearchSpace(spec.search_space).validate(pipeline_to_dict(p), PipelineSchema(p))
+    metrics = p.metric_names()
+    if spec.metric not in metrics:
+        raise SweepError(f"metric: no stage of pipeline {p.name!r} reports {spec.metric!r}; objectives are "
+                         f"<stage>/<metric>, one of: {', '.join(sorted(metrics))}")
+    if spec.scheduler.kind != "none":
+        raise SweepError(f"scheduler.kind: {spec.scheduler.kind} stops trials at epoch ends, but a pipeline trial "
+                         f"reports its objective once, when its last stage is done; use scheduler: {{kind: none}}")
 
 
 def validate_sweep(spec: SweepSpec) -> Recipe:
@@ -298,6 +365,9 @@ def validate_sweep(spec: SweepSpec) -> Recipe:
         raise SweepError("study_name needs optuna_storage (an in-memory study has no name to resume by)")
 
     recipe = base_recipe(spec)
+    if is_pipeline_sweep(recipe):
+        _validate_pipeline_sweep(spec, recipe)
+        return recipe
     SearchSpace(spec.search_space).validate(to_dict(recipe))
 
     metrics = reported_metrics(recipe)
@@ -336,9 +406,11 @@ def _max_trial_epochs(recipe: Recipe, spec: SweepSpec) -> int:
 
 
 def scheduler_horizon(recipe: Recipe, spec: SweepSpec) -> int:
+    if is_pipeline_sweep(recipe):
+        return 1  # one result per trial (the scheduler is `none`)
     return spec.scheduler.max_t or _max_trial_epochs(recipe, spec)
 
 
 __all__ = ["SweepSpec", "ParamSpec", "SchedulerSpec", "ResourcesSpec", "SweepError", "load_sweep",
            "validate_sweep", "reported_metrics", "base_recipe", "resolve_base", "spec_to_dict",
-           "scheduler_horizon", "to_dict"]
+           "scheduler_horizon", "to_dict", "is_pipeline_sweep"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import socket
 import time
@@ -26,7 +27,8 @@ import yaml
 from medvl.config import Recipe, set_path, to_dict
 from medvl.redact import redact_text
 from medvl.track import runs
-from medvl.tune.spec import SweepError, SweepSpec, scheduler_horizon, spec_to_dict, validate_sweep
+from medvl.tune.spec import (SweepError, SweepSpec, is_pipeline_sweep, scheduler_horizon, spec_to_dict,
+                             validate_sweep)
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,18 @@ def check_ray_address(address: str, timeout: float = 3.0) -> None:
 
 
 def cpus_per_trial(recipe: Recipe, spec: SweepSpec) -> int:
-    """Driver + workers × CPUs each + room for the trial's Ray Data decode tasks."""
+    """Driver + workers × CPUs each + room for the trial's Ray Data decode tasks. A pipeline trial: driver + the
+    most any one of its stages uses (stages run one after another; a stage's resources include its data tasks)."""
     r = spec.resources
+    if is_pipeline_sweep(recipe):
+        return r.driver_cpus + int(math.ceil(recipe.peak_resources()["CPU"]))
     return r.driver_cpus + recipe.train.num_workers * recipe.train.cpus_per_worker + r.data_cpus
+
+
+def gpus_per_trial(recipe: Recipe) -> float:
+    if is_pipeline_sweep(recipe):
+        return recipe.peak_resources()["GPU"]
+    return float(recipe.train.num_workers) if recipe.train.use_gpu else 0.0
 
 
 def plan_concurrency(recipe: Recipe, spec: SweepSpec, cluster: dict[str, float]) -> int:
@@ -86,10 +97,11 @@ def plan_concurrency(recipe: Recipe, spec: SweepSpec, cluster: dict[str, float])
     need = cpus_per_trial(recipe, spec)
     have = float(cluster.get("CPU", 0))
     k = int(have // need)
-    if recipe.train.use_gpu:
-        k = min(k, int(float(cluster.get("GPU", 0)) // recipe.train.num_workers))
+    gpus = gpus_per_trial(recipe)
+    if gpus:
+        k = min(k, int(float(cluster.get("GPU", 0)) // gpus))
     if k < 1:
-        what = f"{need} CPUs" + (f" and {recipe.train.num_workers} GPUs" if recipe.train.use_gpu else "")
+        what = f"{need} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
         raise SweepError(f"a trial needs {what} (resources: driver_cpus + workers × cpus_per_worker + "
                          f"data_cpus) but the cluster has {cluster}; lower resources.* or add nodes")
     k = min(k, spec.num_samples)
@@ -181,12 +193,18 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
 
     parent = tracking.start_or_resume_parent(name, spec_dict, recipe, uri, sweep_dir)
     exp_id = runs._client(uri).get_run(parent).info.experiment_id
-    base = to_dict(recipe)
+    pipeline = is_pipeline_sweep(recipe)
+    if pipeline:
+        from medvl.pipelines import pipeline_to_dict
+        base = pipeline_to_dict(recipe)
+    else:
+        base = to_dict(recipe)
     set_path(base, "runtime.run_root", str(run_root))  # trial actors run elsewhere: absolute root, explicit URI
     # The URI goes to the trials through their environment, never their recipe: from $MLFLOW_TRACKING_URI it may
     # carry a password, and every recipe key is logged as an MLflow param and saved with the run.
     env = {} if recipe.track.tracking_uri else {"MLFLOW_TRACKING_URI": uri}
-    ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric, env=env)
+    ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric, env=env,
+                       pipeline=pipeline)
     # [3] each trial: 1 driver CPU here; its TorchTrainer reserves the workers' CPUs itself
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"CPU": spec.resources.driver_cpus})

@@ -68,7 +68,12 @@ def start_or_resume_parent(name: str, spec_dict: dict, recipe: Recipe, uri: str,
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "sweep.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
-        (Path(d) / "base_recipe.yaml").write_text(runs.safe_yaml(recipe))
+        from medvl.tune.spec import is_pipeline_sweep
+        if is_pipeline_sweep(recipe):
+            from medvl.pipelines import dump_pipeline
+            (Path(d) / "base_pipeline.yaml").write_text(dump_pipeline(recipe))
+        else:
+            (Path(d) / "base_recipe.yaml").write_text(runs.safe_yaml(recipe))
         client.log_artifacts(run_id, d, artifact_path="config")
     return run_id
 

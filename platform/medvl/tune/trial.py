@@ -38,6 +38,8 @@ class SweepContext:
     """Environment every trial process needs, e.g. the sweep's MLFLOW_TRACKING_URI: it may carry a password, so it
     travels here (the Ray object store, like every `tune.with_parameters` value) and never in the trial's recipe,
     which is logged as MLflow params and saved with the run."""
+    pipeline: bool = False
+    """The base is a pipeline recipe (`base` is then `pipeline_to_dict`'s dict): a trial runs the pipeline."""
 
 
 class EpochReportCallback(TuneReportCallback):
@@ -71,6 +73,8 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
 
     from medvl.train.launcher import build_trainer, finalize, prepare_job
 
+    if ctx.pipeline:
+        return run_pipeline_trial(config, ctx)
     trial_id = ray.tune.get_context().get_trial_id()
     os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
     recipe = trial_recipe(ctx, config, trial_id)
@@ -89,6 +93,26 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     out = {k: v for k, v in final.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))}
     ray.tune.report(out)  # [4] the final epoch's result, after the run is complete in MLflow
+
+
+def run_pipeline_trial(config: dict[str, Any], ctx: SweepContext) -> None:
+    """A pipeline sweep's trial: the base pipeline with the sampled `<stage>.<key>` values, run to its end; stages
+    whose keys match another trial's (the unsearched prefix) are reused, or waited for while another trial builds
+    them. Its MLflow run (nested under the sweep) is the pipeline run, with a nested run per stage."""
+    import ray.tune
+
+    from medvl.pipelines import load_pipeline, run_pipeline
+    from medvl.track import runs
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
+    name = trial_run_name(ctx.sweep, trial_id)
+    p = load_pipeline(data=ctx.base, overrides=dict(config))
+    id_file = runs.run_root(p) / "jobs" / name / runs.RUN_ID_FILE  # where SweepCallback looks for the trial's run
+    out = run_pipeline(p, parent_run_id=ctx.parent_run_id, run_name=name, run_id_file=id_file,
+                       tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id},
+                       say=lambda s: print(f"[trial {trial_id}] {s}", flush=True))
+    ray.tune.report({k: v for k, v in out.metrics.items() if not (isinstance(v, float) and math.isnan(v))})
 
 
 def release_skip_counter(mlflow_run_id: Optional[str], tracking_uri: Optional[str] = None) -> None:

@@ -1,0 +1,10 @@
+"""Built-in stage kinds (importing this package registers them):
+
+- `train` (`kinds/train.py`): a Ray Train job: a method run through the seam (`run_training`), config = a training
+  recipe; output: the final model + its resolved recipe.
+- `embed` (`kinds/embed.py`): a Ray Data batch-inference job (actor pool): a train stage's image encoder over
+  splits of a corpus; output: one Parquet file of features per split.
+- `linear_probe` (`kinds/probe.py`): a Ray task: scikit-learn logistic regression on an embed stage's features;
+  reports held-out accuracy.
+"""
+from medvl.pipelines.kinds import embed, probe, train  # noqa: F401
