@@ -322,7 +322,9 @@ def test_digits_recipe_eval_prompts_appear_nowhere_in_its_prompts_file(digits_co
     for t in r.eval.templates:
         stem = t.split("{}")[0].strip().lower()
         assert stem and not any(stem in s for s in sentences), t  # not even the template's opening words
-        assert not any(t.format(c).lower() == s for c in classes for s in sentences)
+        for c in classes:  # no eval prompt inside a training sentence, no training sentence inside an eval prompt
+            e = t.format(c).lower()
+            assert not any(e in s or s in e for s in sentences), (e, [s for s in sentences if e in s or s in e])
     # the generated reports fit the model's context (no sentence truncated away)
     m = resolve_method(r)
     dec = m.decoder(train=True)

@@ -76,6 +76,10 @@ IU_MESH = {"normal": "No Finding", "Cardiomegaly": "Cardiomegaly", "Pleural Effu
 """IU MeSH "major" terms (the part before the first '/') -> corpus finding names; other terms are not kept."""
 LABEL_VALUES = {1.0: "positive", 0.0: "negative", -1.0: "uncertain"}
 REPORT_SECTIONS = ("findings", "impression")
+PYDICOM_STAND_INS = ("RG1_UNCI.dcm", "RG3_UNCI.dcm", "MR2_UNCI.dcm", "693_UNCI.dcm", "CT_small.dcm", "MR_small.dcm",
+                     "JPEG2000_UNC.dcm", "emri_small.dcm", "US1_UNCI.dcm")
+"""`--stand-in-images pydicom`: real DICOMs of pydicom / pydicom-data (the PA chest radiograph RG1 first; then a knee
+CR, MR, CT, NM, ultrasound) for the IU plumbing corpus."""
 IU_TGZ = "NLMCXR_reports.tgz"
 
 
@@ -754,6 +758,9 @@ def iu_studies(ing: Ingestor, *, reports: Optional[str] = None, images: Optional
     if not images and not stand_in:
         raise CorpusError("iu-reports: give --images (the Open-i PNGs) or --stand-in-images (plumbing only)")
     stand: list[ImageRef] = []
+    if list(stand_in) == ["pydicom"]:
+        import pydicom.data
+        stand_in = [pydicom.data.get_testdata_file(n, download=False) or n for n in PYDICOM_STAND_INS]
     for f in stand_in:  # converted once here: every report shares these bytes
         p = Path(f)
         try:
@@ -815,7 +822,7 @@ def _run(kind: str, a) -> Manifest:
         studies, classes = iu_studies(ing, reports=a.reports, images=a.images, stand_in=a.stand_in_images or (),
                                       image_opts=opts, limit=a.limit)
         src = Path(a.reports).resolve() if a.reports else iu_reports_path()
-        ing.source = (f"IU reports {src} + STAND-IN images {', '.join(Path(p).name for p in a.stand_in_images)}: "
+        ing.source = (f"IU reports {src} + STAND-IN images {' '.join(Path(p).name for p in a.stand_in_images)}: "
                       f"plumbing only, the images do not belong to the reports" if a.stand_in_images
                       else f"IU reports {src} + images {Path(a.images).resolve()}")
         text_kind = "report"
@@ -851,7 +858,8 @@ def add_subcommands(sub, common: argparse.ArgumentParser) -> None:
     i = sub.add_parser("iu-reports", parents=[common, cx], help="Indiana University reports (torchxrayvision wheel)")
     i.add_argument("--reports", help="NLMCXR_reports.tgz or a folder of XML (default: the installed wheel's)")
     i.add_argument("--images", help="folder with the Open-i PNGs (<image id>.png)")
-    i.add_argument("--stand-in-images", nargs="+", help="PLUMBING ONLY: images/DICOMs given to every report in turn")
+    i.add_argument("--stand-in-images", nargs="+", help="PLUMBING ONLY: images/DICOMs given to every report in turn "
+                   "(`pydicom`: the real DICOMs of pydicom-data, RG1_UNCI.dcm first)")
     i.add_argument("--limit", type=int, help="only the first N reports")
     for kind, p in (("mimic-cxr", m), ("chexpert", c), ("chestxray14", x), ("iu-reports", i)):
         p.set_defaults(run=(lambda a, k=kind: _run(k, a)))

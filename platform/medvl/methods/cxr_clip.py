@@ -84,6 +84,9 @@ class CxrClipConfig:
     clahe_clip_limit: list[float] = field(default_factory=lambda: [1.0, 4.0])
     """CLAHE clip limit range in albumentations/OpenCV units (the reference's `clip_limit: 4.0` samples [1, 4]);
     scikit-image's `equalize_adapthist` receives limit / 256 with 256 bins and 8 x 8 tiles, the same clipping."""
+    clahe_grid: int = 8
+    """CLAHE tiles per image side (albumentations' tile_grid_size (8, 8)); small images may want fewer, larger
+    tiles (a 32 px digit has 4 px tiles at 8)."""
     color_jitter: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.2, 0.1])
     """torchvision ColorJitter(brightness, contrast, saturation, hue)."""
     max_logit_scale: Optional[float] = None
@@ -111,6 +114,7 @@ class CxrClipConfig:
             (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1],
              f"cxr_clip.crop_scale must be [low, high] with 0 < low <= high, got {self.crop_scale}"),
             (0 <= self.clahe_p <= 1, "cxr_clip.clahe_p must be in [0, 1]"),
+            (self.clahe_grid >= 1, "cxr_clip.clahe_grid must be >= 1"),
             (len(self.clahe_clip_limit) == 2 and 0 < self.clahe_clip_limit[0] <= self.clahe_clip_limit[1],
              f"cxr_clip.clahe_clip_limit must be [low, high] with 0 < low <= high, got {self.clahe_clip_limit}"),
             (len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter) and self.color_jitter[3] <= 0.5,
@@ -249,19 +253,22 @@ def _image_size(model_cfg: dict) -> int | tuple[int, int]:
     return tuple(size) if isinstance(size, (list, tuple)) else int(size)
 
 
-def clahe(img, clip_limit: float):
-    """CLAHE with scikit-image on a PIL image (greyscale: the grey level; colour: HSV value); `clip_limit` in
-    albumentations/OpenCV units (their limit is relative to the mean bin count, scikit-image's to the tile size)."""
+def clahe(img, clip_limit: float, grid: int = 8):
+    """CLAHE with scikit-image on a PIL image (greyscale: the grey level; colour: HSV value) with `grid` x `grid`
+    tiles; `clip_limit` in albumentations/OpenCV units (their limit is relative to the mean bin count,
+    scikit-image's to the tile size, hence / 256 with 256 bins)."""
     from PIL import Image
     from skimage.exposure import equalize_adapthist
     arr = np.asarray(img)
+    kernel = tuple(max(1, s // grid) for s in arr.shape[:2])
     gray = arr.ndim == 2 or (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]))
     if gray:
         g = arr if arr.ndim == 2 else arr[..., 0]
-        out = equalize_adapthist(g, clip_limit=clip_limit / 256.0, nbins=256)
+        out = equalize_adapthist(g, kernel_size=kernel, clip_limit=clip_limit / 256.0, nbins=256)
         return Image.fromarray(np.round(out * 255).astype(np.uint8)).convert("RGB")
     hsv = np.asarray(img.convert("HSV")).copy()
-    hsv[..., 2] = np.round(equalize_adapthist(hsv[..., 2], clip_limit=clip_limit / 256.0, nbins=256) * 255)
+    hsv[..., 2] = np.round(equalize_adapthist(hsv[..., 2], kernel_size=kernel, clip_limit=clip_limit / 256.0,
+                                              nbins=256) * 255)
     return Image.fromarray(hsv, mode="HSV").convert("RGB")
 
 
@@ -304,7 +311,7 @@ class CxrClipDecoder(RowDecoder):
         img = self._crop(img)  # torch's generator: seeded per (seed, epoch, sample) by the seam
         c = self.cfg
         if rng.random() < c["clahe_p"]:
-            img = clahe(img, float(rng.uniform(*c["clahe_clip_limit"])))
+            img = clahe(img, float(rng.uniform(*c["clahe_clip_limit"])), c["clahe_grid"])
         return to_uint8_chw(self._jitter(img))
 
     def views(self, row: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
