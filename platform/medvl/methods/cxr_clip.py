@@ -409,7 +409,6 @@ class EvalPlan:
     """Single-label zero-shot classes (from the manifest/recipe), or `zero_shot_classes` for multi-label."""
     multilabel_zero_shot: bool
     findings: list[str]
-    corpus_classes: list[str]
 
     @classmethod
     def build(cls, recipe: Recipe) -> Optional["EvalPlan"]:
@@ -422,10 +421,10 @@ class EvalPlan:
         lf = e.label_field or m.label_field
         classes = list(e.classnames or m.classnames)
         if lf and classes:  # single-label corpus: zero-shot over its classes, no findings
-            return cls(corpus, text_mode(c.text_source, m.text_kind), lf, classes, False, [], classes)
+            return cls(corpus, text_mode(c.text_source, m.text_kind), lf, classes, False, [])
         findings = list(c.findings) if c.findings is not None else [x for x in m.classnames if x != NO_FINDING]
         zs = list(c.zero_shot_classes)
-        return cls(corpus, text_mode(c.text_source, m.text_kind), None, zs, bool(zs), findings, list(m.classnames))
+        return cls(corpus, text_mode(c.text_source, m.text_kind), None, zs, bool(zs), findings)
 
     def metric_names(self, recipe: Recipe) -> set[str]:
         from medvl.eval.findings import findings_metric_names
@@ -462,8 +461,13 @@ class CxrClipEval:
         caps = []
         for texts, lab in zip(self.val.texts, maps):
             sections = [t for t in texts if t.strip()]
-            caps.append(sections[0] if plan.mode == "report" and sections
-                        else (reports.report(lab, None, deterministic=True) if reports else (sections or [""])[0]))
+            cap = sections[0] if plan.mode == "report" and sections else None
+            if cap is None and reports is not None:
+                try:
+                    cap = reports.report(lab, None, deterministic=True)
+                except ValueError:  # a row whose labels have no prompt: its own text, like CLIP
+                    cap = None
+            caps.append(cap if cap is not None else (sections or [""])[0])
         self.unique = sorted(set(caps))
         index = {c: i for i, c in enumerate(self.unique)}
         self.caption_ids = torch.tensor([index[c] for c in caps])
