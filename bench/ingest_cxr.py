@@ -7,8 +7,9 @@ the JPEGs at MIMIC-JPG-like resolution (`--size` px on the long side, quality 95
 RG1_UNCI.dcm (pydicom-data) with a different crop, shift and noise per image, plus MIMIC-style reports and the
 metadata / CheXpert-label CSVs. Then ingests it with each `--workers` setting (0 = in-process, N = N Ray tasks at a
 time on a local Ray with N CPUs, start-up not counted), each into a fresh corpus, and prints studies (rows)/s and
-images/s. The last line: `rows_per_s_<w>=... ratio_<w>_vs_inline=...`. One invocation measures all settings:
-compare numbers only within one run (the machine is shared).
+images/s, and images per CPU-second spent in the decoding tasks (the per-core cost, which other load on a shared
+machine does not change). The last line: `rows_per_s_<w>=... ratio_<w>_vs_inline=...`. One invocation measures all
+settings: compare numbers only within one run (the machine is shared).
 """
 from __future__ import annotations
 
@@ -97,10 +98,14 @@ def main() -> int:
                             manifest_kw={"classnames": classes, "text_kind": "report"})
         res[w] = rep
         print(f"workers={w}: {rep.studies} studies, {rep.images} images in {rep.seconds:.1f} s -> "
-              f"{rep.rows_per_s:.1f} rows/s, {rep.images_per_s:.1f} images/s", flush=True)
+              f"{rep.rows_per_s:.1f} rows/s, {rep.images_per_s:.1f} images/s, {rep.images_per_cpu_s:.1f} images "
+              f"per task CPU-second", flush=True)
+    load = os.getloadavg()[0]
     base = res.get(0) or res[a.workers[0]]
+    print(f"load average during the last part: {load:.1f} on {os.cpu_count()} cores")
     print(" ".join(f"rows_per_s_{w}={r.rows_per_s:.1f} images_per_s_{w}={r.images_per_s:.1f} "
-                   f"ratio_{w}_vs_inline={r.rows_per_s / base.rows_per_s:.2f}" for w, r in res.items()))
+                   f"images_per_cpu_s_{w}={r.images_per_cpu_s:.1f} ratio_{w}_vs_inline={r.rows_per_s / base.rows_per_s:.2f}"
+                   for w, r in res.items()))
     return 0
 
 

@@ -388,9 +388,10 @@ class ChunkOptions:
     classnames: tuple[str, ...] = ()
 
 
-def process_studies(studies: list[Study], opts: ChunkOptions) -> tuple[list[dict], list[tuple]]:
-    """Read, check (and shrink) each study's images and parse its report: corpus rows + reject entries
-    (file, row, field, reason). Runs in Ray tasks (or in-process with --workers 0)."""
+def process_studies(studies: list[Study], opts: ChunkOptions) -> tuple[list[dict], list[tuple], float]:
+    """Read, check (and shrink) each study's images and parse its report: corpus rows, reject entries
+    (file, row, field, reason) and the CPU seconds spent. Runs in Ray tasks (or in-process with --workers 0)."""
+    cpu0 = time.process_time()
     rows, rejects = [], []
     for st in studies:
         where_row = (st.source, st.row)
@@ -425,7 +426,7 @@ def process_studies(studies: list[Study], opts: ChunkOptions) -> tuple[list[dict
                      "view": first["view"], "other_images": good[1:] or None, "texts": texts,
                      "labels": dict(st.labels), "study_id": st.study_id, "patient_id": st.patient_id,
                      "split": st.split})
-    return rows, rejects
+    return rows, rejects, time.process_time() - cpu0
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:
@@ -471,6 +472,8 @@ class IngestReport:
     images: int
     seconds: float
     workers: int
+    cpu_seconds: float = 0.0
+    """CPU time spent reading/decoding/encoding (summed over tasks): per-core cost, whatever else runs."""
 
     @property
     def rows_per_s(self) -> float:
@@ -479,6 +482,10 @@ class IngestReport:
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
+
+    @property
+    def images_per_cpu_s(self) -> float:
+        return self.images / max(self.cpu_seconds, 1e-9)
 
 
 def write_studies(studies: list[Study], ing: Ingestor, opts: ChunkOptions, *, workers: int, chunk: int = 64,
@@ -491,12 +498,13 @@ def write_studies(studies: list[Study], ing: Ingestor, opts: ChunkOptions, *, wo
     t_ray = time.perf_counter()
     started = _start_ray(workers) if workers > 0 else False
     t0 = time.perf_counter()
-    images = 0
+    images, cpu = 0, 0.0
     results: Iterable[tuple] = (process_studies(part, opts) for part in _chunks(studies, chunk)) if workers <= 0 \
         else _ray_results(studies, opts, workers, chunk)
     last = t0
     try:
-        for rows, rejects in results:
+        for rows, rejects, task_cpu in results:
+            cpu += task_cpu
             for r in rejects:
                 ing.reject(*r)
             for row in rows:
@@ -513,11 +521,12 @@ def write_studies(studies: list[Study], ing: Ingestor, opts: ChunkOptions, *, wo
             ray.shutdown()
     secs = time.perf_counter() - t0
     m = ing.finish(**(manifest_kw or {}))
-    rep = IngestReport(m, ing.stats.accepted, images, secs, workers)
+    rep = IngestReport(m, ing.stats.accepted, images, secs, workers, cpu)
     how = "1 process" if workers <= 0 else f"{workers} Ray workers" + (
         f", Ray start-up {t0 - t_ray:.1f} s not counted" if started else "")
     print(f"ingest: {rep.studies} studies / {rep.images} images in {secs:.1f} s ({how}): {rep.rows_per_s:.1f} "
-          f"rows/s, {rep.images_per_s:.1f} images/s", flush=True)
+          f"rows/s, {rep.images_per_s:.1f} images/s ({rep.images_per_cpu_s:.1f} images per CPU-second of the "
+          f"workers)", flush=True)
     return rep
 
 
