@@ -522,7 +522,7 @@ def write_studies(studies: list[Study], ing: Ingestor, opts: ChunkOptions, *, wo
     secs = time.perf_counter() - t0
     m = ing.finish(**(manifest_kw or {}))
     rep = IngestReport(m, ing.stats.accepted, images, secs, workers, cpu)
-    how = "1 process" if workers <= 0 else f"{workers} Ray workers" + (
+    how = "1 process" if workers <= 0 else f"{workers} Ray worker{'s' if workers > 1 else ''}" + (
         f", Ray start-up {t0 - t_ray:.1f} s not counted" if started else "")
     print(f"ingest: {rep.studies} studies / {rep.images} images in {secs:.1f} s ({how}): {rep.rows_per_s:.1f} "
           f"rows/s, {rep.images_per_s:.1f} images/s ({rep.images_per_cpu_s:.1f} images per CPU-second of the "
