@@ -62,11 +62,16 @@ def local_labels(n: int, dist: Dist, device) -> torch.Tensor:
 
 
 def contrastive_term(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, dist: Dist = Dist(),
-                     symmetric: bool = True) -> torch.Tensor:
+                     symmetric: bool = True, a_all: torch.Tensor | None = None,
+                     b_all: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE between paired rows of `a` and `b` (already normalised), gathered across workers:
-    a -> b (and b -> a when `symmetric`, averaged), local rows vs global columns, labels offset by rank."""
+    a -> b (and b -> a when `symmetric`, averaged), local rows vs global columns, labels offset by rank.
+    `a_all` / `b_all`: the already gathered `gather_with_grad(a / b, dist)`, for methods whose terms share
+    features (CXR-CLIP's six terms over four feature sets gather each set once instead of once per term)."""
     labels = local_labels(a.shape[0], dist, a.device)
-    loss = F.cross_entropy(scale * a @ gather_with_grad(b, dist).T, labels)
+    b_all = gather_with_grad(b, dist) if b_all is None else b_all
+    loss = F.cross_entropy(scale * a @ b_all.T, labels)
     if not symmetric:
         return loss
-    return 0.5 * (loss + F.cross_entropy(scale * b @ gather_with_grad(a, dist).T, labels))
+    a_all = gather_with_grad(a, dist) if a_all is None else a_all
+    return 0.5 * (loss + F.cross_entropy(scale * b @ a_all.T, labels))

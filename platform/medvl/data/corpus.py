@@ -6,7 +6,9 @@
 
 Columns (see `SCHEMA`): `sample_id` str, `image` bytes (encoded PNG/JPEG/...; or null with `image_uri` set),
 `image_uri` str (file path or object-store URI), `texts` list<str> (captions / report sections),
-`study_id` str, `view` str, `labels` map<str, float> (per-class values), `split` str.
+`study_id` str, `view` str, `labels` map<str, float> (per-class values), `split` str; optional (absent in older
+corpora): `patient_id` str (splits group by it), `other_images` list<struct<image bytes, image_uri str, view str,
+image_id str>> (the study's further images when a row is a study with several views: chest X-ray ingest).
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = 1
 FORMAT_NAME = "medvl-corpus"
 
+OTHER_IMAGE = pa.struct([pa.field("image", pa.binary()), pa.field("image_uri", pa.string()),
+                         pa.field("view", pa.string()), pa.field("image_id", pa.string())])
+"""One further image of a study row (bytes or a URI, its view, its source id)."""
+
 SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("image", pa.binary()),
@@ -31,6 +37,8 @@ SCHEMA = pa.schema([
     pa.field("view", pa.string()),
     pa.field("labels", pa.map_(pa.string(), pa.float32())),
     pa.field("split", pa.string()),
+    pa.field("patient_id", pa.string()),
+    pa.field("other_images", pa.list_(OTHER_IMAGE)),
 ])
 REQUIRED_FIELDS = ("sample_id", "texts", "split")
 
@@ -59,6 +67,10 @@ class Manifest:
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=list)
     rejected: int = 0
+    text_kind: str = "captions"
+    """What `texts` hold: `captions` (alternative captions), `report` (sections of one report: findings,
+    impression, ...) or `labels` (a summary written from the labels; methods may build their own text from
+    `labels`, as CXR-CLIP does)."""
 
     def rows(self, split: Optional[str] = None) -> int:
         return sum(s.rows for s in self.shards if split is None or s.split == split)

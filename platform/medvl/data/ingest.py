@@ -3,6 +3,7 @@
     medvl ingest csv   captions.tsv --out corpora/x [--image-key filepath] [--text-key title ...] [--sep '\t']
     medvl ingest folder images/    --out corpora/y [--template "a photo of {}." ...]
     medvl ingest digits            --out corpora/digits   # scikit-learn's handwritten digits, via `folder`
+    medvl ingest mimic-cxr | chexpert | chestxray14 | iu-reports ...   # chest X-ray releases (ingest_cxr.py)
 
 Every row is validated (image decodes, texts non-empty strings, labels numeric, sample id unique). A bad row is
 written to `<out>/rejects.jsonl` with its source file, row number, field and reason, counted, and never silently
@@ -88,9 +89,10 @@ def check_labels(labels: Any) -> dict[str, float]:
     return out
 
 
-def split_for(sample_id: str, val_fraction: float, seed: int) -> str:
-    """Deterministic split from a hash of the id (stable when the source grows)."""
-    h = hashlib.sha1(f"{seed}:{sample_id}".encode()).digest()
+def split_for(group_id: str, val_fraction: float, seed: int) -> str:
+    """Deterministic split from a hash of the group id (stable when the source grows). Pass the patient id (else
+    the study id) of medical images, never the image id: every image of one patient then lands on one side."""
+    h = hashlib.sha1(f"{seed}:{group_id}".encode()).digest()
     return "val" if int.from_bytes(h[:8], "big") / 2**64 < val_fraction else "train"
 
 
@@ -153,11 +155,13 @@ def _read_table(path: Path, sep: Optional[str]) -> Iterator[tuple[int, dict]]:
 def ingest_table(path: str, out: str, image_key: str = "filepath", text_keys: Iterable[str] = ("title",),
                  label_keys: Iterable[str] = (), id_key: Optional[str] = None, study_key: Optional[str] = None,
                  view_key: Optional[str] = None, split_key: Optional[str] = None, sep: Optional[str] = None,
+                 patient_key: Optional[str] = None,
                  image_root: Optional[str] = None, store: str = "bytes", val_fraction: float = 0.2,
                  seed: int = 0, shard_size: int = 2048, templates: Iterable[str] = (),
                  shuffle: bool = True) -> Manifest:
-    """CSV/TSV/JSONL manifest (open_clip's `filepath\\ttitle` CSV included) -> corpus. Rows are written in a
-    seeded random order (`shuffle`), so a source sorted by patient, study or class does not put them side by
+    """CSV/TSV/JSONL manifest (open_clip's `filepath\\ttitle` CSV included) -> corpus. Without `split_key`, rows
+    are split by a hash of their patient (`patient_key`), else study (`study_key`), else sample id. Rows are written
+    in a seeded random order (`shuffle`), so a source sorted by patient, study or class does not put them side by
     side in the shards (training mixes row groups and windows of rows, not whole corpora)."""
     src = Path(path)
     if not src.is_file():
@@ -186,13 +190,16 @@ def ingest_table(path: str, out: str, image_key: str = "filepath", text_keys: It
             labels = check_labels({k: rec.get(k) for k in label_keys if rec.get(k) not in (None, "")})
             sid = str(rec[id_key]) if id_key and rec.get(id_key) not in (None, "") else f"{src.stem}-{rowno}"
             ing.claim(sid, f"row {rowno}")
-            split = str(rec[split_key]) if split_key and rec.get(split_key) else split_for(sid, val_fraction, seed)
+            patient = str(rec[patient_key]) if patient_key and rec.get(patient_key) not in (None, "") else None
+            study = str(rec[study_key]) if study_key and rec.get(study_key) not in (None, "") else None
+            group = patient or (f"study:{study}" if study else sid)  # never split one patient's/study's images
+            split = str(rec[split_key]) if split_key and rec.get(split_key) else split_for(group, val_fraction, seed)
             ing.add({
                 "sample_id": sid,
                 "image": data if store == "bytes" else None,
                 "image_uri": None if store == "bytes" else str(img_path.resolve()),
                 "texts": texts, "labels": labels, "split": split,
-                "study_id": str(rec[study_key]) if study_key and rec.get(study_key) else None,
+                "study_id": study, "patient_id": patient,
                 "view": str(rec[view_key]) if view_key and rec.get(view_key) else None,
             })
         except Rejected as r:
@@ -290,6 +297,7 @@ def main(argv: list[str]) -> int:
     c.add_argument("--text-key", action="append", help="caption column(s); default: title")
     c.add_argument("--label-key", action="append", default=[], help="numeric label column(s)")
     c.add_argument("--id-key"), c.add_argument("--study-key"), c.add_argument("--view-key")
+    c.add_argument("--patient-key", help="patient column: the hash split groups by it (else by --study-key)")
     c.add_argument("--split-key", help="column with train/val/test; default: hash split")
     c.add_argument("--sep", help="field separator (default: tab for .tsv, comma otherwise)")
     c.add_argument("--image-root", help="base directory of relative image paths (default: manifest's dir)")
@@ -300,10 +308,15 @@ def main(argv: list[str]) -> int:
     f.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
     f.add_argument("--label-field", default="class")
     sub.add_parser("digits", parents=[common], help="scikit-learn handwritten digits (demo corpus)")
+    from medvl.data import ingest_cxr
+    ingest_cxr.add_subcommands(sub, common)  # mimic-cxr, chexpert, chestxray14, iu-reports (each sets `run`)
     a = p.parse_args(argv)
-    if a.kind == "csv":
+    if getattr(a, "run", None):
+        m = a.run(a)
+    elif a.kind == "csv":
         m = ingest_table(a.manifest, a.out, image_key=a.image_key, text_keys=a.text_key or ["title"],
                          label_keys=a.label_key, id_key=a.id_key, study_key=a.study_key, view_key=a.view_key,
+                         patient_key=a.patient_key,
                          split_key=a.split_key, sep=a.sep, image_root=a.image_root, store=a.store,
                          val_fraction=a.val_fraction, seed=a.seed, shard_size=a.shard_size,
                          shuffle=not a.no_shuffle)

@@ -34,14 +34,21 @@ def encode_texts(encode: Callable[[torch.Tensor], torch.Tensor], tokenize: Calla
 
 @torch.no_grad()
 def class_embeddings(encode: Callable, tokenize: Callable, classnames: Sequence[str],
-                     prompts: Sequence[str] | dict[str, Sequence[str]], device) -> torch.Tensor:
-    """One embedding per class: the normalised mean of its prompts' embeddings. `prompts` is a list of templates
-    with `{}` (filled with the class name) or a mapping class -> its own sentences."""
+                     prompts: Sequence[str] | dict[str, Sequence[str]], device,
+                     ensemble: str = "embedding") -> torch.Tensor:
+    """One embedding per class from its prompts. `prompts` is a list of templates with `{}` (filled with the class
+    name) or a mapping class -> its own sentences. `ensemble="embedding"`: the normalised mean of the prompts'
+    normalised embeddings (CLIP's prompt ensemble); `"similarity"`: their plain mean, so that `image @ class` is the
+    mean cosine similarity over the class's prompts (CXR-CLIP / GLoRIA's CheXpert 5x200 zero-shot)."""
+    if ensemble not in ("embedding", "similarity"):
+        raise ValueError(f"ensemble must be 'embedding' or 'similarity', got {ensemble!r}")
     out = []
     for c in classnames:
         sents = list(prompts[c]) if isinstance(prompts, dict) else [t.format(c) for t in prompts]
-        e = encode_texts(encode, tokenize, sents, device)
-        out.append(F.normalize(e.mean(0), dim=-1))
+        if not sents:
+            raise ValueError(f"class {c!r} has no prompt")
+        e = encode_texts(encode, tokenize, sents, device).mean(0)
+        out.append(F.normalize(e, dim=-1) if ensemble == "embedding" else e)
     return torch.stack(out)
 
 
