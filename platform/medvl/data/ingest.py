@@ -3,6 +3,7 @@
     medvl ingest csv   captions.tsv --out corpora/x [--image-key filepath] [--text-key title ...] [--sep '\t']
     medvl ingest folder images/    --out corpora/y [--template "a photo of {}." ...]
     medvl ingest digits            --out corpora/digits   # scikit-learn's handwritten digits, via `folder`
+    medvl ingest pmc-oa | roco | webdataset ...           # figure-caption corpora, see `medvl.data.ingest_pmc`
 
 Every row is validated (image decodes, texts non-empty strings, labels numeric). A bad row is written to
 `<out>/rejects.jsonl` with its source file, row number, field and reason, counted, and never silently dropped.
@@ -272,8 +273,12 @@ def main(argv: list[str]) -> int:
     f.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
     f.add_argument("--label-field", default="class")
     sub.add_parser("digits", parents=[common], help="scikit-learn handwritten digits (demo corpus)")
+    from medvl.data import ingest_pmc
+    ingest_pmc.add_parsers(sub)  # pmc-oa, roco, webdataset
     a = p.parse_args(argv)
-    if a.kind == "csv":
+    if getattr(a, "run", None):
+        m = a.run(a)
+    elif a.kind == "csv":
         m = ingest_table(a.manifest, a.out, image_key=a.image_key, text_keys=a.text_key or ["title"],
                          label_keys=a.label_key, id_key=a.id_key, study_key=a.study_key, view_key=a.view_key,
                          split_key=a.split_key, sep=a.sep, image_root=a.image_root, store=a.store,
