@@ -327,24 +327,28 @@ def test_two_workers_contrastive_term_equals_one_process(ray_local, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_mlm_head_uses_the_image_short_training(digits_corpus):
-    """A short in-process run of the real decoder, model and step on the digits: predicting the masked class word
-    ("a handwritten digit [MASK].") on held-out images is far above chance (0.1) with the image and falls to about
-    chance with the image features zeroed."""
+def test_mlm_head_uses_the_image_short_training(tmp_path):
+    """A short in-process run of the real decoder, model, loss and step on the digits captioned "a handwritten
+    digit {}.": naming the masked class ("a handwritten digit [MASK]." on held-out images, chance 0.1) is far above
+    chance with the image and falls to about chance with the image features zeroed. (The full recipe,
+    jobs/pmc_clip_digits.yaml on 2 workers, is measured in the README: >= 0.9 against <= 0.2.)"""
     from medvl.data.corpus import iter_rows, shard_paths
     from medvl.data.decode import decode_rows
+    from medvl.data.ingest import ingest_digits
+    corpus = str(tmp_path / "digits")
+    ingest_digits(corpus, templates=["a handwritten digit {}."])  # every caption has the class word in one slot
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    r = load_recipe("jobs/pmc_clip_digits.yaml", [f"data.corpus={digits_corpus}", "train.num_workers=1",
-                                                    f"train.epochs={SHORT_EPOCHS}"])
+    r = load_recipe("jobs/pmc_clip_digits.yaml", [
+        f"data.corpus={corpus}", "train.num_workers=1", "train.epochs=6", "optim.warmup_steps=20",
+        "pmc_clip.mask_ratio=0.5", "pmc_clip.fusion_layers=1", "eval.max_rows=200"])
     m = resolve_method(r)
     torch.manual_seed(0)
     model = m.build_model()
     opt = build_optimizer(model, r.optim)
-    rows = list(iter_rows(shard_paths(digits_corpus, "train"), columns=list(m.decoder(True).columns)))
-    bs = r.data.batch_size
-    steps = (len(rows) // bs) * r.train.epochs
-    sched = build_scheduler(opt, r.optim, steps)
     dec = m.decoder(train=True)
+    rows = list(iter_rows(shard_paths(corpus, "train"), columns=list(dec.columns)))
+    bs = r.data.batch_size
+    sched = build_scheduler(opt, r.optim, (len(rows) // bs) * r.train.epochs)
     for ep in range(r.train.epochs):
         order = np.random.default_rng(ep).permutation(len(rows))
         for i in range(len(rows) // bs):
@@ -355,8 +359,5 @@ def test_mlm_head_uses_the_image_short_training(digits_corpus):
             train_step(m, model, batch, opt, sched, StepSettings(grad_clip=r.optim.grad_clip))
     met = m.evaluator()(model, "cpu")
     print({k: round(v, 3) for k, v in met.items() if "mlm" in k or "zero_shot_acc" in k})
-    assert met["val/mlm_class_accuracy"] >= 0.6, met
-    assert met["val/mlm_class_accuracy_no_image"] <= 0.25, met
-
-
-SHORT_EPOCHS = 6
+    assert met["val/mlm_class_accuracy"] >= 0.4, met  # chance: 0.1
+    assert met["val/mlm_class_accuracy_no_image"] <= 0.2, met

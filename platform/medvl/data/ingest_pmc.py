@@ -268,8 +268,12 @@ class Progress:
         self.t0 = self.t_last = time.perf_counter()
         self.seen = self.truncated = self.filtered = 0
         self.ids: set[str] = set()
+        self.t_first: Optional[float] = None  # first chunk done: workers started (imports, archive index)
+        self.seen_first = 0
 
     def __call__(self, res: ChunkResult) -> None:
+        if self.t_first is None:
+            self.t_first, self.seen_first = time.perf_counter(), res.seen
         for row in res.rows:
             sid, k = row["sample_id"], 1
             while row["sample_id"] in self.ids:  # the same image listed twice: keep both, ids stay unique
@@ -289,17 +293,22 @@ class Progress:
                   f"{self.ing.stats.rejected} rejected) {self.seen / (now - self.t0):.0f} rows/s", flush=True)
 
     def finish(self, counter: TokenCounter, **manifest_kw: Any) -> Manifest:
-        elapsed = time.perf_counter() - self.t0
+        end = time.perf_counter()
+        elapsed = end - self.t0
         rate = self.seen / max(elapsed, 1e-9)
+        # steady state: after the first chunk, i.e. without worker start-up (imports, opening the archive)
+        steady = ((self.seen - self.seen_first) / max(end - self.t_first, 1e-9)
+                  if self.t_first is not None and self.seen > self.seen_first else float("nan"))
         where = f"{self.workers} Ray workers" if self.workers > 0 else "in-process"
-        print(f"ingest {self.label}: {self.seen} rows in {elapsed:.1f}s = {rate:.0f} rows/s ({where}); "
+        print(f"ingest {self.label}: {self.seen} rows in {elapsed:.1f}s = {rate:.0f} rows/s ({where}; "
+              f"{steady:.0f} rows/s after start-up); "
               f"{self.filtered} filtered; {self.truncated} captions longer than the "
               f"{counter.context or '?'}-token context of {counter.model or 'no tokenizer'} (kept, truncated "
               f"when training)", flush=True)
         stats = {"source": self.label, "rows_seen": self.seen, "accepted": self.ing.stats.accepted,
                  "rejected": self.ing.stats.rejected, "filtered": self.filtered, "truncated_captions": self.truncated,
                  "context_length": counter.context, "tokenizer_model": counter.model, "seconds": elapsed,
-                 "rows_per_s": rate, "workers": self.workers}
+                 "rows_per_s": rate, "rows_per_s_after_startup": steady, "workers": self.workers}
         m = self.ing.finish(**manifest_kw)
         (self.ing.out / "ingest_stats.json").write_text(json.dumps(stats, indent=2))
         return m

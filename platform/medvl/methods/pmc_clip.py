@@ -432,12 +432,22 @@ class PmcClipModule(nn.Module):
         """Hidden states [..., W] -> vocabulary logits [..., V] (decoder tied to the input token embedding)."""
         return self.mlm_transform(h) @ self.text.embedding().weight.T + self.mlm_bias
 
-    def mlm_logits(self, image: torch.Tensor, ids: torch.Tensor, zero_image: bool = False) -> torch.Tensor:
+    def _fused(self, image: torch.Tensor, ids: torch.Tensor, zero_image: bool) -> torch.Tensor:
         emb = F.normalize(self.clip.encode_image(image), dim=-1)
         if zero_image:
             emb = torch.zeros_like(emb)
         x, valid = self.text(ids)
-        return self.mlm_head(self.fuse(x, valid, emb))
+        return self.fuse(x, valid, emb)
+
+    def mlm_logits(self, image: torch.Tensor, ids: torch.Tensor, zero_image: bool = False) -> torch.Tensor:
+        """Vocabulary logits at every position [B, L, V]."""
+        return self.mlm_head(self._fused(image, ids, zero_image))
+
+    def mlm_log_probs(self, image: torch.Tensor, ids: torch.Tensor, start: int, k: int,
+                      zero_image: bool = False) -> torch.Tensor:
+        """Log-probabilities over the vocabulary at positions start..start+k-1 only [B, k, V]."""
+        h = self._fused(image, ids, zero_image)[:, start:start + k]
+        return torch.log_softmax(self.mlm_head(h).float(), dim=-1)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, batch: dict[str, torch.Tensor], zero_image: bool = False) -> dict[str, torch.Tensor]:
@@ -504,8 +514,9 @@ def pmc_clip_loss(out: dict[str, torch.Tensor], w_itc: float, w_mlm: float, dist
 class MlmEval:
     """Held-out MLM measures, each with the image and with the image features zeroed (does the head use the
     image?): masked-token accuracy on held-out captions (masked per sample with a fixed seed), and, on labelled
-    corpora, the accuracy of predicting a masked class name in `class_templates` (every piece right, argmax over
-    the whole vocabulary)."""
+    corpora, the accuracy of naming the class whose name is masked in `class_templates` ("a handwritten digit
+    [MASK]."): every class name is scored at the slot by the mean log-probability of its pieces and the best one
+    is the prediction, so chance is 1 / number of classes."""
 
     def __init__(self, heldout, tok: MlmTokenizer, norm, cfg: PmcClipConfig, templates: list[str], seed: int,
                  max_rows: int, batch_size: int):
@@ -561,42 +572,62 @@ class MlmEval:
         return out
 
 
-def class_word_set(tok: MlmTokenizer, template: str, classnames: list[str]):
-    """For each class: the ids of `template` filled with its name, with the name's pieces masked, and their labels.
-    None (with a warning) when the name does not tokenise on its own inside the template."""
-    pre, post = template.split("{}")
-    ids_l, lab_l = [], []
+@dataclass
+class ClassSlot:
+    """One class template with its class-name slot masked: the masked ids (one row per distinct piece count) and,
+    per class, its pieces."""
+    template: str
+    inputs: dict[int, tuple[torch.Tensor, int]]
+    """Piece count k -> (masked ids [L] with k mask tokens at the slot, slot start position)."""
+    pieces: list[list[int]]
+    """Class index -> its token ids."""
+
+
+def class_word_set(tok: MlmTokenizer, template: str, classnames: list[str]) -> Optional[ClassSlot]:
+    """`template` ("a handwritten digit {}.") with each class name's pieces masked. None (with a warning) when a
+    name does not tokenise on its own inside the template, or the slot falls outside the context."""
+    pre = template.split("{}")[0].strip()
+
+    def body(text: str) -> list[int]:
+        ids, words, _ = tok.encode(text)
+        return [int(i) for i, w in zip(ids, words) if w >= 0]
+    p = body(pre) if pre else []
+    start = 1 + len(p)  # after the start token
+    inputs: dict[int, tuple[torch.Tensor, int]] = {}
+    pieces = []
     for c in classnames:
-        full, words, _ = tok.encode(template.format(c))
-        body = lambda s: [int(i) for i in tok.encode(s)[0] if int(i) not in tok.special_ids and i != tok.pad_id]  # noqa: E731
-        p, n = body(pre.strip()) if pre.strip() else [], body(c)
-        start = 1 + len(p)  # after the start token
-        if [int(i) for i in full[start:start + len(n)]] != n or not n:
-            log.warning("class template %r: class %r does not tokenise on its own; template skipped", template, c)
+        full, _, _ = tok.encode(template.format(c))
+        n = body(c)
+        if not n or [int(i) for i in full[start:start + len(n)]] != n or start + len(n) >= tok.context_length:
+            log.warning("class template %r: class %r does not tokenise on its own there; template skipped",
+                        template, c)
             return None
-        labels = np.full_like(full, IGNORE)
-        labels[start:start + len(n)] = full[start:start + len(n)]
-        masked = full.copy()
-        masked[start:start + len(n)] = tok.mask_id
-        ids_l.append(masked)
-        lab_l.append(labels)
-    return torch.from_numpy(np.stack(ids_l)), torch.from_numpy(np.stack(lab_l))
+        pieces.append(n)
+        if len(n) not in inputs:
+            masked = full.copy()
+            masked[start:start + len(n)] = tok.mask_id
+            inputs[len(n)] = (torch.from_numpy(masked), start)
+    return ClassSlot(template, inputs, pieces)
 
 
 @torch.no_grad()
-def class_word_accuracy(model: PmcClipModule, heldout, class_set, norm, device, batch_size: int,
+def class_word_accuracy(model: PmcClipModule, heldout, slot: ClassSlot, norm, device, batch_size: int,
                         zero_image: bool = False) -> float:
-    ids_c, lab_c = class_set
+    """Accuracy of naming the class from the masked slot: each class is scored by the mean log-probability of its
+    pieces at the slot (names of k pieces read the k-mask input), the best-scoring class is the prediction."""
     y = heldout.labels
+    C = len(slot.pieces)
     right = 0
     for i in range(0, len(y), batch_size):
-        yy = y[i:i + batch_size]
         img = normalize_images(heldout.images[i:i + batch_size].to(device), *norm)
-        ids, lab = ids_c[yy].to(device), lab_c[yy].to(device)
-        logits = model.mlm_logits(img, ids, zero_image=zero_image)
-        sel = lab != IGNORE
-        ok = torch.where(sel, logits.argmax(-1) == lab, torch.ones_like(sel)).all(1)
-        right += int(ok.sum())
+        B = img.shape[0]
+        scores = torch.full((B, C), float("-inf"))
+        for k, (ids, start) in slot.inputs.items():
+            lp = model.mlm_log_probs(img, ids.to(device)[None].expand(B, -1), start, k, zero_image).float().cpu()
+            for c, pc in enumerate(slot.pieces):
+                if len(pc) == k:
+                    scores[:, c] = lp[:, torch.arange(k), torch.tensor(pc)].mean(1)
+        right += int((scores.argmax(1) == y[i:i + batch_size]).sum())
     return right / max(1, len(y))
 
 
