@@ -166,6 +166,37 @@ def test_fusion_mlm_loss_hand_checkable():
     assert float(t["mlm_tokens"]) == 1.0
 
 
+def test_class_word_slots_multi_piece_names_and_scoring(wordpiece):
+    """Class names of different lengths are masked in place ("a chest x-ray showing [MASK] [MASK] [MASK].") and scored
+    by the mean log-probability of their own pieces; the best-scoring name is the prediction."""
+    from types import SimpleNamespace
+
+    from medvl.methods.pmc_clip import class_word_accuracy, class_word_set
+    names = ["pneumothorax", "pleural effusion", "normal"]
+    slot = class_word_set(wordpiece, "a chest x-ray showing {}.", names)
+    lens = sorted({len(p) for p in slot.pieces})
+    assert sorted(slot.inputs) == lens and len(lens) >= 2  # one masked input per distinct piece count
+    for k, (ids, start) in slot.inputs.items():
+        assert (ids[start:start + k] == wordpiece.mask_id).all() and ids[start - 1] != wordpiece.mask_id
+    pieces = slot.pieces
+
+    class Oracle:  # puts probability 0.9 on the pieces of the row's true class at the slot
+        def mlm_log_probs(self, img, ids, start, k, zero_image=False):
+            B = ids.shape[0]
+            lp = torch.full((B, k, wordpiece.vocab_size), math.log(0.1 / wordpiece.vocab_size))
+            for b in range(B):
+                true = pieces[int(y[b])]
+                if not zero_image and len(true) == k:
+                    lp[b, torch.arange(k), torch.tensor(true)] = math.log(0.9)
+            return lp
+    y = torch.tensor([0, 1, 2, 1])
+    held = SimpleNamespace(labels=y, images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
+    norm = ((0.5,) * 3, (0.5,) * 3)
+    assert class_word_accuracy(Oracle(), held, slot, norm, "cpu", 8) == 1.0  # one batch: the oracle reads y
+    assert class_word_accuracy(Oracle(), held, slot, norm, "cpu", 8, zero_image=True) <= 0.5
+    assert class_word_set(wordpiece, "{} is seen.", ["x" * 600]) is None  # a name that cannot fit is skipped
+
+
 def _batch(n=8, seed=1, masked=True, ctx=16):
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(1, 400, (n, ctx), generator=g)

@@ -87,7 +87,7 @@ class TokenCounter:
         if isinstance(tok, SimpleTokenizer):
             self._count = lambda t: len(tok.encode(t)) + 2  # + start / end of text
         elif isinstance(tok, HFTokenizer):
-            self._count = lambda t: len(tok.tokenizer(tok.clean_fn(t))["input_ids"])
+            self._count = lambda t: len(tok.tokenizer(tok.clean_fn(t), verbose=False)["input_ids"])
         else:  # pragma: no cover
             raise CorpusError(f"--model {model}: unsupported tokenizer {type(tok).__name__}")
 
@@ -162,9 +162,19 @@ class ChunkWorker:
 
     def __init__(self, images: Optional[str], store: str = "bytes", check: str = "full",
                  model: Optional[str] = DEFAULT_MODEL, config_dir: Optional[str] = None):
-        self.src = ImageSource(images) if images else None
+        self.images = images
+        self.sources: dict[str, ImageSource] = {}
         self.store, self.check = store, check
         self.counter = TokenCounter(model, config_dir)
+
+    def source(self, images: Optional[str]) -> ImageSource:
+        """The image folder / archive of a record (its own `images`, else the worker's), opened once."""
+        root = images or self.images
+        if root is None:
+            raise Rejected("image", "no image folder or archive given")
+        if root not in self.sources:
+            self.sources[root] = ImageSource(root)
+        return self.sources[root]
 
     def _check_image(self, data: bytes) -> None:
         if self.check == "full":
@@ -191,14 +201,14 @@ class ChunkWorker:
                     data, uri = r["image_bytes"], None
                     self._check_image(data)
                 else:
-                    assert self.src is not None
-                    member = self.src.member(str(r["image"]))
+                    src = self.source(r.get("images"))
+                    member = src.member(str(r["image"]))
                     try:
-                        data = self.src.read(member)
+                        data = src.read(member)
                     except (OSError, KeyError) as e:
                         raise Rejected("image", f"{r['image']}: cannot read ({e})") from None
                     self._check_image(data)
-                    uri = self.src.uri(member)
+                    uri = src.uri(member)
                 if self.counter.too_long(cap):
                     out.truncated += 1
                 keep_bytes = self.store == "bytes" or uri is None
@@ -442,9 +452,8 @@ def _split_in_path(p: Path) -> Optional[str]:
     return None
 
 
-def roco_records(sources, id_col, caption_col, split, val_fraction, seed) -> Iterator[tuple[str, list[dict]]]:
+def roco_records(sources, id_col, caption_col, split, val_fraction, seed) -> Iterator[dict]:
     for cap, img_dir, file_split in sources:
-        batch: list[dict] = []
         for rowno, key, caption in _read_captions(cap, id_col, caption_col):
             key = str(key)
             name = key if Path(key).suffix.lower() in (".jpg", ".jpeg", ".png") else f"{key}.jpg"
@@ -453,9 +462,8 @@ def roco_records(sources, id_col, caption_col, split, val_fraction, seed) -> Ite
                 if (img_dir / cand).is_file():
                     name = cand
                     break
-            batch.append({"file": str(cap), "row": rowno, "image": name, "caption": caption, "sample_id": key,
-                          "split": split or file_split or split_for(key, val_fraction, seed)})
-        yield str(img_dir), batch
+            yield {"file": str(cap), "row": rowno, "image": name, "caption": caption, "sample_id": key,
+                   "images": str(img_dir), "split": split or file_split or split_for(key, val_fraction, seed)}
 
 
 def ingest_roco(root: str, out: str, *, images: Optional[str] = None, subset: Optional[str] = None,
@@ -468,9 +476,9 @@ def ingest_roco(root: str, out: str, *, images: Optional[str] = None, subset: Op
     counter = TokenCounter(model, model_config_dir)
     ing = Ingestor(out, source=str(Path(root).resolve()), shard_size=shard_size)
     prog = Progress(ing, "roco", workers)
-    for img_dir, recs in roco_records(sources, id_col, caption_col, split, val_fraction, seed):
-        make = _WorkerFactory(images=img_dir, store=store, check=check, model=model, config_dir=model_config_dir)
-        run_chunks(_chunked(recs, chunk_size), make, "records", workers, prog)
+    make = _WorkerFactory(images=None, store=store, check=check, model=model, config_dir=model_config_dir)
+    recs = roco_records(sources, id_col, caption_col, split, val_fraction, seed)
+    run_chunks(_chunked(recs, chunk_size), make, "records", workers, prog)  # one pool for every captions file
     return prog.finish(counter)
 
 

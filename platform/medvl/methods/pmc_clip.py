@@ -174,10 +174,12 @@ class MlmTokenizer:
                 if self._end_of_word[toks[i]]:
                     wid += 1
             return ids, words, truncated
-        enc = self.tok(self.clean_fn(text), truncation=True, max_length=L, return_overflowing_tokens=False)
+        clean = self.clean_fn(text)
+        enc = self.tok(clean, truncation=False, verbose=False)
+        truncated = len(enc["input_ids"]) > L
+        if truncated:  # rare: let the tokenizer truncate, exactly as open_clip's HFTokenizer does
+            enc = self.tok(clean, truncation=True, max_length=L)
         toks = list(enc["input_ids"])
-        full = len(self.tok(self.clean_fn(text), truncation=False, add_special_tokens=True)["input_ids"])
-        truncated = full > L
         ids[:len(toks)] = toks
         if self.kind == "wordpiece":
             wid = -1
