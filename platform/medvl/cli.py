@@ -1,10 +1,12 @@
-"""`medvl` command line: ingest | train | eval | compare | pipeline | tune | submit | jobs.
+"""`medvl` command line: ingest | train | eval | transfer | compare | pipeline | tune | submit | jobs.
 
     medvl ingest digits --out runs/corpora/digits
     medvl ingest csv data.tsv --out corpora/x --image-key filepath --text-key title
     medvl ingest folder images/ --out corpora/y --template "a photo of {}."
+    medvl ingest pmc-oa pmc_oa.jsonl --images images.zip --out corpora/pmcoa   # also: roco, webdataset
     medvl train jobs/digits_clip.yaml [key.sub=value ...]
     medvl eval jobs/digits_clip.yaml [--checkpoint PATH]
+    medvl transfer jobs/pmc_clip_digits.yaml --npz pneumoniamnist.npz   # MedMNIST probe + fine-tuning, AUC/ACC
     medvl compare jobs/a.yaml [jobs/b.yaml] [--a key=value ...] [--b key=value ...]   # same data, budget, seed
     medvl pipeline jobs/pipeline_digits_probe.yaml [stage.key=value ...] [--only S] [--force S] [--dry-run]
     medvl tune jobs/sweep_digits_lr_temp.yaml [key=value ...]
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             from medvl.train.cli import train_main as run
         elif cmd == "eval":
             from medvl.train.cli import eval_main as run
+        elif cmd == "transfer":
+            from medvl.train.cli import transfer_main as run
         elif cmd == "compare":
             from medvl.train.compare import main as run
         elif cmd == "pipeline":

@@ -135,11 +135,32 @@ def shard_paths(corpus: str | os.PathLike, split: Optional[str]) -> list[str]:
 
 
 def open_file(path: str):
-    """Open a local path or a URI (s3://, gs://, ... through fsspec) for reading."""
-    if "://" in str(path) and not str(path).startswith("file://"):
+    """Open a local path or a URI (s3://, gs://, ... through fsspec) for reading. A member of a local zip archive,
+    `zip://<member>::<archive.zip>` (fsspec's chained-URL form), is read through a per-process cache of open
+    archives: fsspec re-reads the archive's directory on every open (~25-45 ms each), this takes ~0.1 ms."""
+    p = str(path)
+    if p.startswith("zip://") and "::" in p:
+        member, _, archive = p[len("zip://"):].partition("::")
+        if "://" not in archive or archive.startswith("file://"):
+            return _zip_archive(archive.removeprefix("file://")).open(member)
+    if "://" in p and not p.startswith("file://"):
         import fsspec
-        return fsspec.open(str(path), "rb").open()
-    return open(str(path).removeprefix("file://"), "rb")
+        return fsspec.open(p, "rb").open()
+    return open(p.removeprefix("file://"), "rb")
+
+
+_ZIPS: dict[str, Any] = {}
+
+
+def _zip_archive(path: str):
+    """An open `zipfile.ZipFile` per archive and process (reads from it are thread-safe)."""
+    import zipfile
+    zf = _ZIPS.get(path)
+    if zf is None:
+        if len(_ZIPS) >= 8:  # a handful of archives at most; close the oldest
+            _ZIPS.pop(next(iter(_ZIPS))).close()
+        zf = _ZIPS[path] = zipfile.ZipFile(path)
+    return zf
 
 
 def check_shard_schema(path: str | os.PathLike) -> pa.Schema:

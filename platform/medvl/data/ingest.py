@@ -4,6 +4,7 @@
     medvl ingest folder images/    --out corpora/y [--template "a photo of {}." ...]
     medvl ingest digits            --out corpora/digits   # scikit-learn's handwritten digits, via `folder`
     medvl ingest mimic-cxr | chexpert | chestxray14 | iu-reports ...   # chest X-ray releases (ingest_cxr.py)
+    medvl ingest pmc-oa | roco | webdataset ...           # figure-caption corpora, see `medvl.data.ingest_pmc`
 
 Every row is validated (image decodes, texts non-empty strings, labels numeric, sample id unique). A bad row is
 written to `<out>/rejects.jsonl` with its source file, row number, field and reason, counted, and never silently
@@ -310,6 +311,8 @@ def main(argv: list[str]) -> int:
     sub.add_parser("digits", parents=[common], help="scikit-learn handwritten digits (demo corpus)")
     from medvl.data import ingest_cxr
     ingest_cxr.add_subcommands(sub, common)  # mimic-cxr, chexpert, chestxray14, iu-reports (each sets `run`)
+    from medvl.data import ingest_pmc
+    ingest_pmc.add_parsers(sub)  # pmc-oa, roco, webdataset
     a = p.parse_args(argv)
     if getattr(a, "run", None):
         m = a.run(a)

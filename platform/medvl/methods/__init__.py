@@ -5,3 +5,4 @@ Importing this package registers the built-in methods; `medvl.config.sections()`
 from medvl.methods.base import Method, Plugin, register_method, registered, resolve_method  # noqa: F401
 from medvl.methods import clip  # noqa: F401,E402  (registers `clip`)
 from medvl.methods import cxr_clip  # noqa: F401,E402  (registers `cxr_clip`)
+from medvl.methods import pmc_clip  # noqa: F401,E402  (registers `pmc_clip`)

@@ -431,7 +431,7 @@ class EvalPlan:
         from medvl.eval.retrieval import retrieval_metric_names
         from medvl.eval.zeroshot import ZERO_SHOT_METRICS
         e = recipe.eval
-        names = {"val/rows"} | retrieval_metric_names(e.retrieval_ks, mean_rank=True)
+        names = {"val/rows"} | retrieval_metric_names(e.retrieval_ks)
         if self.classnames:
             names |= set(ZERO_SHOT_METRICS)
         names |= findings_metric_names(self.findings)
@@ -515,7 +515,7 @@ class CxrClipEval:
         try:
             img = encode_images(clip.encode_image, self.val.images, self.norm, device, e.batch_size)
             txt = encode_texts(clip.encode_text, self.tokenize, self.unique, device, e.batch_size)
-            m = retrieval_metrics(img, txt, self.caption_ids, e.retrieval_ks, mean_rank=True)
+            m = retrieval_metrics(img, txt, self.caption_ids, e.retrieval_ks)
             if plan.classnames and self.zs_labels is not None:
                 keep = self.zs_labels >= 0
                 if keep.any():

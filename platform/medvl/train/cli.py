@@ -1,11 +1,13 @@
 """`medvl train RECIPE [key.sub=value ...]`, `medvl eval RECIPE [--checkpoint DIR]` and
 `medvl sync-metrics RECIPE|RUN_DIR [--wait S]` (deliver what a run's metric journal holds after an MLflow outage,
-and finish a run whose end the outage deferred)."""
+and finish a run whose end the outage deferred), and
+`medvl transfer RECIPE --npz FILE.npz` (MedMNIST-format classification transfer)."""
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from pathlib import Path
 
 from medvl.config import load_recipe
 
@@ -140,3 +142,53 @@ def sync_main(argv: list[str]) -> int:
     print(f"medvl sync-metrics: delivered {n} buffered metrics to run {run_id} at {redact_uri(uri)}"
           + (f"; finished the run ({done['status']})" if done else "") + "; nothing is pending")
     return 0
+def transfer_main(argv: list[str]) -> int:
+    """`medvl transfer RECIPE --npz FILE.npz [...]`: MedMNIST-format classification transfer (linear probe and
+    fine-tuning; accuracy and AUC on the test split) of the run's trained image tower, logged to its MLflow run."""
+    def extra(p):
+        p.add_argument("--npz", required=True, action="append", help="MedMNIST-format .npz (repeatable)")
+        p.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
+        p.add_argument("--mode", choices=["probe", "finetune", "both"], default="both")
+        p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
+        p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate of the tower (head: 10x)")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--label-fraction", type=float, default=1.0, help="share of train labels the probe uses")
+    a, recipe = _parse("medvl transfer", argv, extra)
+    import torch
+
+    from medvl.eval.medmnist import load_medmnist
+    from medvl.eval.transfer import medmnist_transfer
+    from medvl.models.factory import image_norm, model_arch
+    from medvl.track import runs
+    from medvl.train.launcher import load_model_from_checkpoint
+    ckpt = a.checkpoint or _latest_checkpoint(recipe)
+    if ckpt is None:
+        print(f"medvl transfer: no checkpoint for run '{recipe.run_name}' under {runs.run_root(recipe)}")
+        return 2
+    datasets = [load_medmnist(p) for p in a.npz]  # bad files fail before any model is loaded
+    _, model, state = load_model_from_checkpoint(recipe, ckpt)
+    size = model_arch(recipe.model).get("vision_cfg", {}).get("image_size", 224)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    device = "cuda" if recipe.train.use_gpu and torch.cuda.is_available() else "cpu"
+    modes = ("probe", "finetune") if a.mode == "both" else (a.mode,)
+    metrics: dict[str, float] = {}
+    for data in datasets:
+        metrics.update(medmnist_transfer(model, data, size, image_norm(recipe.model), device, modes=modes,
+                                         epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                                         label_fraction=a.label_fraction, seed=recipe.train.seed))
+    id_file = runs.run_root(recipe) / "jobs" / recipe.run_name / runs.RUN_ID_FILE
+    if id_file.exists():
+        logger = runs.RankZeroLogger(runs.tracking_uri(recipe), id_file.read_text().strip(), True)
+        logger.log(metrics, step=int(state["step"]))
+        logger.flush()
+    print(f"checkpoint {Path(ckpt).name} (step {state['step']}):")
+    for k, v in sorted(metrics.items()):
+        print(f"  {k} = {v:.4f}")
+    return 0
+
+
+def _latest_checkpoint(recipe):
+    from medvl.track import runs
+    from medvl.train import checkpoint as ck
+    latest, _ = ck.latest_valid_checkpoint(runs.run_root(recipe) / "ray" / recipe.run_name)  # registered, verified
+    return str(latest) if latest is not None else None
