@@ -209,7 +209,7 @@ def _corpus(tmp: Path, tables: dict[str, pa.Table], row_group_size: int = 64) ->
 def _table(n: int, start: int = 0, **over) -> pa.Table:
     cols = {"sample_id": [f"s{i}" for i in range(start, start + n)], "image": [GOOD] * n, "image_uri": [None] * n,
             "texts": [["a caption"]] * n, "study_id": [None] * n, "view": [None] * n, "labels": [[]] * n,
-            "split": ["train"] * n}
+            "split": ["train"] * n, "patient_id": [None] * n, "other_images": [None] * n}
     cols.update(over)
     return pa.Table.from_pydict(cols, schema=SCHEMA) if not over else pa.table(cols)
 

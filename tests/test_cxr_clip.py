@@ -171,8 +171,11 @@ CLASSES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opa
            "Fracture", "Support Devices"]
 
 
-def _owner(prompts, sentence):
-    return {(c, pol) for c, e in prompts.items() for pol, ss in e.items() if sentence in ss}
+def _owner(prompts, sentence, classes=None):
+    """(class, polarity) of the prompt sentence among `classes` (default CLASSES: a few sentences are shared by two
+    classes of the file, e.g. CheXpert's Pleural Other and ChestX-ray14's Pleural Thickening)."""
+    classes = CLASSES if classes is None else classes
+    return {(c, pol) for c, e in prompts.items() if c in classes for pol, ss in e.items() if sentence in ss}
 
 
 def _split(report, prompts):
