@@ -54,14 +54,25 @@ META_COLUMNS = ("_epoch", "_window", "_pos", "_sid")
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Counts rows dropped by a decoder (kept for pipelines that stream through `build_dataset` with a counter;
-    the trainer counts skipped rows from the stream's positions instead, which stays exact across restarts)."""
+    """Collects the rows a run's decoders dropped: their ids and reasons (the first 20 are logged with the run,
+    `data/skipped_samples.json`) and their count. The trainer's `train/skipped_samples` metric comes from the
+    stream positions (exact across restarts); a row decoded again after a restart (same id, same epoch) is counted
+    here once, so the two agree."""
 
     def __init__(self):
         self.count = 0
         self.examples: list[tuple[str, str]] = []
+        self._seen: set = set()
 
-    def add(self, n: int, examples: list[tuple[str, str]]) -> None:
+    def add(self, n: int, examples: list[tuple[str, str]], epoch: Optional[int] = None) -> None:
+        """`n` rows dropped; `examples` their (id, reason); a row-group entry stands for all its `n` rows."""
+        if epoch is not None and examples:
+            new = [e for e in examples if (e[0], epoch) not in self._seen]
+            if not new:
+                return
+            self._seen.update((e[0], epoch) for e in new)
+            n = n if len(new) == len(examples) else len(new)
+            examples = new
         self.count += n
         self.examples.extend(examples[: max(0, 20 - len(self.examples))])
 
@@ -251,14 +262,17 @@ def read_window(items: dict[str, np.ndarray], *, decoder: RowDecoder, decode_row
     import pyarrow.parquet as pq
     counter = [None]
 
-    def on_skip(bad):
+    cur_epoch = [None]
+
+    def on_skip(bad, n=None):
         if on_skip_counter:
             if counter[0] is None:
                 counter[0] = ray.get_actor(on_skip_counter[0], namespace=on_skip_counter[1])
-            counter[0].add.remote(len(bad), bad)
+            counter[0].add.remote(len(bad) if n is None else n, bad, cur_epoch[0])
 
     for spec_json, epoch, win, skip in zip(items["spec"], items["epoch"], items["window"], items["skip"]):
         spec = json.loads(str(spec_json))
+        cur_epoch[0] = int(epoch)
         values: dict[str, list] = {}
         unreadable: set[int] = set()  # window rows of a corrupt row group: never delivered (counted as skipped)
         n = 0
@@ -274,7 +288,7 @@ def read_window(items: dict[str, np.ndarray], *, decoder: RowDecoder, decode_row
             except Exception as e:  # noqa: BLE001 - pyarrow raises OSError / ArrowInvalid / ... for corrupt pages
                 why = f"{path}: row group {rg} is unreadable ({type(e).__name__}: {e})"[:300]
                 log.warning("skipped %d rows: %s", b - a, why)
-                on_skip([(f"{path}#row-group-{rg}", why)])
+                on_skip([(f"{path}#row-group", why)], b - a)
                 unreadable.update(range(n, n + b - a))
                 got = {c: [None] * (b - a) for c in cols}
             for c in set(cols) | set(values):

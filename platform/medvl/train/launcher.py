@@ -183,6 +183,10 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
     from medvl.train.worker import train_fn_per_worker
 
     r = job.recipe
+    from medvl.data.stream import skip_counter
+    from medvl.train import faults
+    counter = faults.counter_name(job.mlflow_run_id)  # ids and reasons of skipped rows; released after the run
+    skip_counter(counter, namespace=faults.COUNTER_NAMESPACE)
     quiet_ray_data()
     # No `datasets=`: each rank builds its own stream from the plan (exact positions; see medvl.data.stream).
     return TorchTrainer(
@@ -192,7 +196,8 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
                            "total_steps": job.total_steps, "plan": job.plan.to_dict(),
                            "storage_dir": str(job.storage_path / r.run_name),
                            "audit_dir": os.environ.get(AUDIT_ENV) or None,
-                           "metrics_journal": str(runs.journal_path(job.run_dir))},
+                           "metrics_journal": str(runs.journal_path(job.run_dir)),
+                           "counter": [counter, faults.COUNTER_NAMESPACE]},
         scaling_config=ray.train.ScalingConfig(num_workers=r.train.num_workers, use_gpu=r.train.use_gpu,
                                                resources_per_worker={"CPU": r.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
