@@ -167,6 +167,17 @@ class RankZeroLogger(JournalLogger):
                  journal: Optional[str | os.PathLike] = None):
         super().__init__(uri, run_id, journal=journal, enabled=enabled)
 
+    def set_tag(self, key: str, value: str) -> None:
+        """Set a tag on the run now; best effort (an unreachable server gets a warning, never an exception)."""
+        if not self.enabled:
+            return
+        try:
+            _client(self.uri).set_tag(self.run_id, key, redact_text(str(value))[:5000])
+        except Exception as e:  # noqa: BLE001 - bookkeeping never fails a training step
+            import logging
+            logging.getLogger(__name__).warning("could not set tag %s on run %s: %s", key, self.run_id,
+                                                redact_text(e))
+
 
 def journal_path(run_dir: Path) -> Path:
     return Path(run_dir) / JOURNAL_FILE

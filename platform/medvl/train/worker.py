@@ -450,9 +450,7 @@ def _restore(latest, storage: _Storage, coll: _Dist, rank: int, logger) -> Optio
             text = f"medvl: WARNING: skipping corrupt checkpoint(s) {msg}; resuming from {name}"
             print(text, flush=True)
             warnings.warn(text, stacklevel=2)
-            if logger.enabled:
-                logger.client.set_tag(logger.run_id, "medvl.checkpoint_fallback",
-                                      f"{', '.join(n for n, _ in bad)} corrupt -> resumed from {name}"[:5000])
+            logger.set_tag("medvl.checkpoint_fallback", f"{', '.join(n for n, _ in bad)} corrupt -> resumed from {name}")
         choice = name
     choice = coll.broadcast(choice)
     if choice is None:
