@@ -48,6 +48,9 @@ def test_training_run_reads_back_from_real_mlflow_server(ray_local, digits_corpu
         assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
         models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
         assert any(m.source_run_id == run.info.run_id for m in models)
+        # the towers in open_clip's own format too (tests/test_export.py loads such a directory in plain open_clip)
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "open_clip")} == {
+            "open_clip/open_clip_config.json", "open_clip/open_clip_model.safetensors"}
     finally:
         stop_server(proc)
 

@@ -176,4 +176,23 @@ class ClipMethod(Method):
 
     # export
     def export(self, model, tracking_uri, run_id):
-        super().export(model.clip, tracking_uri, run_id)  # the open_clip model itself
+        super().export(model.clip, tracking_uri, run_id)  # the open_clip model itself (mlflow.pytorch)
+        log_open_clip(self.recipe, model.clip, tracking_uri, run_id)
+
+
+def log_open_clip(recipe: Recipe, clip_model: nn.Module, tracking_uri: str, run_id: str) -> None:
+    """Log the open_clip model in open_clip's own format as the run's `open_clip/` artifact directory
+    (`open_clip.create_model_and_transforms("local-dir:<dir>")` loads it; see `medvl.models.export`)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from medvl.models.export import write_open_clip_dir
+    from medvl.models.factory import model_arch
+    arch = dict(model_arch(recipe.model))
+    bias = getattr(clip_model, "logit_bias", None)
+    if bias is not None:  # SigLIP: open_clip builds the bias parameter only when the config asks for it
+        arch["init_logit_bias"] = float(bias.detach().reshape(-1)[0])
+    with tempfile.TemporaryDirectory() as d:
+        write_open_clip_dir(clip_model, arch, d)
+        MlflowClient(tracking_uri).log_artifacts(run_id, d, artifact_path="open_clip")

@@ -51,7 +51,7 @@ from medvl.config import ConfigError, ModelConfig, Recipe, from_dict
 from medvl.data.decode import RowDecoder, normalize_images, open_image, to_uint8_chw
 from medvl.losses import Dist, contrastive_term, gather_with_grad
 from medvl.methods.base import Method, register_method
-from medvl.methods.clip import ClipModule
+from medvl.methods.clip import ClipModule, log_open_clip
 from medvl.models.factory import create_model, image_norm, model_arch, pil_transforms, tokenizer
 
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "cxr_prompts.json"
@@ -634,5 +634,6 @@ class CxrClipMethod(Method):
 
     # export
     def export(self, model, tracking_uri, run_id):
-        super().export(model.clip, tracking_uri, run_id)  # the open_clip model itself
+        super().export(model.clip, tracking_uri, run_id)  # the open_clip model itself (mlflow.pytorch)
+        log_open_clip(self.recipe, model.clip, tracking_uri, run_id)  # and in open_clip's own format
 
