@@ -46,3 +46,23 @@ def run_root(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MEDVL_RUN_ROOT", str(root))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return str(root)
+
+
+# --------------------------------------------------------------------------- measured figures in the summary
+# Tests that measure something the README reports (recovery times, ...) print a line starting with "[measured]";
+# those lines are collected from the captured output and repeated at the end of the run, so CI logs carry them.
+_MEASURED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        for line in (report.capstdout or "").splitlines():
+            if line.startswith("[measured]"):
+                _MEASURED.append(f"{line} ({report.nodeid.split('::')[-1]})")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASURED:
+        terminalreporter.section("measured")
+        for line in _MEASURED:
+            terminalreporter.write_line(line)
