@@ -62,7 +62,8 @@ class PairConfig:
     """Column of a CSV/TSV/JSONL text file holding the texts."""
     texts_label_column: Optional[str] = None
     """Column of a CSV/TSV/JSONL text file holding each text's class (an index or a class name of `corpus`; empty
-    for distractors): enables `accuracy`. For a medvl text corpus its manifest's `label_field` is used."""
+    for distractors), or the `labels` key of a medvl text corpus (its class index, matched by class name): enables
+    `accuracy` (evaluation only)."""
     texts_split: Optional[str] = None
     """Split of a medvl text corpus to read (None: all)."""
     checkpoint: Optional[str] = field(default=None, metadata={"input": "file"})
@@ -146,12 +147,13 @@ def read_texts(path: str, column: str = "text", label_column: Optional[str] = No
     if p.is_dir():
         from medvl.data.corpus import iter_rows, load_manifest, shard_paths
         m = load_manifest(p)
-        lf = m.label_field
-        has_labels = bool(lf)
+        has_labels = bool(label_column)
         for row in iter_rows(shard_paths(p, split), columns=["texts", "labels"]):
             text = " ".join(t.strip() for t in (row.get("texts") or []) if isinstance(t, str) and t.strip())
-            labels = dict(row.get("labels") or [])
-            raw.append((text, labels.get(lf) if lf else None))
+            lab = dict(row.get("labels") or []).get(label_column) if label_column else None
+            if lab is not None and m.classnames and 0 <= int(lab) < len(m.classnames):
+                lab = m.classnames[int(lab)]  # the text corpus's class index -> its class name
+            raw.append((text, lab))
     elif not p.is_file():
         raise ConfigError(f"texts: {p}: text corpus not found")
     elif p.suffix.lower() == ".txt":
@@ -251,7 +253,7 @@ class PairStage(Stage):
         c = self.config
         names = {"rows", "texts", "texts_input", "texts_truncated", "skipped", "below_cutoff", "pair_s",
                  "similarity_mean"} | {f"rows/{s}" for s in c.splits}
-        if c.texts_label_column or (c.texts and Path(c.texts).is_dir()):
+        if c.texts_label_column:
             names.add("accuracy")
         return names
 
