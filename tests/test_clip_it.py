@@ -142,7 +142,8 @@ def fake_batch(method, n: int = 6) -> dict:
     return method.prepare_batch(b, "cpu")
 
 
-@pytest.mark.parametrize("section", [{}, {"fusion": "late", "kd_layers": 2}, {"lora_r": 4}])
+@pytest.mark.parametrize("section", [{}, {"fusion": "late", "kd_layers": 2}, {"lora_r": 4},
+                                     {"backbone": "timm", "timm_model": "resnet18", "freeze_backbone": True}])
 def test_no_gradient_reaches_the_frozen_text_encoder(tmp_path, digits_corpus, section):
     from medvl.methods import resolve_method
     method = resolve_method(clip_it_recipe(digits_corpus, make_teacher(tmp_path), **section))
@@ -162,6 +163,8 @@ def test_no_gradient_reaches_the_frozen_text_encoder(tmp_path, digits_corpus, se
     if section.get("lora_r"):  # LoRA: the backbone's own weights frozen, only adapters (and heads) train
         trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
         assert trainable and all("lora_" in n for n in trainable)
+    if section.get("freeze_backbone"):
+        assert not any(p.requires_grad for p in model.backbone.parameters())
     if section.get("fusion") == "late":
         assert model.fuse.weight.grad is not None and model.text_head.weight.grad is not None
 
