@@ -87,6 +87,8 @@ def corpus_overrides(path: str, corpus: str) -> list[str]:
     if "search_space" in raw:
         base = Path(path).parent / raw["base"]
         target = yaml.safe_load(base.read_text()) if base.is_file() else {}
-    if "stages" in target:
-        return [f"{n}.data.corpus={corpus}" for n, e in target["stages"].items() if e.get("kind") == "train"]
+    if "stages" in target:  # train stages' data.corpus; other kinds' own `corpus` key (pair, subset), unless bound
+        return ([f"{n}.data.corpus={corpus}" for n, e in target["stages"].items() if e.get("kind") == "train"]
+                + [f"{n}.corpus={corpus}" for n, e in target["stages"].items()
+                   if e.get("kind") != "train" and "corpus" in e and "corpus" not in (e.get("inputs") or {})])
     return [f"data.corpus={corpus}"]

@@ -98,16 +98,29 @@ class EmbedDecoder(RowDecoder):
                 "split": np.asarray([r["split"] for r in rows], dtype=object)}
 
 
-class Embedder:
-    """Ray Data actor: loads the trained model once, embeds batches of uint8 images."""
+def load_encoder(model_dir: Optional[str] = None, recipe: Optional[dict] = None):
+    """(recipe, method, model in eval mode): a train stage's output (`model_dir`), or a model described by a
+    recipe dict (`recipe`: e.g. `method: clip` with `model.pretrained` naming a user's open_clip checkpoint)."""
+    if model_dir is not None:
+        from medvl.pipelines.kinds.train import load_trained
+        return load_trained(model_dir)
+    from medvl.config import Recipe, from_dict
+    from medvl.methods import resolve_method
+    r = from_dict(Recipe, recipe or {})
+    method = resolve_method(r)
+    return r, method, method.build_model().eval()
 
-    def __init__(self, model_dir: str, normalize: bool, use_gpu: bool, threads: int):
+
+class Embedder:
+    """Ray Data actor: loads the model once (`load_encoder`), embeds batches of uint8 images."""
+
+    def __init__(self, model_dir: Optional[str], normalize: bool, use_gpu: bool, threads: int,
+                 recipe: Optional[dict] = None):
         import torch
 
-        from medvl.pipelines.kinds.train import load_trained
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        _, self.method, model = load_trained(model_dir)
+        _, self.method, model = load_encoder(model_dir, recipe)
         self.model = model.to(self.device)
         self.normalize = normalize
 
@@ -144,14 +157,9 @@ class EmbedStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, float]:
         import pyarrow as pa
         import pyarrow.parquet as pq
-        import ray
 
-        from medvl.config import DataConfig
         from medvl.data.corpus import load_manifest
-        from medvl.data.stream import build_dataset
-        from medvl.methods import resolve_method
         from medvl.pipelines.kinds.train import load_trained
-        from medvl.train.launcher import quiet_ray_data
 
         c = self.config
         model_dir = ctx.inputs["model"]
@@ -159,21 +167,10 @@ class EmbedStage(Stage):
         corpus = c.corpus or recipe.data.corpus
         manifest = load_manifest(corpus)
         label_field = recipe.eval.label_field or manifest.label_field
-        inner = resolve_method(recipe).decoder(train=False)
-        quiet_ray_data()
-        data = DataConfig(corpus=corpus, decode_batch_size=c.batch_size, decode_tasks=c.decode_tasks,
-                          shuffle_files=False)
-        parts = []
-        for split in c.splits:
-            ds = build_dataset(data, EmbedDecoder(inner, label_field, split), split, train=False,
-                               seed=recipe.train.seed)
-            parts.append(ds.limit(c.max_rows) if c.max_rows else ds)
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]  # one job, one actor pool for all splits
-        ds = ds.map_batches(  # [1] the actor pool: one model copy per actor, reused across batches
-            Embedder, fn_constructor_kwargs={"model_dir": str(model_dir), "normalize": c.normalize,
-                                             "use_gpu": c.use_gpu, "threads": int(c.cpus_per_actor)},
-            compute=ray.data.ActorPoolStrategy(size=c.actors), batch_size=c.batch_size,
-            num_cpus=c.cpus_per_actor, num_gpus=1 if c.use_gpu else 0)
+        ds = embedding_stream(method, corpus, c.splits, label_field, seed=recipe.train.seed,
+                              batch_size=c.batch_size, decode_tasks=c.decode_tasks, actors=c.actors,
+                              cpus_per_actor=c.cpus_per_actor, use_gpu=c.use_gpu, normalize=c.normalize,
+                              model_dir=str(model_dir), max_rows=c.max_rows)
         writers: dict[str, Any] = {}
         rows = {s: 0 for s in c.splits}
         dim = 0
@@ -206,6 +203,35 @@ class EmbedStage(Stage):
         (ctx.out / "info.json").write_text(json.dumps(info, indent=1))
         return {**{f"rows/{s}": float(n) for s, n in rows.items()}, "dim": float(dim),
                 "rows_per_s": sum(rows.values()) / max(wall, 1e-9)}
+
+
+def embedding_stream(method, corpus: str, splits: list[str], label_field: Optional[str], *, seed: int,
+                     batch_size: int, decode_tasks: int, actors: int, cpus_per_actor: float, use_gpu: bool,
+                     normalize: bool = True, model_dir: Optional[str] = None, recipe: Optional[dict] = None,
+                     max_rows: Optional[int] = None):
+    """A Ray Data stream of image features over `splits` of `corpus` (shared by `embed` and CLIP-IT's `pair`):
+    read + decode tasks (the method's eval decoder; a row that fails to decode is dropped and logged, never
+    given a feature) -> an `ActorPoolStrategy` pool of `Embedder` actors, each loading the model once
+    (`model_dir`: a train stage's output, or `recipe`: a recipe dict, see `load_encoder`). Batches carry
+    `sample_id`, `label` (-1: none), `split`, `features` [B, D] float32."""
+    import ray
+
+    from medvl.config import DataConfig
+    from medvl.data.stream import build_dataset
+    from medvl.train.launcher import quiet_ray_data
+    inner = method.decoder(train=False)
+    quiet_ray_data()
+    data = DataConfig(corpus=corpus, decode_batch_size=batch_size, decode_tasks=decode_tasks, shuffle_files=False)
+    parts = []
+    for split in splits:
+        ds = build_dataset(data, EmbedDecoder(inner, label_field, split), split, train=False, seed=seed)
+        parts.append(ds.limit(max_rows) if max_rows else ds)
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]  # one job, one actor pool for all splits
+    return ds.map_batches(  # [1] the actor pool: one model copy per actor, reused across batches
+        Embedder, fn_constructor_kwargs={"model_dir": model_dir, "recipe": recipe, "normalize": normalize,
+                                         "use_gpu": use_gpu, "threads": int(cpus_per_actor)},
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size,
+        num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)
 
 
 def read_features(path) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medvl.config import ConfigError, Recipe, dump_yaml, field_type, from_dict, path_keys, set_path, to_dict
+from medvl.config import ConfigError, Recipe, dump_yaml, field_type, from_dict, get_path, path_keys, set_path, to_dict
 from medvl.pipelines.stage import Stage, StageContext, register_stage
 
 _SKIP_CORPUS = "<bound to an upstream output>"
@@ -61,9 +61,12 @@ class TrainStage(Stage):
 
     def validate(self) -> None:
         r = self.config
-        if "data.corpus" in self.bound and not r.data.corpus:
-            r = copy.deepcopy(r)
-            r.data.corpus = _SKIP_CORPUS
+        empty = [k for k in sorted(self.bound) if not get_path(to_dict(r), k)]
+        if empty:  # keys bound to an upstream output are empty until run time (data.corpus, clip_it.teacher, ...)
+            d = to_dict(r)
+            for k in empty:
+                set_path(d, k, _SKIP_CORPUS)
+            r = from_dict(Recipe, d)
         r.validate()
 
     def code_version(self) -> str:
