@@ -6,3 +6,4 @@ from medvl.methods.base import Method, Plugin, register_method, registered, reso
 from medvl.methods import clip  # noqa: F401,E402  (registers `clip`)
 from medvl.methods import cxr_clip  # noqa: F401,E402  (registers `cxr_clip`)
 from medvl.methods import pmc_clip  # noqa: F401,E402  (registers `pmc_clip`)
+from medvl.methods import clipin  # noqa: F401,E402  (registers the `clipin` plug-in; after the methods it wraps)
