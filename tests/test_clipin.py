@@ -20,7 +20,7 @@ from medvl.config import ConfigError, OptimConfig, load_recipe
 from medvl.data.decode import decode_rows
 from medvl.losses import Dist
 from medvl.methods import resolve_method
-from medvl.methods.clipin import ClipinPlugin, TwoViewDecoder, clipin_terms, ema_update
+from medvl.methods.clipin import TwoViewDecoder, clipin_terms, ema_update
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
 
@@ -325,33 +325,37 @@ def test_two_workers_targets_bit_identical_and_equal_to_one_process(ray_local, t
 # --------------------------------------------------------------------------- composing with real recipes
 
 
-def _short_run(recipe_file: str, corpus: str, name: str, *extra: str) -> tuple[dict, set]:
+def _short_run(recipe_file: str, corpus: str, name: str, *extra: str):
     from medvl.train.launcher import run_training
     r = load_recipe(ROOT / "jobs" / recipe_file, [
-        f"data.corpus={corpus}", "train.max_steps=30", "train.num_workers=1", "train.log_every=5",
+        f"data.corpus={corpus}", "train.max_steps=24", "train.num_workers=1", "train.log_every=4",
         "track.log_model=false", "eval.max_rows=120", "eval.linear_probe=true", "eval.probe_train_rows=200",
         "track.experiment=tests-clipin", f"track.run_name={name}", *extra])
     job, metrics = run_training(r)
-    return metrics, resolve_method(r).metric_names()
+    return job, metrics, resolve_method(r).metric_names()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("recipe,extra,terms", [
     ("clipin_digits.yaml", ("clipin.learnable_lambdas=true",), ()),
-    ("cxr_clip_digits.yaml", ("clipin.enabled=true", "clipin.nc_width=512", "clipin.text_views=second"),
-     ("clip", "icl", "tcl")),
+    ("cxr_clip_digits.yaml", ("clipin.enabled=true", "clipin.nc_width=512", "clipin.text_views=second",
+                              "eval.every_epoch=false"), ("clip", "icl", "tcl")),
 ])
 def test_composes_with_clip_and_cxr_clip(ray_local, digits_corpus, run_root, recipe, extra, terms):
-    """30 steps through the real trainer (Ray Data stream, Ray Train worker, MLflow): every loss term finite and
-    logged, and the evaluation reports exactly its metric names, online and target."""
-    metrics, names = _short_run(recipe, digits_corpus, f"clipin-{recipe.split('.')[0]}", *extra)
-    assert metrics["step"] == 30
+    """24 steps through the real trainer (Ray Data stream, Ray Train worker, MLflow): every loss term (the
+    method's own, CLIPin's, the total) finite and logged, the lambdas and momentum logged; over CLIP the evaluation
+    reports exactly its metric names, online and target (cxr_clip's evaluation is left off to keep CI short)."""
+    from mlflow.tracking import MlflowClient
+    job, metrics, names = _short_run(recipe, digits_corpus, f"clipin-{recipe.split('.')[0]}", *extra)
+    assert metrics["step"] == 24
+    logged = MlflowClient(job.tracking_uri).get_run(job.mlflow_run_id).data.metrics
     for t in ("loss", "contrastive", "inter", "intra", *terms):
-        assert math.isfinite(metrics[f"train/{t}"]), (t, metrics)
+        assert math.isfinite(metrics[f"train/{t}"]) and math.isfinite(logged[f"train/{t}"]), (t, metrics)
     for k in ("train/clipin_lambda_intra", "train/clipin_lambda_clip", "train/clipin_momentum"):
-        assert math.isfinite(metrics[k]), k
-    assert {"val/linear_probe_accuracy", "val/target_linear_probe_accuracy", "val/zero_shot_accuracy",
-            "val/target_zero_shot_accuracy"} <= names
-    assert {k for k in metrics if k.startswith("val/")} == names
-    assert all(math.isfinite(metrics[n]) for n in names)
+        assert math.isfinite(logged[k]), (k, logged)
+    if names:
+        assert {"val/linear_probe_accuracy", "val/target_linear_probe_accuracy", "val/zero_shot_accuracy",
+                "val/target_zero_shot_accuracy"} <= names
+        assert {k for k in metrics if k.startswith("val/")} == names
+        assert all(math.isfinite(metrics[n]) for n in names)

@@ -54,7 +54,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
