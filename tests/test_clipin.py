@@ -336,7 +336,7 @@ def _short_run(recipe_file: str, corpus: str, name: str, *extra: str):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("recipe,extra,terms", [
     ("clipin_digits.yaml", ("clipin.learnable_lambdas=true",), ()),
     ("cxr_clip_digits.yaml", ("clipin.enabled=true", "clipin.nc_width=512", "clipin.text_views=second",
