@@ -328,7 +328,7 @@ def test_two_workers_targets_bit_identical_and_equal_to_one_process(ray_local, t
 def _short_run(recipe_file: str, corpus: str, name: str, *extra: str):
     from medvl.train.launcher import run_training
     r = load_recipe(ROOT / "jobs" / recipe_file, [
-        f"data.corpus={corpus}", "train.max_steps=24", "train.num_workers=1", "train.log_every=4",
+        f"data.corpus={corpus}", "train.max_steps=20", "train.num_workers=1", "train.log_every=4",
         "track.log_model=false", "eval.max_rows=120", "eval.linear_probe=true", "eval.probe_train_rows=200",
         "track.experiment=tests-clipin", f"track.run_name={name}", *extra])
     job, metrics = run_training(r)
@@ -343,12 +343,13 @@ def _short_run(recipe_file: str, corpus: str, name: str, *extra: str):
                               "eval.every_epoch=false"), ("clip", "icl", "tcl")),
 ])
 def test_composes_with_clip_and_cxr_clip(ray_local, digits_corpus, run_root, recipe, extra, terms):
-    """24 steps through the real trainer (Ray Data stream, Ray Train worker, MLflow): every loss term (the
-    method's own, CLIPin's, the total) finite and logged, the lambdas and momentum logged; over CLIP the evaluation
-    reports exactly its metric names, online and target (cxr_clip's evaluation is left off to keep CI short)."""
+    """20 steps (ending mid-epoch: one evaluation) through the real trainer (Ray Data stream, Ray Train worker,
+    MLflow): every loss term (the method's own, CLIPin's, the total) finite and logged, the lambdas and momentum
+    logged; over CLIP the evaluation reports exactly its metric names, online and target (cxr_clip's evaluation is
+    left off to keep CI short)."""
     from mlflow.tracking import MlflowClient
     job, metrics, names = _short_run(recipe, digits_corpus, f"clipin-{recipe.split('.')[0]}", *extra)
-    assert metrics["step"] == 24
+    assert metrics["step"] == 20
     logged = MlflowClient(job.tracking_uri).get_run(job.mlflow_run_id).data.metrics
     for t in ("loss", "contrastive", "inter", "intra", *terms):
         assert math.isfinite(metrics[f"train/{t}"]) and math.isfinite(logged[f"train/{t}"]), (t, metrics)

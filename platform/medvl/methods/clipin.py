@@ -471,8 +471,8 @@ class ClipinPlugin(Plugin):
         if heads > c.max_head_ratio * base:
             raise ConfigError(f"clipin.nc_width: {c.nc_width} gives CLIPin heads of {heads / 1e6:.1f}M parameters "
                               f"for a {base / 1e6:.2f}M-parameter model (more than clipin.max_head_ratio = "
-                              f"{c.max_head_ratio:g} times); use a smaller clipin.nc_width (the digits recipe uses 512 for "
-                              f"a 128-wide ViT)")
+                              f"{c.max_head_ratio:g} times); use a smaller clipin.nc_width (the digits recipe uses "
+                              f"512 for a 128-wide ViT)")
         self.online = model
         self.target = ClipinTarget(model)
         self.synced = False
