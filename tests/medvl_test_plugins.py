@@ -14,7 +14,7 @@ from torch import nn
 
 from medvl.config import ConfigError
 from medvl.losses import contrastive_term
-from medvl.methods import Plugin, register_method
+from medvl.methods import Method, Plugin, register_method
 
 
 @dataclass
@@ -165,3 +165,13 @@ class PacePlugin(Plugin):
                 pass
         time.sleep(pace)
         return self.inner.prepare_batch(batch, device)
+
+
+# --------------------------------------------------------------------------- a method without a contrastive head
+
+
+@register_method
+class ImageOnlyMethod(Method):
+    """A method with no image-text contrastive head (image features only): CLIPin must refuse to wrap it."""
+    name = "test_image_only"
+    feature_keys = ("image_features",)
