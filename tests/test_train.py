@@ -63,3 +63,17 @@ def test_siglip_loss_trains_on_two_workers(ray_local, digits_corpus, run_root):
     job, metrics = run_training(recipe)
     losses = [m.value for m in _metric(recipe, job.mlflow_run_id, "train/loss")]
     assert metrics["step"] == 12 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_max_steps_on_an_epoch_boundary_still_ends_the_epoch(ray_local, digits_corpus, run_root):
+    """`train.max_steps` equal to the steps of an epoch: the run ends with that epoch's evaluation and final report
+    (it used to leave the loop before the epoch-end branch, with no final report at all)."""
+    per_epoch = 1437 // 64
+    recipe = _recipe(digits_corpus, "max-at-epoch", data__batch_size=64, train__num_workers=1,
+                     train__max_steps=per_epoch, train__ckpt_every=1000)
+    job, metrics = run_training(recipe)
+    assert metrics["step"] == job.total_steps == per_epoch and metrics["epoch"] == 1
+    assert "val/zero_shot_accuracy" in metrics
+    assert [m.step for m in _metric(recipe, job.mlflow_run_id, "val/zero_shot_accuracy")] == [per_epoch]

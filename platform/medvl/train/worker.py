@@ -203,7 +203,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
     window = _new_window()
     model.train()
     t_last = time.perf_counter()
-    while not finished():
+    while not finished() or prog.step_in_epoch == steps_per_epoch:  # an epoch just completed still ends below
         t0 = time.perf_counter()
         batch = batcher.next_batch(prog.epoch) if prog.step_in_epoch < steps_per_epoch else None
         ran_short = batch is None and prog.step_in_epoch < steps_per_epoch
