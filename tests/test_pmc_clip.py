@@ -370,7 +370,7 @@ def test_mlm_head_uses_the_image_short_training(tmp_path):
     ingest_digits(corpus, templates=["a handwritten digit {}."])  # every caption has the class word in one slot
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     r = load_recipe("jobs/pmc_clip_digits.yaml", [
-        f"data.corpus={corpus}", "train.num_workers=1", "train.epochs=6", "optim.warmup_steps=20",
+        f"data.corpus={corpus}", "train.num_workers=1", "train.epochs=10", "optim.warmup_steps=20",
         "pmc_clip.mask_ratio=0.5", "pmc_clip.fusion_layers=1", "eval.max_rows=200"])
     m = resolve_method(r)
     torch.manual_seed(0)
