@@ -38,8 +38,11 @@ def big_corpus(tmp_path_factory):
 
 
 def _spilled_mib() -> float:
+    import ray
     from ray._private.internal_api import memory_summary
-    m = re.search(r"Spilled ([\d.]+) MiB", memory_summary(stats_only=True))
+    # this cluster's address: with another Ray instance on the machine, auto-detection refuses to choose
+    m = re.search(r"Spilled ([\d.]+) MiB",
+                  memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True))
     return float(m.group(1)) if m else 0.0
 
 
