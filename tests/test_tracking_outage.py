@@ -128,7 +128,13 @@ def test_outage_and_killed_driver_lose_no_metric_and_leak_no_password(digits_cor
         pace.write_text("0.05")  # >= 1.6 s for the last 32 steps: the kill lands before the end
         _wait(lambda: (latest_position(ckpts) or {}).get("step", 0) >= TOTAL - 32, 600,
               "a checkpoint near the end", proc, log1)
-        proc.send_signal(signal.SIGKILL)
+        from test_resume import _descendants
+        tree = _descendants(proc.pid)  # the driver and its embedded Ray die at once (else a surviving worker may
+        for pid in [proc.pid] + tree:   # still register one more checkpoint after `ck` is read below)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         t_kill = time.time()
         proc.wait(30)
         ck = latest_position(ckpts)["step"]  # the checkpoint the re-run must resume from

@@ -231,6 +231,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
                 for k, v in terms.items():  # detached tensors: summed without a device sync per step
                     window["terms"][k] = window["terms"].get(k, 0) + v
                 window["n"] += 1
+            else:
+                window["bad"] = window.get("bad", 0) + 1
             window["wait"] += wait
             window["time"] += now - t_last
             t_last = now
@@ -328,7 +330,13 @@ def _log_window(window: dict, prog: Progress, steps_per_epoch: int, coll: _Dist,
     """Log the steps since the last log: loss terms averaged over ranks, skipped rows summed (a collective:
     every rank calls it at the same steps). Returns the mean terms ({} when there was no step)."""
     n = window["n"]
-    if n == 0:
+    if n == 0 and not window.get("bad"):
+        return {}
+    if n == 0:  # every step of the window was skipped (non-finite): no loss point, but the counters still move
+        vals = coll.sum(torch.tensor([float(prog.skipped)]))
+        logger.log({"train/skipped_samples": float(vals[0]), "train/nonfinite_steps": prog.nonfinite_steps,
+                    "train/lr": opt.param_groups[0]["lr"],
+                    "train/epoch": prog.epoch + prog.step_in_epoch / max(1, steps_per_epoch)}, step=prog.step)
         return {}
     keys = sorted(window["terms"])
     vals = torch.stack([torch.as_tensor(window["terms"][k], dtype=torch.float32).detach().reshape(()).cpu()
