@@ -416,8 +416,8 @@ def test_one_worker_killed_resumes_exactly_and_a_corrupt_latest_checkpoint_falls
     assert out["metrics"]["step"] == 44 and out["metrics"]["epoch"] == 2
     resumed = _metric(rk, out["job"].mlflow_run_id, "train/resumed_from_step")
     assert resumed and 5 <= resumed[-1].value <= killed_at_step and resumed[-1].timestamp / 1000 >= killed_at - 1
-    print(f"\n[measured] train worker SIGKILLed at step {killed_at_step} -> training again (resumed from step "
-          f"{int(resumed[-1].value)}) after {resumed[-1].timestamp / 1000 - killed_at:.1f}s")
+    measured = (f"[measured] train worker SIGKILLed at step {killed_at_step} -> training again (resumed from step "
+                f"{int(resumed[-1].value)}) after {resumed[-1].timestamp / 1000 - killed_at:.1f}s")
     assert len(_attempts(tmp_path / "audit-kill", 0)) >= 2 and str(pid) in _attempts(tmp_path / "audit-kill", 0)[0]
     _same_samples(_audit(tmp_path / "audit-ref"), _audit(tmp_path / "audit-kill"))
     w_ref, w_kill = _final_weights(run_root, "exact1-ref"), _final_weights(run_root, "exact1-kill")
@@ -455,6 +455,7 @@ def test_one_worker_killed_resumes_exactly_and_a_corrupt_latest_checkpoint_falls
     capsys.readouterr()
     assert eval_main([str(rfile)]) == 0
     assert "checkpoint checkpoint_step=0000044.1 (step 44)" in capsys.readouterr().out
+    print(f"\n{measured}")  # printed last: the capsys reads above would consume it
     assert client.get_metric_history(job3.mlflow_run_id, "eval/zero_shot_accuracy")[-1].step == 44
     found = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
                                filter_string="tags.mlflow.runName = 'exact1-kill'")
