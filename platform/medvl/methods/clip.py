@@ -159,11 +159,10 @@ class ClipMethod(Method):
         return {"loss": compute_loss(self.loss_fn, out)}
 
     def after_step(self, model):
-        with torch.no_grad():  # open_clip: clamp to [0, ln 100]
-            model.clip.logit_scale.clamp_(0, math.log(100))
+        clamp_logit_scale(model.clip)
 
     def train_metrics(self, model):
-        return {"train/logit_scale": float(model.clip.logit_scale.detach().exp())}
+        return logit_scale_metric(model.clip)
 
     # evaluation
     def evaluator(self):
@@ -178,6 +177,16 @@ class ClipMethod(Method):
     def export(self, model, tracking_uri, run_id):
         super().export(model.clip, tracking_uri, run_id)  # the open_clip model itself (mlflow.pytorch)
         log_open_clip(self.recipe, model.clip, tracking_uri, run_id)
+
+
+def clamp_logit_scale(clip_model: nn.Module) -> None:
+    """open_clip's rule after every optimizer step: the logit scale stays in [0, ln 100]."""
+    with torch.no_grad():
+        clip_model.logit_scale.clamp_(0, math.log(100))
+
+
+def logit_scale_metric(clip_model: nn.Module) -> dict[str, float]:
+    return {"train/logit_scale": float(clip_model.logit_scale.detach().exp())}
 
 
 def log_open_clip(recipe: Recipe, clip_model: nn.Module, tracking_uri: str, run_id: str) -> None:

@@ -35,7 +35,6 @@ and `jobs/pmc_clip_pmcoa.yaml` (a real PMC-OA download). Run: `medvl train jobs/
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -48,7 +47,8 @@ from medvl.config import ConfigError, ModelConfig, Recipe, from_dict
 from medvl.data.decode import RowDecoder, normalize_images, pick_text, sample_seed
 from medvl.losses import contrastive_term
 from medvl.methods.base import Method, register_method
-from medvl.methods.clip import ImageDecoderMixin, clip_evaluator, contrastive_metric_names
+from medvl.methods.clip import ImageDecoderMixin, clamp_logit_scale, clip_evaluator, contrastive_metric_names, \
+    logit_scale_metric
 from medvl.models.factory import create_model, image_norm, tokenizer
 
 log = logging.getLogger(__name__)
@@ -681,11 +681,10 @@ class PmcClipMethod(Method):
         return ("itc", "mlm", "mlm_accuracy", "mlm_tokens")
 
     def after_step(self, model):
-        with torch.no_grad():  # open_clip: clamp to [0, ln 100]
-            model.clip.logit_scale.clamp_(0, math.log(100))
+        clamp_logit_scale(model.clip)
 
     def train_metrics(self, model):
-        return {"train/logit_scale": float(model.clip.logit_scale.detach().exp())}
+        return logit_scale_metric(model.clip)
 
     # evaluation
     def evaluator(self):
