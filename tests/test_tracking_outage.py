@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +181,7 @@ def test_outage_and_killed_driver_lose_no_metric_and_leak_no_password(digits_cor
         if proc.poll() is None:
             proc.kill()
         stop_server(server)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)  # the driver's embedded Ray session files
     print(f"\n[measured] tracking outage {t_up - t_down:.0f}s: metrics complete {t_complete - t_up:.1f}s after the "
           f"server was back; driver killed at step {ck} -> training again {t_training_again - t_kill:.1f}s later "
           f"(re-run started {t_rerun - t_kill:.1f}s after the kill)")
