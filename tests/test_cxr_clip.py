@@ -18,6 +18,7 @@ from medvl.methods import resolve_method
 from medvl.methods.cxr_clip import (CxrClipDecoder, PromptReports, cxr_clip_loss, load_prompts)
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
+from stepcheck import assert_accumulation_matches_full_batch, one_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"method": "cxr_clip", "data": {"corpus": "x", "batch_size": 8}, "model": {"name": "test-vit-micro"},
@@ -91,25 +92,9 @@ def test_section_validation_names_keys():
     assert r.cxr_clip.w_tcl == 0.25 and to_dict(r)["cxr_clip"]["num_negs"] == 3
 
 
-def _accum_run(data, accum, batch):
-    torch.manual_seed(0)
-    m = resolve_method(load_recipe(data=data))
-    model = m.build_model()
-    opt = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0))
-    sched = build_scheduler(opt, OptimConfig(warmup_steps=0), 10)
-    terms = train_step(m, model, {k: v.clone() for k, v in batch.items()}, opt, sched,
-                       StepSettings(accum_freq=accum, grad_clip=None))
-    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_accumulation_matches_the_full_batch_for_every_term():
-    t1, g1 = _accum_run(BASE, 1, _batch())
-    t2, g2 = _accum_run(BASE, 2, _batch())
-    assert set(t1) == set(t2) == {"loss", "clip", "icl", "tcl"}
-    for k in t1:
-        assert float(t1[k]) == pytest.approx(float(t2[k]), rel=1e-5)
-    for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6, msg=k)
+    terms = assert_accumulation_matches_full_batch(BASE, _batch())
+    assert set(terms) == {"loss", "clip", "icl", "tcl"}
 
 
 def _dist_worker(config):
@@ -147,7 +132,7 @@ def test_two_workers_gathered_loss_and_gradients_equal_one_process(ray_local, tm
                  scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="cxr")).fit()
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2)]
-    terms, grads = _accum_run(BASE, 1, _batch())
+    terms, grads = one_step(BASE, 1, _batch())
     for k in terms:  # the mean over ranks of each rank's local term = the full-batch term
         assert (ranks[0][0][k] + ranks[1][0][k]) / 2 == pytest.approx(float(terms[k]), rel=1e-5), k
     for r in range(2):

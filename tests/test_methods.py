@@ -17,6 +17,7 @@ from medvl.methods import Method, register_method, resolve_method
 from medvl.methods.clip import ClipDecoder
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
+from stepcheck import assert_accumulation_matches_full_batch, one_step
 
 BASE = {"data": {"corpus": "x", "batch_size": 8}, "model": {"name": "test-vit-micro"}, "train": {"num_workers": 1},
         "optim": {"warmup_steps": 0, "grad_clip": None}}
@@ -108,31 +109,13 @@ def test_towers_reproduce_open_clip_encoders():
 # --------------------------------------------------------------------------- accumulation (1 process)
 
 
-def _accum_run(recipe_data, accum, batch):
-    torch.manual_seed(0)
-    r = load_recipe(data=recipe_data)
-    m = resolve_method(r)
-    model = m.build_model()
-    opt = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0))
-    sched = build_scheduler(opt, OptimConfig(warmup_steps=0), 10)
-    terms = train_step(m, model, {k: v.clone() for k, v in batch.items()}, opt, sched,
-                       StepSettings(accum_freq=accum, grad_clip=None))
-    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("plugin", [False, True])
 def test_accumulation_matches_full_batch_step(plugin):
     """accum_freq=2 with output caching gives the loss and gradients of one full batch (every term)."""
     data = {**BASE, "plugins": ["medvl_test_plugins"], **({"test_extra_term": {}} if plugin else {})}
-    b = _batch()
-    t1, g1 = _accum_run(data, 1, b)
-    t2, g2 = _accum_run(data, 2, b)
-    assert set(t1) == set(t2)
-    for k in t1:
-        assert float(t1[k]) == pytest.approx(float(t2[k]), rel=1e-5)
-    assert set(g1) == set(g2)
-    for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_accumulation_matches_full_batch(data, _batch())
 
 
 # --------------------------------------------------------------------------- 2 Ray Train workers
@@ -199,7 +182,7 @@ def test_two_workers_gather_helper_and_accumulation_equal_one_process(ray_local,
         torch.testing.assert_close(ranks[r]["helper"][2] / 2, b.grad[r * 4:(r + 1) * 4], rtol=1e-4, atol=1e-6)
 
     for name, data in recipes.items():
-        terms, grads = _accum_run(data, 1, _batch())
+        terms, grads = one_step(data, 1, _batch())
         for r in range(2):
             got_terms, got_grads, got_w = ranks[r][name]
             assert got_terms.keys() == {k: 0 for k in terms}.keys()

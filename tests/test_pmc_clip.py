@@ -16,6 +16,7 @@ from medvl.methods import resolve_method
 from medvl.methods.pmc_clip import IGNORE, MlmTokenizer, mlm_per_sample, pmc_clip_loss, whole_word_mask
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
+from stepcheck import assert_accumulation_matches_full_batch, one_step
 
 BASE = {"method": "pmc_clip", "data": {"corpus": "x", "batch_size": 8}, "model": {"name": "test-vit-micro"},
         "train": {"num_workers": 1}, "optim": {"warmup_steps": 0, "grad_clip": None},
@@ -270,26 +271,12 @@ def test_every_parameter_gets_a_gradient_and_config_errors():
 
 
 def _accum_run(sec, accum, batch):
-    torch.manual_seed(0)
-    m = _method(**sec)
-    model = m.build_model()
-    opt = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0))
-    sched = build_scheduler(opt, OptimConfig(warmup_steps=0), 10)
-    terms = train_step(m, model, {k: v.clone() for k, v in batch.items()}, opt, sched,
-                       StepSettings(accum_freq=accum, grad_clip=None))
-    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return one_step(_method(**sec), accum, batch)
 
 
 def test_accumulation_matches_full_batch_step():
     """accum_freq=2 gives the loss and gradients of one full batch, the MLM token mean included."""
-    b = _batch()
-    t1, g1 = _accum_run({}, 1, b)
-    t2, g2 = _accum_run({}, 2, b)
-    for k in t1:
-        assert float(t1[k]) == pytest.approx(float(t2[k]), rel=1e-5), k
-    assert set(g1) == set(g2)
-    for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_accumulation_matches_full_batch(lambda: _method(), _batch())
 
 
 # --------------------------------------------------------------------------- 2 Ray Train workers

@@ -1,0 +1,56 @@
+"""Shared checks for method tests: one optimizer step of a method on an in-memory batch (with gradient
+accumulation), and the comparison of two such steps (named loss terms and every gradient). Used by the
+"accumulation equals the full batch" and "2 Ray Train workers equal one process" tests of every method."""
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+from medvl.config import OptimConfig, load_recipe
+from medvl.methods import resolve_method
+from medvl.train.optim import build_optimizer, build_scheduler
+from medvl.train.step import StepSettings, train_step
+
+
+def recipe_method(data: dict):
+    return resolve_method(load_recipe(data=data))
+
+
+def one_step(method_or_data, accum: int, batch: dict[str, torch.Tensor], seed: int = 0):
+    """Build the method's model from `seed`, run one accumulated step; return (terms, {param: grad})."""
+    torch.manual_seed(seed)
+    m = method_or_data if not isinstance(method_or_data, dict) else recipe_method(method_or_data)
+    model = m.build_model()
+    opt = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0))
+    sched = build_scheduler(opt, OptimConfig(warmup_steps=0), 10)
+    terms = train_step(m, model, {k: v.clone() for k, v in batch.items()}, opt, sched,
+                       StepSettings(accum_freq=accum, grad_clip=None))
+    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(a, b, rel: float = 1e-5, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Two steps' named terms and gradients agree (same term names, same parameters with gradients)."""
+    (t1, g1), (t2, g2) = a, b
+    assert set(t1) == set(t2)
+    for k in t1:
+        assert float(t1[k]) == pytest.approx(float(t2[k]), rel=rel), k
+    assert set(g1) == set(g2)
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=rtol, atol=atol, msg=_named(k))
+
+
+def assert_accumulation_matches_full_batch(method_or_factory: dict | Callable, batch) -> dict:
+    """accum_freq=2 gives the loss terms and gradients of one full batch; returns the full-batch terms."""
+    full = one_step(_fresh(method_or_factory), 1, batch)
+    assert_same_step(full, one_step(_fresh(method_or_factory), 2, batch))
+    return full[0]
+
+
+def _fresh(method_or_factory):
+    return method_or_factory() if callable(method_or_factory) else method_or_factory
+
+
+def _named(k: str) -> Callable[[str], str]:
+    return lambda msg: f"{k}: {msg}"
