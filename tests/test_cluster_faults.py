@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,22 +29,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medvl.track.server import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PASSWORD = "Cluster-Test-pw-5519"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -80,7 +68,7 @@ def _start_worker_node(gcs: int, env: dict, log: Path, attempts: int = 3) -> sub
     gives its raylet a hard-coded 30 s to register, which a loaded 2-core machine can miss: retried, as an operator
     or an autoscaler would."""
     for attempt in range(attempts):
-        ports = _free_ports(6)
+        ports = free_ports(6)
         # its own temp dir, as a separate machine would have: nodes of one host otherwise share
         # <session>/runtime_resources, and this node's runtime-env agent deletes the job's working_dir (the head's
         # job driver's cwd) once this node's own references to it drop to zero
@@ -146,7 +134,7 @@ def test_token_cluster_refuses_anonymous_jobs_and_a_sweep_survives_a_lost_node(d
     # the cluster's own environment: token auth, the tracking URI with its password, the shared run root
     cluster_env = dict(base_env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
                        MLFLOW_TRACKING_URI=uri, MEDVL_RUN_ROOT=str(run_root))
-    gcs, dash, agent_http, agent_grpc, client_port, metrics, nm, om, renv = _free_ports(9)
+    gcs, dash, agent_http, agent_grpc, client_port, metrics, nm, om, renv = free_ports(9)
     head = subprocess.run(
         [str(ROOT / "cluster" / "local" / "start-head.sh"), "--auth", "token", "--num-cpus", "1", "--temp-dir",
          temp_dir, "--port", str(gcs), "--dashboard-port", str(dash), "--",

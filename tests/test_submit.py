@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from medvl import cli  # noqa: E402
 from medvl.submit import EXCLUDES, jobs_main, plan_job, submit_main  # noqa: E402
+from medvl.track.server import free_ports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -234,19 +234,6 @@ def test_dry_run_prints_the_job_without_a_cluster(tmp_path, capsys):
 # --------------------------------------------------------------------------- slow: a real cluster
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     """A real Ray head started by cluster/local/start-head.sh: own temp dir, HOME and ports; 8 logical CPUs.
@@ -259,7 +246,7 @@ def local_cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # a fresh HOME: no ~/.ray/auth_token from an earlier ray.init() can turn token auth on
     env.update(HOME=str(home), RAY_AUTH_MODE="disabled", RAY=str(VENV_BIN / "ray"))
-    gcs, dash, agent_http, agent_grpc, client, metrics, nm, om, renv = _free_ports(9)
+    gcs, dash, agent_http, agent_grpc, client, metrics, nm, om, renv = free_ports(9)
     cmd = [str(ROOT / "cluster" / "local" / "start-head.sh"), "--num-cpus", "8", "--temp-dir", temp_dir,
            "--port", str(gcs), "--dashboard-port", str(dash), "--",
            "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),

@@ -34,6 +34,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct TCP ports that are free right now (all held open while the OS picks, so none repeats)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def server_command(workdir: Path, port: int, host: str = "127.0.0.1", backend_store_uri: Optional[str] = None,
                    artifacts_destination: Optional[str] = None, workers: Optional[int] = 1,
                    auth: bool = False, extra_args: Sequence[str] = ()) -> list[str]:
