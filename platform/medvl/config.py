@@ -386,9 +386,8 @@ _FIXED_SECTIONS = ("name", "method", "data", "model", "loss", "optim", "train", 
                    "plugins", "sections")
 
 
-def _recipe_from_dict(data: dict) -> "Recipe":
-    """The fixed sections as dataclass fields; registered method/plug-in sections by name."""
-    plugins = data.get("plugins") or []
+def import_plugins(plugins: Any) -> list[str]:
+    """Import the recipe's `plugins:` modules (they register methods and sections); a clear error otherwise."""
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
     import importlib
@@ -397,6 +396,12 @@ def _recipe_from_dict(data: dict) -> "Recipe":
             importlib.import_module(mod)
         except ImportError as e:
             raise ConfigError(f"plugins: cannot import {mod!r} ({e})") from None
+    return plugins
+
+
+def _recipe_from_dict(data: dict) -> "Recipe":
+    """The fixed sections as dataclass fields; registered method/plug-in sections by name."""
+    import_plugins(data.get("plugins") or [])
     regs = sections()
     method = data.get("method", "clip")
     if not isinstance(method, str):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,7 +38,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from medvl.config import ConfigError, RuntimeConfig, field_type, flatten, from_dict, get_path, load_yaml, set_path
+from medvl.config import (ConfigError, RuntimeConfig, field_type, flatten, from_dict, get_path, import_plugins,
+                          load_yaml, set_path)
 from medvl.pipelines.stage import PipelineError, Stage, stage_kinds
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -305,17 +305,6 @@ def _find_file(name: str, base: Path, what: str) -> Path:
     raise ConfigError(f"{what}: file {name!r} not found (looked at {', '.join(str(c) for c in cands)})")
 
 
-def _import_plugins(plugins: Any) -> list[str]:
-    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
-        raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
-    for mod in plugins:
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:
-            raise ConfigError(f"plugins: cannot import {mod!r} ({e})") from None
-    return plugins
-
-
 def _parse(raw: Any, base_dir: Path, overrides: list[tuple[str, Any]]) -> Pipeline:
     if not isinstance(raw, dict):
         raise ConfigError("a pipeline recipe must be a YAML mapping")
@@ -324,7 +313,7 @@ def _parse(raw: Any, base_dir: Path, overrides: list[tuple[str, Any]]) -> Pipeli
         hint = (" (is this a training recipe? run it with `medvl train`)" if unknown[0] in
                 ("data", "model", "optim", "train", "loss", "eval", "method") else "")
         raise ConfigError(f"unknown key {unknown[0]} (valid keys: {', '.join(TOP_KEYS)}){hint}")
-    plugins = _import_plugins(raw.get("plugins") or [])
+    plugins = import_plugins(raw.get("plugins") or [])
     kinds = stage_kinds()
 
     entries = raw.get("stages")
