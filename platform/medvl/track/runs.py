@@ -54,23 +54,33 @@ def ensure_experiment(uri: str, name: str, artifact_root: Optional[Path] = None)
     return client.create_experiment(name, artifact_location=loc)
 
 
+def reopen_run(client, id_file: Path) -> Optional[str]:
+    """The run an earlier attempt recorded in `id_file`, set RUNNING again and tagged `medvl.resumed`; None when
+    there is no such file or the tracking server does not know the run (deleted, or another server)."""
+    if not id_file.exists():
+        return None
+    run_id = id_file.read_text().strip()
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # noqa: BLE001
+        if _not_found(e):
+            return None
+        raise  # an outage or an auth error: never start a second run for the same job
+    if run.info.lifecycle_stage != "active":
+        return None
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "medvl.resumed", "true")
+    return run_id
+
+
 def start_or_resume_run(recipe: Recipe, run_dir: Path, parent_run_id: Optional[str] = None,
                         tags: Optional[dict[str, str]] = None) -> str:
     """Create the job's MLflow run, or return the one a previous attempt of this run name created."""
     uri = tracking_uri(recipe)
     client = _client(uri)
-    id_file = run_dir / RUN_ID_FILE
-    if id_file.exists():
-        run_id = id_file.read_text().strip()
-        try:
-            run = client.get_run(run_id)
-            if run.info.lifecycle_stage == "active":
-                client.update_run(run_id, status="RUNNING")
-                client.set_tag(run_id, "medvl.resumed", "true")
-                return run_id
-        except Exception as e:  # noqa: BLE001
-            if not _not_found(e):
-                raise  # an outage or an auth error: never start a second run for the same job
+    resumed = reopen_run(client, run_dir / RUN_ID_FILE)
+    if resumed:
+        return resumed
     exp_id = ensure_experiment(uri, recipe.track.experiment, run_root(recipe))
     all_tags = {"mlflow.runName": recipe.run_name, "medvl.method": recipe.method, "medvl.recipe": recipe.name}
     if parent_run_id:
@@ -79,7 +89,7 @@ def start_or_resume_run(recipe: Recipe, run_dir: Path, parent_run_id: Optional[s
     run = client.create_run(exp_id, run_name=recipe.run_name, tags=all_tags)
     run_id = run.info.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    (run_dir / RUN_ID_FILE).write_text(run_id)
     log_recipe(client, run_id, recipe)
     return run_id
 

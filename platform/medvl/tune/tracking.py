@@ -41,17 +41,9 @@ RESULTS_FILE = "results.csv"
 def start_or_resume_parent(name: str, spec_dict: dict, recipe: Recipe, uri: str, sweep_dir: Path) -> str:
     """Create the sweep's parent run, or reopen the one an earlier session of this sweep created."""
     client = runs._client(uri)
-    id_file = sweep_dir / PARENT_ID_FILE
-    if id_file.exists():
-        run_id = id_file.read_text().strip()
-        try:
-            run = client.get_run(run_id)
-            if run.info.lifecycle_stage == "active":
-                client.update_run(run_id, status="RUNNING")
-                client.set_tag(run_id, "medvl.resumed", "true")
-                return run_id
-        except Exception:  # noqa: BLE001 - another tracking server: start a new parent
-            pass
+    resumed = runs.reopen_run(client, sweep_dir / PARENT_ID_FILE)  # None on another tracking server: a new parent
+    if resumed:
+        return resumed
     exp_id = runs.ensure_experiment(uri, recipe.track.experiment, runs.run_root(recipe))
     run = client.create_run(exp_id, run_name=name, tags={
         "mlflow.runName": name, "medvl.sweep": name, "medvl.kind": "sweep", "medvl.recipe": recipe.name,
@@ -59,7 +51,7 @@ def start_or_resume_parent(name: str, spec_dict: dict, recipe: Recipe, uri: str,
                                f"{spec_dict['mode']} `{spec_dict['metric']}`; trials are the nested runs."})
     run_id = run.info.run_id
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    (sweep_dir / PARENT_ID_FILE).write_text(run_id)
     from mlflow.entities import Param
     params = {"sweep.metric": spec_dict["metric"], "sweep.mode": spec_dict["mode"],
               "sweep.num_samples": spec_dict["num_samples"], "sweep.seed": spec_dict["seed"],
