@@ -297,40 +297,29 @@ def read_window(items: dict[str, np.ndarray], *, decoder: RowDecoder, decode_row
         order = np.asarray(spec["order"]) if spec.get("order") is not None else np.arange(n)
         for c0 in range(int(skip), n, decode_rows_n):
             idx = order[c0:c0 + decode_rows_n]
+            at = np.arange(len(idx))  # the rows' offsets in this chunk (window position = c0 + offset)
             if unreadable:
-                keep = [j for j, i in enumerate(idx) if int(i) not in unreadable]
-                if not keep:
+                at = np.asarray([j for j, i in enumerate(idx) if int(i) not in unreadable], dtype=np.int64)
+                if not len(at):
                     continue
-                if len(keep) < len(idx):  # positions stay those of the window order (`_pos` below)
-                    sub = _read_subset(decoder, values, idx, keep, seed, int(epoch), on_skip, c0)
-                    if sub is not None:
-                        sub["_window"] = np.full(len(sub["_pos"]), int(win), dtype=np.int64)
-                        yield sub
-                    continue
-            batch = {c: _object_array([v[i] for i in idx]) for c, v in values.items()}
-            kept: list[int] = []
-            out = decode_rows(decoder, batch, seed=seed, epoch=int(epoch), on_skip=on_skip, kept=kept)
-            if out is None:
-                continue
-            k = np.asarray(kept, dtype=np.int64)
-            out["_epoch"] = np.full(len(k), int(epoch), dtype=np.int64)
-            out["_window"] = np.full(len(k), int(win), dtype=np.int64)
-            out["_pos"] = c0 + k
-            out["_sid"] = np.asarray([sample_hash(str(batch["sample_id"][i])) for i in k], dtype=np.int64)
-            yield out
+            out = _decode_chunk(decoder, values, idx[at], c0 + at, seed, int(epoch), int(win), on_skip)
+            if out is not None:
+                yield out
 
 
-def _read_subset(decoder, values, idx, keep, seed, epoch, on_skip, c0):
-    """Decode the rows `idx[keep]` of a chunk whose other rows are unreadable; `_pos` keeps window positions."""
-    sel = [idx[j] for j in keep]
-    batch = {c: _object_array([v[i] for i in sel]) for c, v in values.items()}
+def _decode_chunk(decoder, values, rows, positions, seed, epoch, win, on_skip):
+    """Decode the window rows `rows` (their window-order positions `positions`) and annotate them with their
+    stream coordinates; rows the decoder rejects are left out (counted through `on_skip`)."""
+    batch = {c: _object_array([v[i] for i in rows]) for c, v in values.items()}
     kept: list[int] = []
     out = decode_rows(decoder, batch, seed=seed, epoch=epoch, on_skip=on_skip, kept=kept)
     if out is None:
         return None
-    out["_epoch"] = np.full(len(kept), epoch, dtype=np.int64)
-    out["_pos"] = np.asarray([c0 + keep[k] for k in kept], dtype=np.int64)
-    out["_sid"] = np.asarray([sample_hash(str(batch["sample_id"][k])) for k in kept], dtype=np.int64)
+    k = np.asarray(kept, dtype=np.int64)
+    out["_epoch"] = np.full(len(k), epoch, dtype=np.int64)
+    out["_window"] = np.full(len(k), win, dtype=np.int64)
+    out["_pos"] = np.asarray(positions, dtype=np.int64)[k]
+    out["_sid"] = np.asarray([sample_hash(str(batch["sample_id"][i])) for i in k], dtype=np.int64)
     return out
 
 
