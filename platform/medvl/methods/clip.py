@@ -75,8 +75,18 @@ class ClipDecoder(ImageDecoderMixin, RowDecoder):
         return {"image": self.image(row), "text": pick_text(row.get("texts"), self.text_sampling, rng)}
 
     def collate(self, rows):
-        return {"image": np.stack([r["image"] for r in rows]),
-                "text": self._tokenize([r["text"] for r in rows]).numpy().astype(np.int64)}
+        return {"image": np.stack([r["image"] for r in rows]), "text": self._tokens([r["text"] for r in rows])}
+
+    def _tokens(self, texts: list[str]) -> np.ndarray:
+        """Token ids, each distinct caption tokenized once per decoder (prompt-like captions repeat across rows
+        and epochs; the memo is bounded, so a corpus of unique captions only pays one dict lookup per row)."""
+        memo = self.__dict__.setdefault("_memo", {})
+        missing = [t for t in dict.fromkeys(texts) if t not in memo]
+        if missing:
+            if len(memo) + len(missing) > 16384:
+                memo.clear()
+            memo.update(zip(missing, self._tokenize(missing).numpy().astype(np.int64)))
+        return np.stack([memo[t] for t in texts])
 
 
 def clip_evaluator(recipe: Recipe, encoders, image_decoder: RowDecoder, prompts=None):
