@@ -51,7 +51,10 @@ def resolve_target(target: str, checkpoint: Optional[str] = None) -> dict[str, A
     if p.is_dir() and not (p / "MLmodel").exists():
         from medvl.config import ConfigError
         raise ConfigError(f"{target}: a directory with neither {CONFIG_FILE} (open_clip) nor MLmodel (MLflow)")
-    return {"kind": "mlflow", "uri": str(p.resolve()) if p.is_dir() else target}
+    import mlflow
+    # the actors resolve runs:/ and models:/ URIs against the driver's tracking server
+    return {"kind": "mlflow", "uri": str(p.resolve()) if p.is_dir() else target,
+            "tracking_uri": mlflow.get_tracking_uri()}
 
 
 class ImageEmbedder:
@@ -75,6 +78,8 @@ class ImageEmbedder:
             self.model.eval()
         else:
             import mlflow.pyfunc
+            if target.get("tracking_uri"):
+                mlflow.set_tracking_uri(target["tracking_uri"])
             self.model = mlflow.pyfunc.load_model(target["uri"])
 
     def _check(self, data: bytes):
