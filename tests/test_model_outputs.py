@@ -65,9 +65,10 @@ def _in_process(recipe, job):
 
 def _digit_pngs(corpus: str, n: int) -> list[Path]:
     """`n` of the corpus's source PNGs (`medvl ingest digits` writes them), one per digit class in turn."""
-    files = sorted((Path(corpus) / "source_images").rglob("*.png"))
-    assert files, f"no PNGs under {corpus}/source_images"
-    return files[:n]
+    root = Path(corpus) / "source_images"
+    per_class = [sorted((root / str(d)).glob("*.png")) for d in range(10)]
+    assert all(per_class), f"no PNGs under {root}/<digit>/"
+    return [per_class[i % 10][i // 10] for i in range(n)]
 
 
 def _free_port() -> int:
@@ -112,7 +113,7 @@ def test_mlflow_model_is_a_registered_pyfunc_served_over_http_with_medvls_embedd
     env = dict(os.environ, MLFLOW_TRACKING_URI=url)
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                             f"models:/{REGISTERED}/1", "--env-manager", "local", "-h", "127.0.0.1", "-p",
+                             f"runs:/{job.mlflow_run_id}/model", "--env-manager", "local", "-h", "127.0.0.1", "-p",
                              str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -143,7 +144,9 @@ def test_mlflow_model_is_a_registered_pyfunc_served_over_http_with_medvls_embedd
         np.testing.assert_allclose(img, emb.embed_images(pngs), atol=1e-5)
         np.testing.assert_allclose(txt, emb.embed_texts(TEXTS), atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, atol=1e-5)
-        print(f"[measured] served 11 rows (10 images + 10 texts) in {served_s:.2f} s")
+        # the served model is the trained one: digit i's image is closest to "... digit i." beyond chance (0.1)
+        acc = float(np.mean((img @ txt.T).argmax(1) == np.arange(10)))
+        print(f"[measured] served 11 rows (10 images + 10 texts) in {served_s:.2f} s; zero-shot on them {acc:.2f}")
 
         # a row that is not an image: a 4xx answer naming it, the server keeps serving
         status, body = _post(f"http://127.0.0.1:{port}/invocations",
@@ -266,3 +269,14 @@ def test_mlflow_ui_lists_the_run_pictures(trained):
     for name in ("pictures", "loss_curves.png", "retrieval.png", "zero_shot_confusion.png"):
         assert name in dom, (name, dom[-3000:])
     assert shot.stat().st_size > 10_000
+
+
+def test_register_model_key_is_validated():
+    from medvl.config import ConfigError
+    base = {"data": {"corpus": "x"}}
+    assert load_recipe(data=base).track.register_model is None  # default: nothing registered
+    assert load_recipe(data={**base, "track": {"register_model": "cxr/clip-base v2"}}).track.register_model
+    with pytest.raises(ConfigError, match=r"track\.register_model"):
+        load_recipe(data={**base, "track": {"register_model": "bad'name"}})
+    with pytest.raises(ConfigError, match=r"track\.register_model needs track\.log_model"):
+        load_recipe(data={**base, "track": {"register_model": "m", "log_model": False}})

@@ -103,9 +103,10 @@ class ImageEmbedder:
             return np.stack([np.asarray(v, np.float32) for v in out["image_embedding"]])
         return out.to_numpy(dtype=np.float32)  # e.g. a classifier's probabilities (CLIP-IT)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import pandas as pd
         paths = [str(p) for p in batch["path"]]
-        emb: list[Optional[np.ndarray]] = [None] * len(paths)
+        emb: list[Optional[list[float]]] = [None] * len(paths)
         err: list[Optional[str]] = [None] * len(paths)
         good, where = [], []
         for i, data in enumerate(batch["bytes"]):
@@ -118,10 +119,9 @@ class ImageEmbedder:
                 err[i] = f"{type(e).__name__}: {e}"[:500]
         if good:
             for i, e in zip(where, self._embed(good)):
-                emb[i] = np.asarray(e, np.float32)
-        out_emb = np.empty(len(paths), dtype=object)
-        out_emb[:] = emb
-        return {"path": np.asarray(paths, dtype=object), "embedding": out_emb, "error": np.asarray(err, dtype=object)}
+                emb[i] = np.asarray(e, np.float32).tolist()
+        # lists and None (not ndarrays): Arrow makes a list<float> column with nulls
+        return pd.DataFrame({"path": paths, "embedding": emb, "error": err})
 
 
 def embed_images(target: dict[str, Any], images: str, out: str, batch_size: int = 32, actors: int = 1,
@@ -145,8 +145,9 @@ def embed_images(target: dict[str, Any], images: str, out: str, batch_size: int 
     tmp = Path(str(out) + ".partial")
     rows, bad, dim = 0, [], None
     with pq.ParquetWriter(str(tmp), schema) as w:
-        for b in ds.iter_batches(batch_format="numpy", batch_size=None):
-            embs = [None if e is None else np.asarray(e, np.float32).tolist() for e in b["embedding"]]
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            b = b.to_pydict()
+            embs = [None if e is None else list(e) for e in b["embedding"]]
             errs = [None if e is None else str(e) for e in b["error"]]
             w.write_table(pa.table({"path": [str(p) for p in b["path"]], "embedding": embs, "error": errs},
                                    schema=schema))
