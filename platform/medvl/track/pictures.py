@@ -71,7 +71,8 @@ class EpochPictures:
         from medvl.track.buffer import MetricJournal
         try:
             t0 = time.perf_counter()
-            records = MetricJournal(self.journal).records() if self.journal else []
+            records = [r for r in (MetricJournal(self.journal).records() if self.journal else [])
+                       if r.get("r") in (None, self.run_id)]  # this run's lines only
             with tempfile.TemporaryDirectory() as d:
                 made = draw_all(d, records, self.loss_terms, data)
                 dt = time.perf_counter() - t0

@@ -318,14 +318,12 @@ class _Background:
 
 def _evaluate(evaluator: Optional[_Background], model, device, logger, prog: Progress, last: dict,
               pictures: Optional[EpochPictures] = None) -> dict:
-    if evaluator is None:
-        return last
-    evaluate = evaluator.get()
-    if evaluate is None:
-        return last
-    m = evaluate(unwrap(model), device)
-    logger.log(m, step=prog.step)
-    if pictures is not None:
+    evaluate = evaluator.get() if evaluator is not None else None
+    m = last
+    if evaluate is not None:
+        m = evaluate(unwrap(model), device)
+        logger.log(m, step=prog.step)
+    if pictures is not None:  # loss curves also for runs without held-out data
         pictures.submit(prog.step, evaluate)
     return m
 
