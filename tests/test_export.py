@@ -132,9 +132,10 @@ def test_every_contrastive_method_exports_a_pyfunc_that_embeds_as_its_evaluation
         import mlflow.pyfunc
         import pandas as pd
 
-        from medvl.methods.embedding_pyfunc import EmbeddingPyfuncModel, embedding_signature
+        from medvl.methods.embedding_pyfunc import EMBED_REQUIREMENTS, EmbeddingPyfuncModel, embedding_signature
         mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=EmbeddingPyfuncModel(), artifacts=art,
-                                 signature=embedding_signature())
+                                 signature=embedding_signature(), pip_requirements=EMBED_REQUIREMENTS,
+                                 input_example=pd.DataFrame({"image": pngs[:1], "text": texts[:1]}))
         got = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(
             pd.DataFrame({"image": pngs, "text": [texts[0], None, texts[2]]}))
         np.testing.assert_allclose(np.stack(got["image_embedding"]), want_img, atol=1e-5)

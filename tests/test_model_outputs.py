@@ -39,7 +39,7 @@ def trained(ray_local, digits_corpus, tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = url
     try:
         recipe = load_recipe(data={
-            "name": "outputs", "data": {"corpus": digits_corpus, "batch_size": 32, "shuffle_buffer": 64},
+            "name": "outputs", "data": {"corpus": digits_corpus, "batch_size": 64, "shuffle_buffer": 64},
             "model": {"name": "test-vit-micro"}, "optim": {"lr": 2e-3},
             "train": {"epochs": 2, "num_workers": 1, "log_every": 2, "ckpt_every": 100},
             "eval": {"templates": ["a photo of the digit {}."], "max_rows": 120},
@@ -110,7 +110,9 @@ def test_mlflow_model_is_a_registered_pyfunc_served_over_http_with_medvls_embedd
 
     # a real scoring server in this environment (no conda / virtualenv), queried over HTTP
     port = _free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=url)
+    # the scoring server is `uvicorn` from this environment: its bin directory on PATH, as in an activated venv
+    env = dict(os.environ, MLFLOW_TRACKING_URI=url,
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
                              f"runs:/{job.mlflow_run_id}/model", "--env-manager", "local", "-h", "127.0.0.1", "-p",
@@ -155,11 +157,12 @@ def test_mlflow_model_is_a_registered_pyfunc_served_over_http_with_medvls_embedd
                                                            [base64.b64encode(b"not an image").decode()]]}})
         assert 400 <= status < 500 and "row 1" in body, (status, body[-1000:])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
@@ -197,15 +200,16 @@ def test_medvl_embed_writes_parquet_through_ray_data_and_names_bad_images(traine
     got = np.stack([np.asarray(good.loc[f"img{i}.png", "embedding"], np.float32) for i in range(len(pngs))])
     np.testing.assert_allclose(got, want, atol=1e-5)
 
-    # the recipe itself (its newest verified checkpoint) gives the same embeddings
-    out2 = tmp_path / "emb_recipe.parquet"
+    # a recipe as MODEL (its newest verified checkpoint): the same embeddings (the actor class, called here
+    # directly: the Ray Data path is the one above)
     from medvl.config import dump_yaml
+    from medvl.embed import ImageEmbedder, resolve_target
     yml = tmp_path / "recipe.yaml"
     yml.write_text(dump_yaml(recipe))
-    assert main(["embed", str(yml), "--images", str(images), "--out", str(out2)]) == 0
-    t2 = pq.read_table(out2).to_pandas()
-    row = t2[t2["path"].str.endswith("img0.png")].iloc[0]
-    np.testing.assert_allclose(np.asarray(row["embedding"], np.float32), want[0], atol=1e-5)
+    got2 = ImageEmbedder(resolve_target(str(yml)))(
+        {"bytes": np.asarray([pngs[0].read_bytes(), b"junk"], dtype=object), "path": np.asarray(["a", "b"])})
+    np.testing.assert_allclose(np.asarray(got2["embedding"][0], np.float32), want[0], atol=1e-5)
+    assert got2["embedding"][1] is None and "not an image" in got2["error"][1]
 
 
 @pytest.mark.slow
@@ -217,10 +221,13 @@ def test_pictures_are_run_artifacts_redrawn_each_epoch(trained, tmp_path):
     client = MlflowClient(url)
     arts = {a.path for a in client.list_artifacts(job.mlflow_run_id, "pictures")}
     assert arts == {"pictures/loss_curves.png", "pictures/retrieval.png", "pictures/zero_shot_confusion.png"}
+    out = Path(__file__).resolve().parents[1] / "test-artifacts"  # gitignored: to look at them
+    out.mkdir(exist_ok=True)
     for a in sorted(arts):
         p = client.download_artifacts(job.mlflow_run_id, a, str(tmp_path))
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size[0] >= 300 and im.size[1] >= 250, (a, im.size)
+        shutil.copy(p, out / f"run_{Path(a).name}")
     times = client.get_metric_history(job.mlflow_run_id, "time/pictures_s")
     assert len(times) == recipe.train.epochs  # redrawn after each epoch's evaluation
     steps = client.get_metric_history(job.mlflow_run_id, "train/loss")
@@ -239,7 +246,7 @@ def test_a_failing_picture_never_fails_training(tmp_path, caplog):
         raise RuntimeError("picture data broke")
     evaluate.pictures = broken
     journal = tmp_path / "metrics.jsonl"
-    journal.write_text(json.dumps({"r": "x", "s": 1, "t": 0, "m": {"train/loss": 2.0}}) + "\n")
+    journal.write_text(json.dumps({"r": "no-such-run", "s": 1, "t": 0, "m": {"train/loss": 2.0}}) + "\n")
     pics = EpochPictures("http://127.0.0.1:9", "no-such-run", journal, ())  # nothing listens on port 9
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:

@@ -61,7 +61,9 @@ def loss_curves(records: list[dict], loss_terms: Sequence[str], out: str | Path)
     names = [n for n in ["train/loss"] + [f"train/{t}" for t in loss_terms] if n in series]
     if not names:
         return None
-    val = sorted(n for n in series if n.startswith("val/") and n != "val/rows")
+    # held-out scores in [0, 1] (accuracies, recalls, AUROCs) on one shared axis; ranks and counts stay in MLflow
+    val = sorted(n for n in series if n.startswith("val/") and n != "val/rows" and not n.endswith("_rank")
+                 and all(0.0 <= v <= 1.0 for _, v in series[n]))[:12]
     panels = names + (["val"] if val else [])
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
@@ -73,7 +75,8 @@ def loss_curves(records: list[dict], loss_terms: Sequence[str], out: str | Path)
                 pts = sorted(series[n])
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=n[4:])
             ax.set_title("held-out metrics")
-            ax.legend(fontsize=7)
+            ax.set_ylim(0, 1.02)
+            ax.legend(fontsize=6, ncol=2, loc="lower right")
         else:
             pts = sorted(series[name])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
@@ -89,7 +92,7 @@ def retrieval_panel(data: dict[str, Any], out: str | Path) -> Path:
     """Each held-out image with its top-k captions (score, green when it is the image's own caption)."""
     import textwrap
     n = len(data["images"])
-    fig = _figure(3.0 * n, 4.2)
+    fig = _figure(3.0 * n, 3.6)
     for i in range(n):
         ax = fig.add_subplot(1, n, i + 1)
         ax.imshow(np.transpose(data["images"][i], (1, 2, 0)))
@@ -98,10 +101,11 @@ def retrieval_panel(data: dict[str, Any], out: str | Path) -> Path:
         for cap, s in zip(data["topk"][i], data["topk_scores"][i]):
             lines.append((f"{s:+.2f} " + textwrap.shorten(cap, 60), cap == data["truth"][i]))
         for j, (txt, ok) in enumerate(lines):
-            ax.text(0.0, -0.08 - 0.16 * j, "\n".join(textwrap.wrap(txt, 34)[:2]), transform=ax.transAxes,
+            ax.text(0.0, -0.06 - 0.15 * j, "\n".join(textwrap.wrap(txt, 34)[:2]), transform=ax.transAxes,
                     fontsize=7, va="top", color="green" if ok else "firebrick")
         ax.set_title(textwrap.shorten("own: " + data["truth"][i], 40), fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.42, wspace=0.15)
+    fig.suptitle(f"held-out retrieval: top-{len(data['topk'][0])} captions per image (green: its own)", fontsize=9)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.92, bottom=0.3, wspace=0.15)
     fig.savefig(out)
     return Path(out)
 

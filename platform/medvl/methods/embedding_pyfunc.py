@@ -85,8 +85,17 @@ def register_run_model(tracking_uri: str, run_id: str, registered_name: Optional
     if not registered_name:
         return None
     import mlflow
+    from mlflow.tracking import MlflowClient
     mlflow.set_tracking_uri(tracking_uri)
-    mv = mlflow.register_model(f"runs:/{run_id}/{name}", registered_name)
+    client = MlflowClient(tracking_uri)
+    # the run's logged model by id (MLflow 3 keeps logged models outside the run's artifacts; registering
+    # `runs:/<run>/model` works too, with a warning that it fell back to this)
+    exp = client.get_run(run_id).info.experiment_id
+    found = [m for m in client.search_logged_models(experiment_ids=[exp],
+                                                    filter_string=f"source_run_id = '{run_id}'")
+             if m.name == name]
+    uri = f"models:/{found[-1].model_id}" if found else f"runs:/{run_id}/{name}"
+    mv = mlflow.register_model(uri, registered_name)
     return str(mv.version)
 
 
