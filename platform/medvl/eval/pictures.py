@@ -104,8 +104,8 @@ def retrieval_panel(data: dict[str, Any], out: str | Path) -> Path:
             ax.text(0.0, -0.06 - 0.15 * j, "\n".join(textwrap.wrap(txt, 34)[:2]), transform=ax.transAxes,
                     fontsize=7, va="top", color="green" if ok else "firebrick")
         ax.set_title(textwrap.shorten("own: " + data["truth"][i], 40), fontsize=8)
-    fig.suptitle(f"held-out retrieval: top-{len(data['topk'][0])} captions per image (green: its own)", fontsize=9)
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.92, bottom=0.3, wspace=0.15)
+    fig.suptitle(f"held-out retrieval: top-{len(data['topk'][0])} captions per image (green: its own)", fontsize=9, y=0.99)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.84, bottom=0.3, wspace=0.15)
     fig.savefig(out)
     return Path(out)
 
