@@ -132,8 +132,10 @@ def test_every_contrastive_method_exports_a_pyfunc_that_embeds_as_its_evaluation
         import mlflow.pyfunc
         import pandas as pd
 
-        from medvl.methods.embedding_pyfunc import EMBED_REQUIREMENTS, EmbeddingPyfuncModel, embedding_signature
-        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=EmbeddingPyfuncModel(), artifacts=art,
+        import medvl
+        from medvl.methods.embedding_pyfunc import EMBED_REQUIREMENTS, MODEL_CODE, embedding_signature
+        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=MODEL_CODE, artifacts=art,
+                                 code_paths=[os.path.dirname(medvl.__file__)],
                                  signature=embedding_signature(), pip_requirements=EMBED_REQUIREMENTS,
                                  input_example=pd.DataFrame({"image": pngs[:1], "text": texts[:1]}))
         got = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(

@@ -25,6 +25,9 @@ from torch import nn
 from medvl.methods.base import Method
 from medvl.methods.embedding import Embedder, embed_frame, write_model_files
 
+MODEL_CODE = str(Path(__file__).with_name("embedding_model_code.py"))
+"""The `python_model` file of the logged model (MLflow's models from code: nothing is unpickled at load time)."""
+
 EMBED_REQUIREMENTS = ["torch", "open_clip_torch", "timm", "safetensors", "pillow", "pandas", "numpy"]
 """What the exported model needs (listed, so mlflow does not spend a subprocess inferring it)."""
 
@@ -72,7 +75,8 @@ def log_embedding_model(method: Method, model: nn.Module, tracking_uri: str, run
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
             # medvl travels with the model (code_paths): loading needs torch/open_clip/timm, not a checkout
-            mlflow.pyfunc.log_model(name=name, python_model=EmbeddingPyfuncModel(), artifacts=artifacts,
+            # python_model as code (a file MLflow runs at load time), not a pickled object
+            mlflow.pyfunc.log_model(name=name, python_model=MODEL_CODE, artifacts=artifacts,
                                     signature=embedding_signature(), input_example=example,
                                     code_paths=[str(Path(medvl.__file__).parent)],
                                     pip_requirements=EMBED_REQUIREMENTS)
