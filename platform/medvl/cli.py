@@ -1,4 +1,4 @@
-"""`medvl` command line: ingest | train | eval | transfer | compare | pipeline | tune | submit | jobs.
+"""`medvl` command line: ingest | train | eval | transfer | compare | pipeline | tune | submit | jobs | embed.
 
     medvl ingest digits --out runs/corpora/digits
     medvl ingest csv data.tsv --out corpora/x --image-key filepath --text-key title
@@ -13,6 +13,7 @@
     medvl submit jobs/digits_clip.yaml --address http://127.0.0.1:8265
     medvl jobs status|logs|stop <job-id> --address ...
     medvl sync-metrics jobs/digits_clip.yaml        # after an MLflow outage: deliver buffered metrics, finish the run
+    medvl embed jobs/digits_clip.yaml|runs:/<id>/model|OPEN_CLIP_DIR --images DIR --out OUT.parquet
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             from medvl.submit import jobs_main as run
         elif cmd == "sync-metrics":
             from medvl.train.cli import sync_main as run
+        elif cmd == "embed":
+            from medvl.embed import main as run
         else:
             print(f"medvl: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
             return 2

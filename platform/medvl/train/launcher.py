@@ -92,7 +92,9 @@ class Job:
     """The data plan (`medvl.data.stream.StreamPlan`) the workers stream."""
 
 
-RESUME_SAFE_KEYS = ("runtime.", "track.log_model", "track.tracking_uri", "track.experiment", "train.max_failures",
+RESUME_SAFE_KEYS = ("runtime.", "track.log_model", "track.register_model", "track.pictures",
+                    "track.tracking_uri", "track.experiment",
+                    "train.max_failures",
                     "train.keep_checkpoints", "train.log_every", "train.ckpt_every", "train.torch_threads",
                     "train.cpus_per_worker", "data.prefetch_batches", "data.decode_tasks",
                     "data.decode_batch_size", "eval.batch_size", "eval.max_memory_mb")
@@ -262,6 +264,10 @@ def log_final_model(job: Job, ckpt) -> None:
     with ckpt.as_directory() as d:
         method, model, _ = load_model_from_checkpoint(job.recipe, d)
     method.export(model, job.tracking_uri, job.mlflow_run_id)
+    if job.recipe.track.register_model:  # a new version in the Model Registry (issue 17)
+        from medvl.methods.embedding_pyfunc import register_run_model
+        v = register_run_model(job.tracking_uri, job.mlflow_run_id, job.recipe.track.register_model)
+        print(f"medvl: registered model {job.recipe.track.register_model!r} version {v}", flush=True)
 
 
 def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
