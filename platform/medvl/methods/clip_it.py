@@ -20,12 +20,10 @@ model (`ClipItPyfunc`) that takes encoded images and returns class probabilities
 """
 from __future__ import annotations
 
-import io
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch

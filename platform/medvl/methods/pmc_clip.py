@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
