@@ -36,8 +36,10 @@ def test_progress_line_format():
     assert line == "epoch 3/10  step 168/560  loss 1.9042  1204 samples/s  ETA 0:00:41"
     assert PROGRESS.match(line)
     assert format_progress(1, 2, 0, 10, None, None, None) == "epoch 1/2  step 0/10  loss -  - samples/s  ETA ?"
-    ev = format_eval(2, 10, {"val/i2t_r@1": 0.5, "val/zero_shot_accuracy": 0.91234, "val/t2i_r@1": 0.25})
-    assert ev == "epoch 2/10  eval  val/zero_shot_accuracy 0.9123  val/i2t_r@1 0.5000  val/t2i_r@1 0.2500"
+    ev = format_eval(2, 10, {"val/i2t_mean_rank": 2.5, "val/i2t_r1": 0.5, "val/zero_shot_accuracy": 0.91234,
+                             "val/t2i_r1": 0.25})
+    assert ev == "epoch 2/10  eval  val/zero_shot_accuracy 0.9123  val/i2t_r1 0.5000  val/t2i_r1 0.2500  " \
+                 "val/i2t_mean_rank 2.5000"
     many = format_eval(1, 1, {f"val/m{i}": 0.0 for i in range(9)}, limit=6)
     assert many.endswith("(+3 more in MLflow)")
     assert sweep_line({"done": 2, "stopped": 1, "errored": 0, "running": 2}, 8, "val/acc", 0.912, "ab12", 133) == \
@@ -48,13 +50,13 @@ def test_progress_state_events_epochs_and_eta():
     now = [100.0]
     st = ProgressState(total_steps=40, steps_per_epoch=20, epochs=2, batch_size=64, clock=lambda: now[0])
     ev = st.feed({"r": "x", "s": 5, "m": {"train/loss": 2.0, "train/samples_per_s": 320.0, "train/epoch": 0.25}})
-    # first point: the ETA comes from samples/s (35 steps * 64 / 320 = 7 s)
-    assert ev == [("progress", "epoch 1/2  step 5/40  loss 2.0000  320 samples/s  ETA 0:00:07")]
+    # first point: no ETA yet (the first window's samples/s includes the data pipeline's start)
+    assert ev == [("progress", "epoch 1/2  step 5/40  loss 2.0000  320 samples/s  ETA ?")]
     now[0] = 110.0  # 15 more steps in 10 s of wall clock (evaluations included): 20 steps left -> 13 s
     ev = st.feed({"r": "x", "s": 20, "m": {"train/loss": 1.5, "train/samples_per_s": 300.0}})
     assert ev == [("epoch_end", "epoch 1/2  step 20/40  loss 1.5000  300 samples/s  ETA 0:00:13")]
-    ev = st.feed({"r": "x", "s": 20, "m": {"val/zero_shot_accuracy": 0.5, "val/i2t_r@1": 0.25}})
-    assert ev == [("eval", "epoch 1/2  eval  val/zero_shot_accuracy 0.5000  val/i2t_r@1 0.2500")]
+    ev = st.feed({"r": "x", "s": 20, "m": {"val/zero_shot_accuracy": 0.5, "val/i2t_r1": 0.25}})
+    assert ev == [("eval", "epoch 1/2  eval  val/zero_shot_accuracy 0.5000  val/i2t_r1 0.2500")]
     assert st.feed({"r": "x", "s": 20, "m": {"train/lr": 0.1}}) == []  # nothing to show
     assert st.feed({"r": "x", "s": 40, "m": {"train/loss": 1.0}})[0] == \
         ("epoch_end", "epoch 2/2  step 40/40  loss 1.0000  300 samples/s  ETA 0:00:00")
@@ -79,26 +81,49 @@ def test_journal_tail_reads_complete_lines_of_its_run_only(tmp_path):
 
 # --------------------------------------------------------------------------- `medvl train` as a user runs it
 
-def _medvl(args: list[str], run_root: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
-    e = {**os.environ, "MEDVL_RUN_ROOT": str(run_root), "RAY_AUTH_MODE": "disabled",
-         "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp_path / "ray")), **env}
-    e.pop("MLFLOW_TRACKING_URI", None)
-    e.pop("RAY_ADDRESS", None)  # its own embedded Ray, as on a user's machine
-    e.pop("MEDVL_VERBOSE", None)
-    return subprocess.run([sys.executable, "-m", "medvl.cli", *args], cwd=REPO, env=e, capture_output=True,
-                          text=True, timeout=240)
-
-
 SHORT = ["model.name=test-vit-micro", "train.epochs=2", "train.num_workers=1", "data.batch_size=64",
          "train.log_every=4", "train.ckpt_every=1000", "train.max_failures=0", "optim.warmup_steps=2",
          "track.log_model=false"]
 
 
+def _start(args: list[str], run_root: Path, ray_tmp: Path, **env) -> subprocess.Popen:
+    e = {**os.environ, "MEDVL_RUN_ROOT": str(run_root), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(ray_tmp),
+         **env}
+    for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MEDVL_VERBOSE", "MEDVL_PROGRESS"):
+        e.pop(k, None)  # its own embedded Ray and local MLflow store, default display, as on a user's machine
+    return subprocess.Popen([sys.executable, "-m", "medvl.cli", *args], cwd=REPO, env=e, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture(scope="module")
+def console_runs(digits_corpus, tmp_path_factory):
+    """Two `medvl train` processes side by side (stdout/stderr are pipes, not a TTY): a short run that trains, and
+    one whose worker fails (its audit directory is a file: `_Audit` raises FileExistsError in the worker, never
+    in the driver). Run concurrently to spend the test's wall time once."""
+    tmp = tmp_path_factory.mktemp("console")
+    blocker = tmp / "not-a-dir"
+    blocker.write_text("x")
+    ray_tmp = Path(os.environ.get("RAY_TMPDIR", str(tmp)))
+    common = ["train", "jobs/digits_clip.yaml", f"data.corpus={digits_corpus}", *SHORT]
+    procs = {"ok": _start([*common, "track.run_name=console"], tmp / "runs-ok", ray_tmp / "ok"),
+             "fails": _start([*common, "track.run_name=fails"], tmp / "runs-fails", ray_tmp / "fails",
+                             MEDVL_AUDIT_SAMPLES=str(blocker))}
+    out = {}
+    try:
+        for name, p in procs.items():
+            stdout, stderr = p.communicate(timeout=240)
+            out[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_train_console_shows_progress_and_no_noise(digits_corpus, tmp_path):
-    p = _medvl(["train", "jobs/digits_clip.yaml", f"data.corpus={digits_corpus}", "track.run_name=console",
-                *SHORT], tmp_path / "runs", tmp_path)
+def test_train_console_shows_progress_and_no_noise(console_runs):
+    p = console_runs["ok"]
     out = p.stdout + p.stderr
     print(out)  # the console as the user saw it (pytest shows it on failure)
     assert p.returncode == 0, out
@@ -118,17 +143,14 @@ def test_train_console_shows_progress_and_no_noise(digits_corpus, tmp_path):
     assert logs.is_dir() and any(logs.glob("worker-*.out")), f"no worker logs under {logs}"
     for noise in NOISE:
         assert noise not in out, f"noise on the console: {noise!r}"
+    assert " INFO " not in out  # no library INFO logging (mlflow's "Creating initial MLflow database tables")
     assert len(out.splitlines()) < 40, f"{len(out.splitlines())} console lines"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_failing_worker_shows_its_traceback(digits_corpus, tmp_path):
-    """The audit directory is a file: `_Audit` fails in the worker (never in the driver) with FileExistsError."""
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("x")
-    p = _medvl(["train", "jobs/digits_clip.yaml", f"data.corpus={digits_corpus}", "track.run_name=fails",
-                *SHORT], tmp_path / "runs", tmp_path, MEDVL_AUDIT_SAMPLES=str(blocker))
+def test_a_failing_worker_shows_its_traceback(console_runs):
+    p = console_runs["fails"]
     out = p.stdout + p.stderr
     print(out)
     assert p.returncode == 1, out

@@ -36,6 +36,17 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+class _LibraryRecords:
+    """A logging filter: drops records below ERROR that these packages' modules log."""
+
+    def __init__(self, packages: tuple[str, ...]):
+        self.parts = tuple(f"{os.sep}{p}{os.sep}" for p in packages)
+
+    def filter(self, record) -> bool:
+        import logging
+        return record.levelno >= logging.ERROR or not any(p in (record.pathname or "") for p in self.parts)
+
+
 def quiet_libraries() -> None:
     """Without `-v`: the driver shows medvl's own output, not the INFO/WARNING chatter of the libraries under it
     (MLflow's model-logging and schema notes, Ray Train/Data/Tune's status lines, Python warnings these libraries
@@ -44,8 +55,13 @@ def quiet_libraries() -> None:
         return
     import logging
     import warnings
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # tqdm bars of artifact up/downloads
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # mlflow re-sets its loggers' level on import
     for name in ("mlflow", "alembic", "ray.train", "ray.data", "ray.tune", "open_clip", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # open_clip logs through the root logger (`logging.info`/`logging.warning`, e.g. "No pretrained weights
+    # loaded ... initialized randomly" for every model medvl builds from scratch): drop those below ERROR
+    logging.getLogger().addFilter(_LibraryRecords(("open_clip", "open_clip_train")))
     for mod in ("mlflow", "ray", "open_clip", "timm", "torch", "pydantic", "setuptools", "pkg_resources"):
         warnings.filterwarnings("ignore", module=rf"{mod}(\..*)?$")
 
@@ -74,9 +90,22 @@ def format_progress(epoch: int, epochs: int, step: int, total: int, loss: Option
     return "  ".join(parts)
 
 
-def format_eval(epoch: int, epochs: int, metrics: dict[str, float], limit: int = 6) -> str:
-    """One line of held-out metrics: the `val/` keys, zero-shot accuracy first, at most `limit` of them."""
-    keys = sorted(metrics, key=lambda k: (k != "val/zero_shot_accuracy", k))[:limit]
+def _eval_rank(key: str) -> tuple[int, str]:
+    """Headline metrics first: zero-shot accuracy, then recall@1 both ways, AUCs, the rest alphabetically."""
+    k = key.lower()
+    if k.endswith("zero_shot_accuracy"):
+        return 0, key
+    if k.endswith(("_r1", "r@1")):
+        return 1, key
+    if "auc" in k or k.endswith("accuracy"):
+        return 2, key
+    return 3, key
+
+
+def format_eval(epoch: int, epochs: int, metrics: dict[str, float], limit: int = 4) -> str:
+    """One line of held-out metrics: zero-shot accuracy and recall@1 first, at most `limit` of them (all of them
+    are in MLflow)."""
+    keys = sorted(metrics, key=_eval_rank)[:limit]
     more = len(metrics) - len(keys)
     body = "  ".join(f"{k} {format_number(float(metrics[k]))}" for k in keys)
     return f"epoch {epoch}/{epochs}  eval  {body}" + (f"  (+{more} more in MLflow)" if more > 0 else "")
@@ -139,9 +168,7 @@ class ProgressState:
         now = self.clock()
         if self._first is not None and self.step > self._first[1] and now > self._first[0]:
             return left * (now - self._first[0]) / (self.step - self._first[1])  # wall rate: includes evals
-        if self.sps:
-            return left * self.batch / self.sps
-        return None
+        return None  # not from the first window's samples/s: it includes the data pipeline's start
 
     def feed(self, rec: dict) -> list[tuple[str, str]]:
         """Events for one record: ("progress", line), ("epoch_end", line), ("eval", line), ("info", line)."""
