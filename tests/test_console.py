@@ -159,3 +159,28 @@ def test_a_failing_worker_shows_its_traceback(console_runs):
     assert "medvl/train/worker.py" in p.stderr  # the worker's own frames, not only the driver's
     for noise in NOISE:
         assert noise not in out, f"noise on the console: {noise!r}"
+
+
+def test_sweep_progress_counts_trials_and_best(capsys, monkeypatch):
+    """The Tune callback `medvl tune` adds: done / stopped early / errored / running and the best so far."""
+    from types import SimpleNamespace as T
+
+    from medvl.tune.progress import SweepProgress
+    monkeypatch.delenv("MEDVL_PROGRESS", raising=False)
+    cb = SweepProgress(total=5, metric="val/acc", mode="max")
+    trials = [T(trial_id="a", status="TERMINATED", last_result={"done": True, "val/acc": 0.8}),
+              T(trial_id="b", status="TERMINATED", last_result={"val/acc": 0.3}),  # stopped by the scheduler
+              T(trial_id="c", status="ERROR", last_result={}),
+              T(trial_id="d", status="RUNNING", last_result={"val/acc": 0.9}),
+              T(trial_id="e", status="PENDING", last_result=None)]
+    counts, best, best_id = cb.summary(trials)
+    assert counts == {"done": 1, "stopped": 1, "errored": 1, "running": 1, "pending": 1}
+    assert (best, best_id) == (0.9, "d")
+    cb.on_step_end(0, trials)
+    cb.on_step_end(1, trials)  # unchanged: printed once
+    cb.on_experiment_end(trials)  # the end: always
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(
+        "medvl tune: trials 3/5 done (1 stopped early, 1 errored), 1 running  best val/acc 0.9000 (trial d)")
+    import pickle
+    pickle.dumps(cb)  # Tune saves its callbacks with the experiment state
