@@ -195,8 +195,9 @@ class ProgressState:
         return format_progress(self.epoch, self.epochs, self.step, self.total, self.loss, self.sps, self.eta())
 
 
-def display_mode(stream: TextIO = sys.stdout) -> str:
+def display_mode(stream: Optional[TextIO] = None) -> str:
     """`rich` on a terminal, `plain` elsewhere, `off` with MEDVL_PROGRESS=0."""
+    stream = sys.stdout if stream is None else stream
     want = os.environ.get("MEDVL_PROGRESS", "").lower()
     if want in ("0", "off", "false", "no"):
         return "off"
@@ -212,10 +213,11 @@ class TrainProgress:
     """Context manager: tails the journal in a daemon thread while the body (`trainer.fit()`) runs."""
 
     def __init__(self, journal: str | os.PathLike, run_id: Optional[str], total_steps: int, steps_per_epoch: int,
-                 epochs: int, batch_size: int, label: str = "", stream: TextIO = sys.stdout,
+                 epochs: int, batch_size: int, label: str = "", stream: Optional[TextIO] = None,
                  poll_s: float = 0.5, every_s: Optional[float] = None):
         self.tail = JournalTail(journal, run_id)
         self.state = ProgressState(total_steps, steps_per_epoch, epochs, batch_size)
+        stream = sys.stdout if stream is None else stream  # at run time: sys.stdout may have been redirected
         self.label, self.stream, self.poll_s = label, stream, poll_s
         self.every_s = float(os.environ.get("MEDVL_PROGRESS_EVERY_S", 10)) if every_s is None else every_s
         self.mode = display_mode(stream)
