@@ -49,8 +49,14 @@ def main(argv: list[str]) -> int:
         return 0
 
     from medvl.tune.sweep import run_sweep
+    import os
+
     from medvl.track.console import verbose
-    # Tune's status tables only with `medvl -v`; the sweep's own progress line (medvl.tune.progress) otherwise
+    # Tune's status tables only with `medvl -v`; the sweep's own progress line (medvl.tune.progress) otherwise.
+    # Tune's new output engine prints its configuration box and TensorBoard hint even at verbose=0; its legacy
+    # reporter prints nothing at 0.
+    if not verbose():
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     out = run_sweep(spec, verbose=1 if verbose() and not a.quiet else 0)
     keys = list(spec.search_space)
     cols = ["trial_id", *keys, spec.metric, "epoch", "tune_status", "mlflow_status"]

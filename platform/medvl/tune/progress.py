@@ -20,8 +20,8 @@ from medvl.track.console import display_mode, sweep_line
 class SweepProgress(Callback):
     """A Tune callback on the sweep driver (plain data only: Tune pickles callbacks into its experiment state)."""
 
-    def __init__(self, total: int, metric: str, mode: str):
-        self.total, self.metric, self.mode = total, metric, mode
+    def __init__(self, total: int, metric: str, mode: str, horizon: Optional[int] = None):
+        self.total, self.metric, self.mode, self.horizon = total, metric, mode, horizon
         self.every_s = float(os.environ.get("MEDVL_PROGRESS_EVERY_S", 10))
         self._t0 = time.time()
         self._last_line = ""
@@ -32,8 +32,11 @@ class SweepProgress(Callback):
         best, best_id = None, None
         for t in trials:
             last = dict(t.last_result or {})
-            if t.status == "TERMINATED":
-                counts["done" if last.get("done") else "stopped"] += 1
+            if t.status == "TERMINATED":  # stopped early = ended before the horizon (as the summary table counts)
+                epoch = last.get("epoch")
+                early = (epoch < self.horizon) if self.horizon is not None and epoch is not None \
+                    else not last.get("done")
+                counts["stopped" if early else "done"] += 1
             elif t.status == "ERROR":
                 counts["errored"] += 1
             elif t.status == "RUNNING":
@@ -53,7 +56,7 @@ class SweepProgress(Callback):
         line = sweep_line(counts, self.total, self.metric, best, best_id, time.time() - self._t0)
         key = line.rsplit("[", 1)[0]  # without the clock: print on change, or as a heartbeat
         now = time.monotonic()
-        if force or (key != self._last_line and now - self._last_print >= 1) or now - self._last_print >= \
+        if (force and key != self._last_line) or (key != self._last_line and now - self._last_print >= 1) or now - self._last_print >= \
                 max(self.every_s, 1) * 6:
             print(f"medvl tune: {line}", file=sys.stdout, flush=True)
             self._last_line, self._last_print = key, now

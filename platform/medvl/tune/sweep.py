@@ -227,7 +227,7 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
                 # retried inside the trial by Ray Train (train.max_failures)
                 failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
                 callbacks=[tracking.SweepCallback(name, str(sweep_dir), str(run_root), uri, parent),
-                           SweepProgress(spec.num_samples, spec.metric, spec.mode)]))
+                           SweepProgress(spec.num_samples, spec.metric, spec.mode, horizon)]))
     print(f"medvl tune: sweep '{name}': {spec.num_samples} trials, up to {k} at a time ({per_trial} CPUs each "
           f"of {ray.cluster_resources().get('CPU', 0):.0f}); MLflow parent run {parent}", flush=True)
     client = runs._client(uri)
