@@ -14,6 +14,11 @@
     medvl jobs status|logs|stop <job-id> --address ...
     medvl sync-metrics jobs/digits_clip.yaml        # after an MLflow outage: deliver buffered metrics, finish the run
     medvl embed jobs/digits_clip.yaml|runs:/<id>/model|OPEN_CLIP_DIR --images DIR --out OUT.parquet
+
+Global flag: `medvl -v COMMAND ...` (or MEDVL_VERBOSE=1) also streams Ray's worker/driver logs and the INFO and
+warning output of Ray, MLflow and open_clip to the console. Without it a training command shows its progress,
+one line of held-out metrics per epoch and its summary; Ray's logs stay in files (the path is printed once,
+`<run_root>/jobs/<run>/ray-logs`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,11 @@ os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_T
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    while argv and argv[0] in ("-v", "--verbose"):
+        os.environ["MEDVL_VERBOSE"] = "1"  # read by medvl.track.console.verbose() (also in Ray's processes)
+        argv = argv[1:]
+    from medvl.track.console import quiet_libraries
+    quiet_libraries()  # no-op under -v
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -69,6 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingAborted, TrackingUnavailable) as e:
         print(f"medvl {cmd}: error: {redact_text(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001
+        if not _is_training_failure(e) or os.environ.get("MEDVL_VERBOSE", "") not in ("", "0"):
+            raise  # anything else (and everything under -v): Python's own traceback
+        # Ray Train's error carries each failed worker's traceback: that is what the user needs, not the
+        # driver-side frames of fit() around it
+        print(f"medvl {cmd}: error: the training failed in a Ray worker ({type(e).__name__}):\n{redact_text(e)}",
+              file=sys.stderr)
+        return 1
+
+
+def _is_training_failure(e: BaseException) -> bool:
+    """A Ray Train failure raised by `fit()` (a worker's exception, or the controller's)."""
+    try:
+        from ray.train import TrainingFailedError
+    except ImportError:
+        return False
+    return isinstance(e, TrainingFailedError)
 
 
 if __name__ == "__main__":
