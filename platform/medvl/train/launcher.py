@@ -211,7 +211,6 @@ AUDIT_ENV = "MEDVL_AUDIT_SAMPLES"
 def build_trainer(job: Job, callbacks: Optional[list] = None):
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from medvl.train.worker import train_fn_per_worker
 
