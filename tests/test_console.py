@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -103,10 +105,11 @@ def console_runs(digits_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
     blocker = tmp / "not-a-dir"
     blocker.write_text("x")
-    ray_tmp = Path(os.environ.get("RAY_TMPDIR", str(tmp)))
+    # short: Ray's Unix socket paths live under it (at most 107 bytes; pytest's tmp paths can be too long)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="mc-", dir="/tmp"))
     common = ["train", "jobs/digits_clip.yaml", f"data.corpus={digits_corpus}", *SHORT]
-    procs = {"ok": _start([*common, "track.run_name=console"], tmp / "runs-ok", ray_tmp / "ok"),
-             "fails": _start([*common, "track.run_name=fails"], tmp / "runs-fails", ray_tmp / "fails",
+    procs = {"ok": _start([*common, "track.run_name=console"], tmp / "runs-ok", ray_tmp / "a"),
+             "fails": _start([*common, "track.run_name=fails"], tmp / "runs-fails", ray_tmp / "b",
                              MEDVL_AUDIT_SAMPLES=str(blocker))}
     out = {}
     try:
@@ -117,7 +120,8 @@ def console_runs(digits_corpus, tmp_path_factory):
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
-    return out
+    yield out
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # after the tests: they read the runs' Ray logs
 
 
 @pytest.mark.slow
@@ -186,3 +190,19 @@ def test_sweep_progress_counts_trials_and_best(capsys, monkeypatch):
         "medvl tune: trials 3/5 done (1 stopped early, 1 errored), 1 running  best val/acc 0.9000 (trial d)")
     import pickle
     pickle.dumps(cb)  # Tune saves its callbacks with the experiment state
+
+
+def test_worker_messages_echo_medvl_lines_of_new_output_only(tmp_path):
+    """medvl's own lines in Ray's worker logs reach the console (log_to_driver is off); nothing else does."""
+    from medvl.track.console import WorkerMessages
+    old = tmp_path / "worker-aa-1.out"
+    old.write_text("medvl: from an earlier run of the session\n")
+    m = WorkerMessages(tmp_path)
+    with open(old, "a") as f:
+        f.write(":job_id:01000000\nTrainingReport(...)\nmedvl: MLflow at http://u:***@h:1 is unreachable (x)\n")
+    new = tmp_path / "worker-bb-2.err"
+    new.write_text("medvl: starting fresh\nmedvl: half a li")
+    assert m.read() == ["medvl: MLflow at http://u:***@h:1 is unreachable (x)", "medvl: starting fresh"]
+    with open(new, "a") as f:
+        f.write("ne\n")
+    assert m.read() == ["medvl: half a line"] and m.read() == []

@@ -209,12 +209,59 @@ def display_mode(stream: Optional[TextIO] = None) -> str:
         return "plain"
 
 
+class WorkerMessages:
+    """medvl's own messages from Ray's worker log files (`medvl: ...` lines: an MLflow outage, a resume, a rank
+    that ran out of rows), which `log_to_driver=False` keeps off the console otherwise. Files that exist when it
+    starts are read from their end (earlier runs of the session); new files from their start."""
+
+    PREFIX = "medvl: "
+
+    def __init__(self, logs_dir: str | os.PathLike):
+        self.dir = Path(logs_dir)
+        self.offsets: dict[str, int] = {}
+        for f in self._files():
+            self.offsets[str(f)] = f.stat().st_size
+        self._last: Optional[str] = None
+
+    def _files(self) -> list[Path]:
+        try:
+            return sorted(self.dir.glob("worker-*.out")) + sorted(self.dir.glob("worker-*.err"))
+        except OSError:
+            return []
+
+    def read(self) -> list[str]:
+        out = []
+        for f in self._files():
+            key = str(f)
+            try:
+                size = f.stat().st_size
+                start = self.offsets.get(key, 0)
+                if size <= start:
+                    continue
+                with open(f, "rb") as fh:
+                    fh.seek(start)
+                    chunk = fh.read(size - start)
+            except OSError:
+                continue
+            end = chunk.rfind(b"\n") + 1  # whole lines only; the rest is read next time
+            self.offsets[key] = start + end
+            for raw in chunk[:end].decode(errors="replace").splitlines():
+                line = raw.rstrip()
+                if line.startswith(self.PREFIX) and line != self._last:
+                    self._last = line
+                    out.append(line)
+        return out
+
+
 class TrainProgress:
-    """Context manager: tails the journal in a daemon thread while the body (`trainer.fit()`) runs."""
+    """Context manager: tails the journal in a daemon thread while the body (`trainer.fit()`) runs, and echoes
+    medvl's own messages from the workers' log files (`logs_dir`)."""
 
     def __init__(self, journal: str | os.PathLike, run_id: Optional[str], total_steps: int, steps_per_epoch: int,
                  epochs: int, batch_size: int, label: str = "", stream: Optional[TextIO] = None,
-                 poll_s: float = 0.5, every_s: Optional[float] = None):
+                 poll_s: float = 0.5, every_s: Optional[float] = None,
+                 logs_dir: Optional[str | os.PathLike] = None):
+        self.messages = WorkerMessages(logs_dir) if logs_dir else None
         self.tail = JournalTail(journal, run_id)
         self.state = ProgressState(total_steps, steps_per_epoch, epochs, batch_size)
         stream = sys.stdout if stream is None else stream  # at run time: sys.stdout may have been redirected
@@ -252,6 +299,11 @@ class TrainProgress:
         self._print(line)
 
     def poll(self) -> None:
+        if self.messages is not None:
+            for line in self.messages.read():
+                self._print(line)
+        if self.mode == "off":
+            return
         for rec in self.tail.read():
             for kind, line in self.state.feed(rec):
                 self._handle(kind, line)
@@ -265,7 +317,7 @@ class TrainProgress:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "TrainProgress":
-        if self.mode == "off":
+        if self.mode == "off" and self.messages is None:
             return self
         if self.mode == "rich":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

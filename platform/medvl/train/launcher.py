@@ -314,7 +314,8 @@ def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks:
         try:
             with TrainProgress(runs.journal_path(job.run_dir), job.mlflow_run_id, job.total_steps,
                                job.steps_per_epoch, recipe.train.epochs, recipe.data.batch_size,
-                               label=progress_label):
+                               label=progress_label, logs_dir=None if verbose() or logs is None
+                               else logs.resolve()):
                 result = trainer.fit()
         except BaseException as e:
             try:
