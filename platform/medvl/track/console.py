@@ -220,7 +220,10 @@ class WorkerMessages:
         self.dir = Path(logs_dir)
         self.offsets: dict[str, int] = {}
         for f in self._files():
-            self.offsets[str(f)] = f.stat().st_size
+            try:
+                self.offsets[str(f)] = f.stat().st_size
+            except OSError:  # a file that went away meanwhile
+                pass
         self._last: Optional[str] = None
 
     def _files(self) -> list[Path]:
