@@ -34,7 +34,13 @@ window time = batch x steps-in-window / value), (c) timed directly. The median o
 is printed too (robust to other jobs on a shared machine). While (a) and (b) run, CPU seconds per process kind
 (trainer, data loaders / Ray Data decode tasks, Ray services) are sampled from /proc.
 
-Last line: `ratio_vs_open_clip_train=<medvl 1 worker / a> ratio_vs_bare=<medvl 1 worker / c>`.
+A/B in the same invocation: `--ref <git rev>` adds a medvl 1-worker part that imports medvl from that revision's
+`platform/` (a regression check: "did this change slow the trainer down?"), `--variant LABEL:K=V[,K=V]` one with
+environment variables and/or dotted recipe overrides (e.g. `spin:GOMP_SPINCOUNT=20000`,
+`nopic:track.pictures=false`). Both run right after (b) in every round.
+
+Last line: `ratio_vs_open_clip_train=<medvl 1 worker / a> ratio_vs_bare=<medvl 1 worker / c>`, then
+`ratio_vs_<rev or label>=<medvl 1 worker / that part>` for each --ref / --variant.
 Results (JSON), open_clip_train's log and the medvl run roots are kept under `--out/<timestamp>/`.
 """
 from __future__ import annotations
@@ -215,6 +221,18 @@ def check_same_preprocessing(model: str) -> bool:
     return repr(oc_train) == repr(ours)
 
 
+def checkout_platform(rev: str, work: Path) -> str:
+    """`platform/` of an older git revision, extracted under the results directory; its path goes first on
+    PYTHONPATH of that part (medvl's own package, while the benchmark script and the data stay this one's)."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=HERE, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dest = work / f"ref-{''.join(c if c.isalnum() else '_' for c in rev)}"
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", rev, "platform"], cwd=root, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return str(dest / "platform")
+
+
 # --------------------------------------------------------------------------- the three parts (child processes)
 
 
@@ -356,7 +374,7 @@ def steady(windows: list[list[float]], batch: int, warmup: int, group: int) -> d
             "interval": [t_begin, windows[-1][2]] if kept else None}
 
 
-def run_part(name: str, a, **extra) -> dict:
+def run_part(name: str, a, env: dict | None = None, sets: list[str] | None = None, **extra) -> dict:
     waited = wait_quiet(a.wait_quiet, os.cpu_count() or 2)
     if waited > 6:
         print(f"      (waited {waited:.0f} s for the machine to go quiet)", flush=True)
@@ -365,12 +383,13 @@ def run_part(name: str, a, **extra) -> dict:
             "--loader-workers", str(a.loader_workers), "--log-every", str(a.log_every), "--warmup", str(a.warmup)]
     for k, v in extra.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    for s in a.set or []:
+    for s in (a.set or []) + (sets or []):
         args += ["--set", s]
     a.part_seq = getattr(a, "part_seq", 0) + 1  # rounds keep their own result and log files
-    res_file = Path(a.work) / f"part{a.part_seq:02d}-{name}-{extra.get('workers', '')}.json"
+    tag = "".join(c if c.isalnum() else "_" for c in (env or {}).get("MEDVL_BENCH_LABEL", ""))
+    res_file = Path(a.work) / f"part{a.part_seq:02d}-{name}-{extra.get('workers', '')}{tag}.json"
     args += ["--result", str(res_file)]
-    p = subprocess.run(args, capture_output=True, text=True)
+    p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
     res_file.with_suffix(".log").write_text(p.stdout + p.stderr)
     if p.returncode != 0 or not res_file.exists():
         raise RuntimeError(f"part {name} failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
@@ -399,6 +418,13 @@ def main() -> int:
                          "the median over rounds, so one burst of other jobs on a shared machine cannot decide it")
     ap.add_argument("--wait-quiet", type=float, default=120,
                     help="before each part, wait up to this many seconds for the shared machine to be idle")
+    ap.add_argument("--ref", action="append", default=[], metavar="GIT_REV",
+                    help="also run medvl 1 worker from this git revision's platform/ (e.g. a commit before a change) "
+                         "in the same invocation; prints ratio_vs_<rev> (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:K=V[,K=V]",
+                    help="also run medvl 1 worker with these environment variables and dotted recipe overrides "
+                         "(e.g. spin:GOMP_SPINCOUNT=20000 or nopic:track.pictures=false); prints "
+                         "ratio_vs_<label> (repeatable)")
     ap.add_argument("--set", action="append", help="extra medvl recipe override key.sub=value (repeatable), "
                                                    "e.g. --set data.prefetch_batches=4")
     ap.add_argument("--out", default=str(HERE / "out"), help="results directory (default bench/out, gitignored)")
@@ -442,6 +468,11 @@ def main() -> int:
 
     res: dict[str, dict] = {}
     rounds: dict[str, list[float]] = {}
+    refs = {rev: checkout_platform(rev, work) for rev in a.ref}
+    variants = {}
+    for v in a.variant:
+        label, _, kv = v.partition(":")
+        variants[label] = dict(x.split("=", 1) for x in kv.split(",") if x)
 
     def show(key: str, label: str, r: dict) -> None:
         st = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
@@ -471,6 +502,16 @@ def main() -> int:
         if "b1" in parts:
             show("medvl_1w", f"(b) medvl 1 worker x {cores} CPUs",
                  run_part("medvl", a, corpus=corpus, workers=1, cpus_per_worker=cores))
+        for rev, path in refs.items():
+            show(f"medvl_1w@{rev}", f"(b) medvl 1 worker at {rev}",
+                 run_part("medvl", a, env={"PYTHONPATH": path, "MEDVL_BENCH_LABEL": rev},
+                          corpus=corpus, workers=1, cpus_per_worker=cores))
+        for label, kv in variants.items():
+            env = {k: v for k, v in kv.items() if "." not in k}  # recipe keys are dotted, variable names not
+            sets = [f"{k}={v}" for k, v in kv.items() if "." in k]
+            show(f"medvl_1w[{label}]", f"(b) medvl 1 worker [{label}]",
+                 run_part("medvl", a, env={**env, "MEDVL_BENCH_LABEL": label}, sets=sets,
+                          corpus=corpus, workers=1, cpus_per_worker=cores))
         if "b2" in parts and not a.skip_two_workers and a.batch_size % 2 == 0 and cores >= 2:
             show("medvl_2w", f"(b) medvl 2 workers x {cores // 2} CPU",
                  run_part("medvl", a, corpus=corpus, workers=2, cpus_per_worker=cores // 2))
@@ -503,7 +544,9 @@ def main() -> int:
                "wall_s": time.perf_counter() - t_start}
     (work / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"results: {work / 'results.json'} (total {summary['wall_s']:.0f} s)", flush=True)
-    print(f"ratio_vs_open_clip_train={ours / oc:.2f} ratio_vs_bare={ours / bare:.2f}")
+    extra = "".join(f" ratio_vs_{k.split('@', 1)[1] if '@' in k else k.split('[', 1)[1].rstrip(']')}="
+                    f"{ours / r['samples_per_s']:.2f}" for k, r in res.items() if "@" in k or "[" in k)
+    print(f"ratio_vs_open_clip_train={ours / oc:.2f} ratio_vs_bare={ours / bare:.2f}{extra}")
     return 0
 
 

@@ -37,3 +37,39 @@ def test_lock_text_keeps_projection_trainable():
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert "logit_scale" in trainable and "visual.proj" in trainable
     assert not any(n.startswith(("transformer.", "token_embedding", "visual.transformer")) for n in trainable)
+
+
+def test_seeded_random_resized_crop_is_torchvisions_algorithm():
+    """The decoders' RandomResizedCrop draws its parameters from Python's `random` (seeded per sample) instead of
+    torch tensors: same parameters as open_clip's transform, same fallback, same distribution of crops."""
+    import random
+    import statistics
+
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from medvl.models.factory import SeededRandomResizedCrop, _rrc_params, pil_transforms
+    oc_train, _ = image_transforms(ModelConfig(name="digits-vit-tiny"))
+    ours, _ = pil_transforms(ModelConfig(name="digits-vit-tiny"))
+    ref = next(t for t in oc_train.transforms if type(t) is T.RandomResizedCrop)
+    rrc = next(t for t in ours.transforms if isinstance(t, SeededRandomResizedCrop))
+    assert (rrc.size, rrc.scale, rrc.ratio, rrc.interpolation, rrc.antialias) == \
+        (ref.size, ref.scale, ref.ratio, ref.interpolation, ref.antialias)
+    # the fallback (no crop of the sampled area fits a 1 x 1000 image): deterministic, must equal torchvision's
+    assert _rrc_params(1, 1000, (0.9, 1.0), (0.75, 4 / 3), random.Random(0)) == \
+        T.RandomResizedCrop.get_params(Image.new("L", (1000, 1)), [0.9, 1.0], [0.75, 4 / 3])
+    # the distribution: crop area fraction and aspect ratio over many draws match torchvision's
+    torch.manual_seed(0)
+    rnd = random.Random(0)
+    img = Image.new("L", (80, 60))
+    a = [_rrc_params(60, 80, (0.08, 1.0), (0.75, 4 / 3), rnd) for _ in range(3000)]
+    b = [T.RandomResizedCrop.get_params(img, [0.08, 1.0], [0.75, 4 / 3]) for _ in range(3000)]
+    for f in (lambda p: p[2] * p[3] / 4800, lambda p: p[3] / p[2], lambda p: p[0], lambda p: p[1]):
+        ma, mb = statistics.mean(map(f, a)), statistics.mean(map(f, b))
+        assert abs(ma - mb) <= 0.05 * abs(mb) + 0.05, (ma, mb)
+    # seeded per sample: the same seed gives the same crop
+    x = Image.fromarray((torch.rand(40, 50) * 255).to(torch.uint8).numpy())
+    random.seed(7)
+    c1 = rrc(x)
+    random.seed(7)
+    assert list(rrc(x).getdata()) == list(c1.getdata())

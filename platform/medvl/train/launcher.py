@@ -26,6 +26,18 @@ from medvl.track import runs
 log = logging.getLogger(__name__)
 
 
+def _omp_env() -> dict[str, str]:
+    """OpenMP's wait policy for embedded Ray's workers. Idle OpenMP threads sleep instead of spinning: the train
+    workers share the cores with decode tasks, and a spinning thread steals them (measured: bench/throughput
+    medvl steady state 211.6 -> 230.2 samples/s on 2 cores). A user's OMP_WAIT_POLICY wins; so does a
+    GOMP_SPINCOUNT (a bounded spin, libgomp's own knob) when OMP_WAIT_POLICY is not set."""
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+    if os.environ.get("GOMP_SPINCOUNT"):
+        return {"GOMP_SPINCOUNT": os.environ["GOMP_SPINCOUNT"]}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None:
     """Connect to `runtime.ray_address` / $RAY_ADDRESS, or start an embedded local Ray (with the dashboard
     only when `dashboard`; see below)."""
@@ -58,11 +70,7 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
                                                "RAY_DATA_DISABLE_PROGRESS_BARS":
                                                    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
                                                "PYTHONWARNINGS": "ignore::DeprecationWarning",
-                                               # idle OpenMP threads sleep instead of spinning: the train
-                                               # workers share the cores with decode tasks, and a spinning
-                                               # thread steals them (measured: bench/throughput medvl steady
-                                               # state 211.6 -> 230.2 samples/s on 2 cores)
-                                               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}})
+                                               **_omp_env()}})
             return
         except Exception as e:  # noqa: BLE001
             # [faults] Ray gives a new node's raylet a fixed 30 s to register; an overloaded machine can miss it
