@@ -11,7 +11,8 @@ Per-trial overhead = the trial's start (Tune `on_trial_start`, recorded by `Swee
 step done (timestamp of the child run's first `train/loss`, logged every step here), split into trial start ->
 MLflow child run created (trial actor + `prepare_job`) and run created -> first step (Train controller, worker
 group, Ray Data pipeline, model build, held-out set decode, one step). Compute = trial-seconds × CPUs reserved
-per trial, and epochs trained. Output: a report on stdout and `bench/out/sweep_overhead/summary.json`.
+per trial, and epochs trained. The trial's own start-up phases (`startup/*` metrics of its child run, see
+`medvl.track.timeline`: job, workers, model, data, first step) are printed as medians. Output: a report on stdout and `bench/out/sweep_overhead/summary.json`.
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def _timings(out, metric: str) -> list[dict]:
         hist = sorted(client.get_metric_history(r["mlflow_run_id"], "train/loss"), key=lambda m: m.step)
         created = run.info.start_time / 1000
         first = hist[0].timestamp / 1000 if hist else float("nan")
-        rows.append({"trial_id": r["trial_id"], "first_step": hist[0].step if hist else None,
+        phases = {k.split("/", 1)[1][:-2]: v for k, v in run.data.metrics.items()
+                  if k.startswith("startup/") and not k.startswith("startup/restart_") and k != "startup/total_s"}
+        rows.append({"trial_id": r["trial_id"], "first_step": hist[0].step if hist else None, "phases": phases,
                      "start_to_run_s": created - r["trial_start"], "run_to_first_step_s": first - created,
                      "overhead_s": first - r["trial_start"], "trial_wall_s": r["trial_wall_s"],
                      "epochs": r["epoch"], "objective": r[metric], "stopped_early": r["stopped_early"]})
@@ -114,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("trial_seconds", "epochs_trained", "sweep_wall_s"):
         summary[f"asha_over_full_{k}"] = summary["asha"][k] / max(summary["full"][k], 1e-9)
     A, F = summary["asha"], summary["full"]
+    names = [k for k in ("job", "workers", "model", "data", "first_step")
+             if any(k in t["phases"] for res in results.values() for t in res["trials"])]
+    summary["phase_median_s"] = {k: statistics.median([t["phases"][k] for res in results.values()
+                                                      for t in res["trials"] if k in t["phases"]]) for k in names}
+    print("\nper-trial start-up phases (medvl.track.timeline, trial function start -> first step), median s: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in summary["phase_median_s"].items()))
     print(f"\nper-trial overhead (trial start -> first step): median {summary['overhead_median_s']:.1f}s, "
           f"mean {summary['overhead_mean_s']:.1f}s over {len(overheads)} trials")
     print(f"epochs trained: ASHA {A['epochs_trained']} vs full {F['epochs_trained']} "

@@ -39,8 +39,12 @@ A/B in the same invocation: `--ref <git rev>` adds a medvl 1-worker part that im
 environment variables and/or dotted recipe overrides (e.g. `spin:GOMP_SPINCOUNT=20000`,
 `nopic:track.pictures=false`). Both run right after (b) in every round.
 
-Last line: `ratio_vs_open_clip_train=<medvl 1 worker / a> ratio_vs_bare=<medvl 1 worker / c>`, then
-`ratio_vs_<rev or label>=<medvl 1 worker / that part>` for each --ref / --variant.
+medvl's part also prints its start-up timeline (`medvl.track.timeline`: imports, Ray, job, workers, model, data,
+first step), from the run's `startup/*` metrics.
+
+Last line: `ratio_vs_open_clip_train=<medvl 1 worker / a> ratio_vs_bare=<medvl 1 worker / c>
+ratio_wall_vs_open_clip_train=<whole-run wall-clock of medvl's part / a's>` (each part's process, from
+interpreter start to exit), then `ratio_vs_<rev or label>=<medvl 1 worker / that part>` for each --ref / --variant.
 Results (JSON), open_clip_train's log and the medvl run roots are kept under `--out/<timestamp>/`.
 """
 from __future__ import annotations
@@ -306,7 +310,10 @@ def part_medvl(a) -> dict:
         windows.append([n, a.batch_size * n / m.value, m.timestamp / 1000])
         prev = m.step
     wait = MlflowClient(job.tracking_uri).get_metric_history(job.mlflow_run_id, "train/data_wait_s")
-    return {"windows": windows, "wall_s": wall, "steps_expected": job.total_steps,
+    run = MlflowClient(job.tracking_uri).get_run(job.mlflow_run_id)
+    startup = {k.split("/", 1)[1][:-2]: v for k, v in run.data.metrics.items()
+               if k.startswith("startup/") and not k.startswith("startup/restart_")}
+    return {"windows": windows, "wall_s": wall, "steps_expected": job.total_steps, "startup_s": startup,
             "data_wait_s_per_step": [m.value for m in sorted(wait, key=lambda m: m.step)],
             "tracking_uri": job.tracking_uri, "run_id": job.mlflow_run_id, "cpu": cpu}
 
@@ -389,11 +396,15 @@ def run_part(name: str, a, env: dict | None = None, sets: list[str] | None = Non
     tag = "".join(c if c.isalnum() else "_" for c in (env or {}).get("MEDVL_BENCH_LABEL", ""))
     res_file = Path(a.work) / f"part{a.part_seq:02d}-{name}-{extra.get('workers', '')}{tag}.json"
     args += ["--result", str(res_file)]
+    t0 = time.perf_counter()
     p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    proc_wall = time.perf_counter() - t0
     res_file.with_suffix(".log").write_text(p.stdout + p.stderr)
     if p.returncode != 0 or not res_file.exists():
         raise RuntimeError(f"part {name} failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
-    return json.loads(res_file.read_text())
+    r = json.loads(res_file.read_text())
+    r["process_wall_s"] = proc_wall  # the whole part: interpreter, imports, start-up, training, shutdown
+    return r
 
 
 def main() -> int:
@@ -480,10 +491,14 @@ def main() -> int:
         rounds.setdefault(key, []).append(st["samples_per_s"])
         r["rounds_samples_per_s"] = rounds[key]
         res[key] = r
-        wall = f", whole run {r['wall_s']:.0f} s wall" if "wall_s" in r else ""
+        wall = f", whole run {r['process_wall_s']:.0f} s wall" if "process_wall_s" in r else ""
         print(f"{label:<36} {st['samples_per_s']:7.1f} samples/s steady state  (median window "
               f"{st['median_window_samples_per_s']:.1f}; {st['steps_measured']}/{st['steps_total']} steps{wall})",
               flush=True)
+        if r.get("startup_s"):
+            ph = r["startup_s"]
+            print(f"{'':<6}start-up timeline (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items() if k != "total")
+                  + f"  = {ph.get('total', float('nan')):.1f} s to the first step", flush=True)
         c = r.get("cpu_steady_state")
         if c:
             share = c.get("foreign", 0.0) / max(1e-9, c["wall_s"] * cores)
@@ -546,7 +561,10 @@ def main() -> int:
     print(f"results: {work / 'results.json'} (total {summary['wall_s']:.0f} s)", flush=True)
     extra = "".join(f" ratio_vs_{k.split('@', 1)[1] if '@' in k else k.split('[', 1)[1].rstrip(']')}="
                     f"{ours / r['samples_per_s']:.2f}" for k, r in res.items() if "@" in k or "[" in k)
-    print(f"ratio_vs_open_clip_train={ours / oc:.2f} ratio_vs_bare={ours / bare:.2f}{extra}")
+    wall_ours = res.get("medvl_1w", {}).get("process_wall_s", float("nan"))
+    wall_oc = res.get("open_clip_train", {}).get("process_wall_s", float("nan"))
+    print(f"ratio_vs_open_clip_train={ours / oc:.2f} ratio_vs_bare={ours / bare:.2f} "
+          f"ratio_wall_vs_open_clip_train={wall_ours / wall_oc:.2f}{extra}")
     return 0
 
 

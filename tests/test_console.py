@@ -148,6 +148,12 @@ def test_train_console_shows_progress_and_no_noise(console_runs):
     for noise in NOISE:
         assert noise not in out, f"noise on the console: {noise!r}"
     assert " INFO " not in out  # no library INFO logging (mlflow's "Creating initial MLflow database tables")
+    # the start-up timeline (medvl.track.timeline): every phase, summing to the total
+    m = re.search(r"medvl: start-up ([\d.]+) s to the first step: (.*)", p.stdout)
+    assert m, "no start-up line"
+    phases = {k: float(v) for k, v in (x.rsplit(" ", 1) for x in m.group(2).split(", "))}
+    assert list(phases) == ["imports", "ray", "job", "workers", "model", "data", "first_step"], phases
+    assert all(v >= 0 for v in phases.values()) and abs(sum(phases.values()) - float(m.group(1))) < 0.5
     assert len(out.splitlines()) < 40, f"{len(out.splitlines())} console lines"
 
 
@@ -206,3 +212,25 @@ def test_worker_messages_echo_medvl_lines_of_new_output_only(tmp_path):
     with open(new, "a") as f:
         f.write("ne\n")
     assert m.read() == ["medvl: half a line"] and m.read() == []
+
+
+def test_startup_timeline_phases_and_process_start():
+    import os
+    import time
+
+    from medvl.track.timeline import DRIVER_PHASES, WORKER_PHASES, Timeline, metrics, process_start_time, summary
+    started = process_start_time()
+    assert started is not None and time.time() - 24 * 3600 < started <= time.time()
+    assert started <= os.stat(f"/proc/{os.getpid()}").st_ctime + 1  # this process started before /proc saw it
+    tl = Timeline({"start": 100.0})
+    for name, t in zip(DRIVER_PHASES + WORKER_PHASES, (102.0, 105.5, 106.0, 110.0, 111.0, 118.0, 118.5)):
+        tl.mark(name, t)
+    tl.mark("data", 999.0)  # a mark is set once: a later call keeps the first time
+    ph = tl.phases(DRIVER_PHASES + WORKER_PHASES)
+    assert ph == {"imports": 2.0, "ray": 3.5, "job": 0.5, "workers": 4.0, "model": 1.0, "data": 7.0,
+                  "first_step": 0.5}
+    assert summary(ph).startswith("medvl: start-up 18.5 s to the first step: imports 2.0, ray 3.5")
+    assert metrics(ph)["startup/total_s"] == 18.5 and metrics(ph, restart=True)["startup/restart_data_s"] == 7.0
+    # a missing mark (no driver marks: a trial's actor) leaves its phase out; the next one counts from the last mark
+    assert Timeline({"start": 0.0, "workers": 4.0, "data": 9.0}).phases(WORKER_PHASES) == {"workers": 4.0,
+                                                                                            "data": 5.0}

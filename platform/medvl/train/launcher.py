@@ -216,7 +216,9 @@ AUDIT_ENV = "MEDVL_AUDIT_SAMPLES"
 """Audit mode: when set (a directory) on the driver, every rank records the sample ids of each step it trains."""
 
 
-def build_trainer(job: Job, callbacks: Optional[list] = None):
+def build_trainer(job: Job, callbacks: Optional[list] = None, timeline=None):
+    """The Ray Train trainer of a prepared job; `timeline` (medvl.track.timeline.Timeline) carries the driver's
+    start-up marks to rank 0, which completes and reports them."""
     import ray
     import ray.train
 
@@ -230,6 +232,8 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
     quiet_ray_data()
     # No `datasets=`: each rank builds its own stream from the plan (exact positions; see medvl.data.stream).
     from medvl.train.pg_cleaner import MedvlTorchTrainer
+    if timeline is not None:
+        timeline.mark("job")
     return MedvlTorchTrainer(  # TorchTrainer whose placement-group cleaner asks the GCS (see pg_cleaner)
         train_fn_per_worker,
         train_loop_config={"recipe": to_dict(r), "mlflow_uri": job.tracking_uri,
@@ -238,7 +242,9 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
                            "storage_dir": str(job.storage_path / r.run_name),
                            "audit_dir": os.environ.get(AUDIT_ENV) or None,
                            "metrics_journal": str(runs.journal_path(job.run_dir)),
-                           "counter": [counter, faults.COUNTER_NAMESPACE]},
+                           "counter": [counter, faults.COUNTER_NAMESPACE],
+                           "timeline": None if timeline is None else
+                           {"marks": dict(timeline.marks), "token": getattr(timeline, "token", None)}},
         scaling_config=ray.train.ScalingConfig(num_workers=r.train.num_workers, use_gpu=r.train.use_gpu,
                                                resources_per_worker={"CPU": r.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -308,11 +314,17 @@ def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks:
                  tags: Optional[dict] = None, progress_label: str = "") -> tuple[Job, dict[str, Any]]:
     """Run one training job end to end (used by `medvl train`, `medvl compare` and pipeline train stages), with
     the console's progress display (`medvl.track.console`) while it trains."""
+    import uuid
+
+    from medvl.track.timeline import Timeline
     from medvl.train import faults
+    timeline = Timeline.for_driver(uuid.uuid4().hex)  # start-up phases, reported by rank 0 after its first step
+    timeline.mark("imports")
     ensure_ray(recipe)
+    timeline.mark("ray")
     faults.check_cluster_fits(recipe)  # [faults] more workers than an embedded Ray has: fail now, not hang
     job = prepare_job(recipe, parent_run_id, tags)
-    trainer = build_trainer(job, callbacks)
+    trainer = build_trainer(job, callbacks, timeline)
     from medvl.track.console import TrainProgress, verbose
     logs = link_ray_logs(job.run_dir)
     if logs is not None and not verbose():

@@ -38,6 +38,9 @@ from medvl.methods import resolve_method
 from medvl.models.factory import unwrap
 from medvl.track.pictures import EpochPictures
 from medvl.track.runs import RankZeroLogger
+from medvl.track.timeline import DRIVER_PHASES, WORKER_PHASES, Timeline
+from medvl.track.timeline import metrics as startup_metrics
+from medvl.track.timeline import summary as startup_summary
 from medvl.train import checkpoint as ck
 from medvl.train.faults import ABORT_KEY, NonFiniteGuard
 from medvl.train.optim import build_optimizer, build_scheduler
@@ -108,6 +111,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
     import ray.train
     import ray.train.torch
 
+    startup = Timeline((config.get("timeline") or {}).get("marks"))
+    startup.mark("workers")
     recipe = recipe_from_dict(config["recipe"])
     t, d = recipe.train, recipe.data
     ctx = ray.train.get_context()  # [1] rank/world from Ray Train
@@ -164,6 +169,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
             logger.log({"train/resumed_from_step": resumed_from}, step=resumed_from)
 
     model = ray.train.torch.prepare_model(model)  # [4] DDP (gloo on CPU, nccl on GPU); no-op for 1 worker
+    startup.mark("model")
     s = StepSettings(recipe.optim.accum_freq, recipe.optim.grad_clip, t.precision, device.type)
     dtypes = method.batch_dtypes()
     audit = _Audit(config.get("audit_dir"), rank)
@@ -217,7 +223,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
             meta, tensors = batch
             tensors = method.prepare_batch({k: v.to(device, non_blocking=True) for k, v in tensors.items()},
                                            device)
+            first = "first_step" not in startup.marks
+            if first:
+                startup.mark("data")
             terms = train_step(method, model, tensors, opt, sched, s, scaler)
+            if first and rank == 0:
+                startup.mark("first_step")
+                _report_startup(startup, (config.get("timeline") or {}).get("token"), storage, logger, prog.step + 1)
             stop = guard.update(terms.skipped, prog.step + 1)  # [faults] the same on every rank (all-reduced)
             prog.nonfinite_steps = guard.total
             lin = _linear(sizes, int(meta["_window"][-1]), int(meta["_pos"][-1]) + 1)
@@ -408,6 +420,28 @@ def _resume_position(state: dict, plan: StreamPlan, rank: int, world: int, per_r
     return p
 
 
+def _report_startup(startup: Timeline, token: Optional[str], storage: "_Storage", logger, step: int) -> None:
+    """Rank 0, after its first step: the start-up phases as `startup/*` metrics and one console line. A worker
+    group restarted inside the same fit() finds the marker of the first report and reports its own phases only
+    (the driver's marks belong to the first attempt)."""
+    marker = f"startup-{token}" if token else None
+    try:
+        restart = bool(marker) and storage.exists(marker)
+    except Exception:  # noqa: BLE001 - bookkeeping never fails a training step
+        restart = False
+    if restart:
+        startup = Timeline({"start": startup.marks["workers"], **{k: startup.marks[k] for k in WORKER_PHASES
+                                                                  if k in startup.marks and k != "workers"}})
+    phases = startup.phases(("model", "data", "first_step") if restart else DRIVER_PHASES + WORKER_PHASES)
+    print(startup_summary(phases, restart), flush=True)
+    logger.log(startup_metrics(phases, restart), step=step)
+    if marker and not restart:
+        try:
+            storage.touch(marker)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 class _Storage:
     """The run's checkpoint storage as Ray Train sees it (local path or a pyarrow filesystem)."""
 
@@ -426,6 +460,11 @@ class _Storage:
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
+
+    def touch(self, name: str) -> None:
+        if self.fs is not None:
+            with self.fs.open_output_stream(self.path(name)) as f:
+                f.write(b"")
 
     def exists(self, name: str) -> bool:
         if self.fs is None:

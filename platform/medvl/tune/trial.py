@@ -75,12 +75,18 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
 
     if ctx.pipeline:
         return run_pipeline_trial(config, ctx)
+    import time
+    import uuid
+
+    from medvl.track.timeline import Timeline
+    timeline = Timeline({"start": time.time()})  # the trial's own start-up phases (its actor is already up)
+    timeline.token = uuid.uuid4().hex  # type: ignore[attr-defined]
     trial_id = ray.tune.get_context().get_trial_id()
     os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
     recipe = trial_recipe(ctx, config, trial_id)
     job = prepare_job(recipe, parent_run_id=ctx.parent_run_id,  # [2] MLflow child run of the sweep's parent
                       tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id})
-    trainer = build_trainer(job, callbacks=[EpochReportCallback(ctx.metric, job.total_steps)])
+    trainer = build_trainer(job, callbacks=[EpochReportCallback(ctx.metric, job.total_steps)], timeline=timeline)
     # No try/except marking the run FAILED here: when a scheduler stops the trial, Tune ends its reporting and
     # fit() raises, and a FAILED written from here raced SweepCallback (seen: ASHA-stopped trials ending FAILED).
     # SweepCallback on the driver is the one place that closes unfinished runs: KILLED + stopped-early tags when
