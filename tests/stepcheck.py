@@ -1,6 +1,7 @@
 """Shared checks for method tests: one optimizer step of a method on an in-memory batch (with gradient
 accumulation), and the comparison of two such steps (named loss terms and every gradient). Used by the
-"accumulation equals the full batch" and "2 Ray Train workers equal one process" tests of every method."""
+"accumulation equals the full batch" and "2 Ray Train workers equal one process" tests of every method, and the
+CPU bf16 autocast step (dtype errors of the GPU AMP path surface without a GPU)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -18,7 +19,7 @@ def recipe_method(data: dict):
     return resolve_method(load_recipe(data=data))
 
 
-def one_step(method_or_data, accum: int, batch: dict[str, torch.Tensor], seed: int = 0):
+def one_step(method_or_data, accum: int, batch: dict[str, torch.Tensor], seed: int = 0, precision: str = "fp32"):
     """Build the method's model from `seed`, run one accumulated step; return (terms, {param: grad})."""
     torch.manual_seed(seed)
     m = method_or_data if not isinstance(method_or_data, dict) else recipe_method(method_or_data)
@@ -26,8 +27,25 @@ def one_step(method_or_data, accum: int, batch: dict[str, torch.Tensor], seed: i
     opt = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0))
     sched = build_scheduler(opt, OptimConfig(warmup_steps=0), 10)
     terms = train_step(m, model, {k: v.clone() for k, v in batch.items()}, opt, sched,
-                       StepSettings(accum_freq=accum, grad_clip=None))
+                       StepSettings(accum_freq=accum, grad_clip=None, precision=precision))
     return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_bf16_autocast_step(method_or_factory: dict | Callable, batch, full=None) -> None:
+    """The method's step under CPU bf16 autocast (the GPU AMP path's dtypes, without a GPU): it runs (no dtype
+    error), every loss term is finite and near the fp32 step's, and the gradients are fp32 and finite on the same
+    parameters (autocast keeps the weights and their gradients fp32)."""
+    full = full or one_step(_fresh(method_or_factory), 1, batch)
+    terms, grads = one_step(_fresh(method_or_factory), 1, batch, precision="bf16")
+    assert set(terms) == set(full[0])
+    for k, v in terms.items():
+        assert torch.isfinite(v).all(), k
+        assert float(v) == pytest.approx(float(full[0][k]), rel=0.1, abs=0.05), k
+    assert set(grads) == set(full[1])
+    for k, g in grads.items():
+        assert g.dtype == full[1][k].dtype and torch.isfinite(g).all(), k
+    # autocast really engaged: bf16 matmuls change the numbers
+    assert any(not torch.equal(g, full[1][k]) for k, g in grads.items()), "bf16 step is bit-identical to fp32"
 
 
 def assert_same_step(a, b, rel: float = 1e-5, rtol: float = 1e-4, atol: float = 1e-6) -> None:
@@ -45,6 +63,7 @@ def assert_accumulation_matches_full_batch(method_or_factory: dict | Callable, b
     """accum_freq=2 gives the loss terms and gradients of one full batch; returns the full-batch terms."""
     full = one_step(_fresh(method_or_factory), 1, batch)
     assert_same_step(full, one_step(_fresh(method_or_factory), 2, batch))
+    assert_bf16_autocast_step(method_or_factory, batch, full)  # every method's step also runs under bf16 autocast
     return full[0]
 
 

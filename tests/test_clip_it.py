@@ -169,6 +169,16 @@ def test_no_gradient_reaches_the_frozen_text_encoder(tmp_path, digits_corpus, se
         assert model.fuse.weight.grad is not None and model.text_head.weight.grad is not None
 
 
+@pytest.mark.parametrize("section", [{}, {"fusion": "late", "kd_layers": 2}])
+def test_clip_it_step_under_cpu_bf16_autocast(tmp_path, digits_corpus, section):
+    """The GPU AMP path's dtypes on CPU: student, frozen teacher and distillation head under bf16 autocast."""
+    from stepcheck import assert_bf16_autocast_step
+
+    from medvl.methods import resolve_method
+    recipe = clip_it_recipe(digits_corpus, make_teacher(tmp_path), **section)
+    assert_bf16_autocast_step(lambda: resolve_method(recipe), fake_batch(resolve_method(recipe)))
+
+
 def test_teacher_that_does_not_fit_is_named(tmp_path, digits_corpus):
     from medvl.methods import resolve_method
     teacher = make_teacher(tmp_path)

@@ -150,6 +150,12 @@ def test_accumulation_matches_the_full_batch_for_clipin_terms():
     assert float(t1["contrastive"]) == pytest.approx(float(t2["contrastive"]), rel=1e-5)
 
 
+def test_clipin_step_under_cpu_bf16_autocast():
+    """The GPU AMP path's dtypes on CPU: target branch, predictors and the global-batch BatchNorm under bf16."""
+    from stepcheck import assert_bf16_autocast_step
+    assert_bf16_autocast_step(_recipe(), _batch())
+
+
 # --------------------------------------------------------------------------- checkpoint round trip
 
 

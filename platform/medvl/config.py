@@ -131,7 +131,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision on GPU (bf16/fp16); CPU always runs fp32."""
+    """Autocast precision: bf16/fp16 on GPU; on CPU bf16 autocast, fp16 runs fp32 (CPU fp16 kernels are slow)."""
     torch_threads: Optional[int] = None
     """torch intra-op threads per worker (default: cpus_per_worker)."""
     log_every: int = 10

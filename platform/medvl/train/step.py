@@ -43,8 +43,12 @@ class StepSettings:
 
 
 def autocast(s: StepSettings):
+    """Mixed precision of the forward pass and loss: bf16/fp16 autocast on CUDA; bf16 autocast on CPU too (so a
+    method's dtype errors surface in CPU tests); fp16 on CPU runs fp32 (CPU fp16 kernels are slow or missing)."""
     if s.device_type == "cuda" and s.precision in ("bf16", "fp16"):
         return torch.autocast("cuda", dtype=torch.bfloat16 if s.precision == "bf16" else torch.float16)
+    if s.device_type == "cpu" and s.precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
