@@ -1,0 +1,54 @@
+"""S3F (CLISC's SAM-U-Net similarity filtering): which training cases the U-Net keeps for self-training.
+
+For each training case the segmenter is re-prompted from the U-Net's prediction; the case's similarity is the Dice
+of the two masks (`similarity`). `select` keeps cases above a threshold, or the top fraction by similarity (the
+reference keeps the top 80%). `validity` is evaluation only: on data whose truth is known (the phantoms) it tells
+whether the similarity ranks cases like their true Dice (Spearman's rank correlation) and the mean true Dice of the
+kept and dropped cases. Nothing here reads ground truth except `validity`, which takes it as an argument.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Mapping
+
+import numpy as np
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty (they agree), 0.0 when exactly one is."""
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
+
+
+def select(scores: Mapping[str, float], mode: Literal["top", "threshold"] = "top",
+           value: float = 0.8) -> list[str]:
+    """Case ids to keep. `top`: the ceil(value x n) most similar cases (value in (0, 1]; ties broken by case id,
+    so the choice is deterministic); `threshold`: every case with similarity >= value. A NaN score is never kept."""
+    items = sorted(((k, float(v)) for k, v in scores.items() if not math.isnan(float(v))),
+                   key=lambda kv: (-kv[1], kv[0]))
+    if mode == "top":
+        if not 0 < value <= 1:
+            raise ValueError(f"s3f keep ratio {value}: must be in (0, 1]")
+        n = math.ceil(value * len(scores))
+        return sorted(k for k, _ in items[:n])
+    if mode == "threshold":
+        return sorted(k for k, v in items if v >= value)
+    raise ValueError(f"s3f mode {mode!r}: expected 'top' or 'threshold'")
+
+
+def validity(scores: Mapping[str, float], true_dice: Mapping[str, float], kept: list[str]) -> dict[str, float]:
+    """Evaluation only: Spearman's rank correlation between S3F similarity and true Dice over the cases, and the
+    mean true Dice of the kept vs the dropped cases."""
+    from scipy.stats import spearmanr
+    ids = sorted(set(scores) & set(true_dice))
+    out: dict[str, float] = {"s3f_cases": float(len(ids))}
+    if len(ids) >= 3:
+        rho = spearmanr([scores[i] for i in ids], [true_dice[i] for i in ids]).statistic
+        out["s3f_spearman"] = float(rho)
+    keep = set(kept)
+    k = [true_dice[i] for i in ids if i in keep]
+    d = [true_dice[i] for i in ids if i not in keep]
+    out["s3f_kept_true_dice"] = float(np.mean(k)) if k else float("nan")
+    out["s3f_dropped_true_dice"] = float(np.mean(d)) if d else float("nan")
+    return out
