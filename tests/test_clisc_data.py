@@ -128,3 +128,39 @@ def test_phantoms_are_seeded_lesions_inside_the_brain_and_not_threshold_segmenta
         scores.append(dice(otsu_baseline(p.image, p.brain), p.mask))
     print(f"\n[measured] Otsu-on-FLAIR baseline Dice on 4 phantom cases: {np.round(scores, 3).tolist()}")
     assert max(scores) <= 0.5
+
+
+def test_brain_slices_corpus_captions_by_lesion_and_splits_by_case(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from medvl.data.corpus import iter_rows, load_manifest, shard_paths
+    from medvl.data.ingest_brain import NORMAL_PROMPT, TUMOUR_PROMPT, ingest_brain_slices
+    for i in range(3):
+        _case(tmp_path / "cases", f"Case_{i:03d}")
+    m = ingest_brain_slices(str(tmp_path / "cases"), str(tmp_path / "corpus"), size=32, min_lesion_pixels=4,
+                            min_brain_fraction=0.0, val_fraction=0.34, seed=0)
+    assert load_manifest(tmp_path / "corpus").classnames == [NORMAL_PROMPT, TUMOUR_PROMPT]
+    rows = list(iter_rows(shard_paths(tmp_path / "corpus", None)))
+    # per case: 10 brain slices (z 3..12 of the original grid = 0..9 after the crop); the seg covers z 6..8 with
+    # 9 pixels (z 7 also a label-4 voxel): 3 tumour slices, 7 normal
+    assert m.rows() == len(rows) == 30
+    by = {r["sample_id"]: r for r in rows}
+    assert by["Case_000:004"]["texts"] == [TUMOUR_PROMPT] and dict(by["Case_000:004"]["labels"])["tumour"] == 1.0
+    assert by["Case_000:000"]["texts"] == [NORMAL_PROMPT] and dict(by["Case_000:000"]["labels"])["tumour"] == 0.0
+    assert sum(dict(r["labels"])["tumour"] for r in rows) == 9
+    for case in ("Case_000", "Case_001", "Case_002"):
+        assert len({r["split"] for r in rows if r["sample_id"].startswith(case)}) == 1  # never on both sides
+    im = np.array(Image.open(io.BytesIO(by["Case_000:004"]["image"])))
+    assert im.shape == (32, 32) and im.min() >= 1 and im.max() >= 240, (im.min(), im.max())  # brain: never black
+    from medvl.data.ingest_brain import slice_png
+    sl = np.zeros((8, 6), np.float32)
+    sl[2:6, 1:5] = np.arange(16).reshape(4, 4) - 3.0  # z-scored values, negative ones included
+    png = np.array(Image.open(io.BytesIO(slice_png(sl, 0, sl != 0))))
+    assert png.shape == (6, 8) and png[0, 0] == 0 and png[(png > 0)].min() == 1 and png.max() == 255
+    # a slice with fewer lesion pixels than the threshold has no trustworthy caption: rejected, named
+    m2 = ingest_brain_slices(str(tmp_path / "cases"), str(tmp_path / "c2"), size=32, min_lesion_pixels=10,
+                             min_brain_fraction=0.0)
+    assert m2.rows() == 21 and m2.rejected == 9
+    assert "ambiguous caption" in (tmp_path / "c2" / "rejects.jsonl").read_text()
