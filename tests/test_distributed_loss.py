@@ -6,7 +6,7 @@ import torch
 from medvl.config import LossConfig, ModelConfig, OptimConfig
 from medvl.losses import build_loss, compute_loss
 from medvl.models.factory import create_model
-from medvl.train.optim import build_optimizer, build_scheduler
+from medvl.train.optim import build_optimizer
 
 MODEL = ModelConfig(name="test-vit-micro")
 

@@ -148,9 +148,10 @@ def test_redaction_of_uris_keys_and_text(monkeypatch):
     assert strip_credentials(uri) == "http://mlflow.internal:5000/"
     assert redact_uri("https://h/x?sig=1&token=abc") == "https://h/x?sig=1&token=***"
     assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
-    for k in ("hf_token", "db.password", "AWS_SECRET_ACCESS_KEY", "api_key", "RAY_AUTH_TOKEN", "client_secret"):
+    for k in ("hf_token", "db.password", "AWS_SECRET_ACCESS_KEY", "api_key", "RAY_AUTH_TOKEN", "client_secret", "DB_PWD"):
         assert is_secret_key(k), k
-    for k in ("max_tokens", "pad_token", "tokenizer", "text_key", "track.tracking_uri", "eval.templates"):
+    for k in ("max_tokens", "pad_token", "tokenizer", "text_key", "track.tracking_uri", "eval.templates", "PWD",
+              "OLDPWD"):  # the shell's working directory is not a password (tracebacks showed ***/platform)
         assert not is_secret_key(k), k
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "ray-token-value-123")

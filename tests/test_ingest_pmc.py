@@ -96,7 +96,7 @@ def test_roco_layout_and_captions_csv(tmp_path):
             rid = f"ROCO_{k:05d}"
             (d / "images" / f"{rid}.jpg").write_bytes(data)
             lines.append(f"{rid}\t {cap}")
-        lines.append(f"ROCO_99999\t a caption whose image was never fetched")
+        lines.append("ROCO_99999\t a caption whose image was never fetched")
         (d / "captions.txt").write_text("\n".join(lines) + "\n")
     m = ingest_roco(str(root), str(tmp_path / "c"), workers=0, model=None)
     assert m.splits == {"train": 6, "val": 3}

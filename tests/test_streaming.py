@@ -1,7 +1,6 @@
 """A corpus several times larger than Ray's object store streams through decode + augment with bounded
 memory: every row arrives, nothing like the whole corpus is spilled, the driver's memory stays flat."""
 import io
-import os
 import re
 import resource
 

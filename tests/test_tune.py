@@ -336,8 +336,9 @@ def _trial_with_trainer(cfg):
     import ray.train
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-    from ray.train.torch import TorchTrainer
-    TorchTrainer(_forever_worker, scaling_config=ray.train.ScalingConfig(num_workers=1),
+
+    from medvl.train.pg_cleaner import MedvlTorchTrainer  # what medvl's trials run (build_trainer)
+    MedvlTorchTrainer(_forever_worker, scaling_config=ray.train.ScalingConfig(num_workers=1),
                  run_config=ray.train.RunConfig(name=f"t-{tune.get_context().get_trial_id()}",
                                                 storage_path=cfg["storage"],
                                                 callbacks=[TuneReportCallback()])).fit()
@@ -347,9 +348,10 @@ def _trial_with_trainer(cfg):
 @pytest.mark.timeout(300)
 def test_stopped_trials_release_their_train_workers(tmp_path, fresh_ray, monkeypatch):
     """A trial stopped from outside (as ASHA stops one) kills its TrainController; Ray Train's
-    PlacementGroupCleaner must then remove the worker placement group. It needs the State API, i.e. the
-    dashboard: medvl's sweeps once ran an embedded Ray without it and every stopped trial leaked its workers'
-    CPUs, until the sweep starved and hung. (`ensure_ray(dashboard=True)` is what `run_sweep` calls.)"""
+    PlacementGroupCleaner must then remove the worker placement group. Ray's own cleaner needs the dashboard's
+    State API for that: medvl's sweeps once ran an embedded Ray without it and every stopped trial leaked its
+    workers' CPUs, until the sweep starved and hung. medvl's trainer (`medvl.train.pg_cleaner.MedvlTorchTrainer`)
+    asks the GCS instead, so this runs WITHOUT the dashboard, as `run_sweep` does."""
     import ray
     from ray import tune
     from ray.util import placement_group_table
@@ -359,7 +361,10 @@ def test_stopped_trials_release_their_train_workers(tmp_path, fresh_ray, monkeyp
     # Ray workers unpickle the trial function by module name: put this test module on their path
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.path.dirname(__file__),
                                                                    os.environ.get("PYTHONPATH")])))
-    ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}), dashboard=True)
+    ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}))
+    from ray.util.state import list_nodes
+    with pytest.raises(Exception):  # really without the dashboard's State API (what Ray's own cleaner polls)
+        list_nodes(timeout=5)
     grid = tune.Tuner(tune.with_resources(_trial_with_trainer, {"CPU": 1}),
                param_space={"storage": str(tmp_path / "train"), "x": tune.grid_search([1, 2, 3])},
                tune_config=tune.TuneConfig(max_concurrent_trials=1),

@@ -1,4 +1,4 @@
-"""`medvl` command line: ingest | train | eval | transfer | compare | pipeline | tune | submit | jobs.
+"""`medvl` command line: ingest | train | eval | transfer | compare | pipeline | tune | submit | jobs | embed.
 
     medvl ingest digits --out runs/corpora/digits
     medvl ingest csv data.tsv --out corpora/x --image-key filepath --text-key title
@@ -13,6 +13,12 @@
     medvl submit jobs/digits_clip.yaml --address http://127.0.0.1:8265
     medvl jobs status|logs|stop <job-id> --address ...
     medvl sync-metrics jobs/digits_clip.yaml        # after an MLflow outage: deliver buffered metrics, finish the run
+    medvl embed jobs/digits_clip.yaml|runs:/<id>/model|OPEN_CLIP_DIR --images DIR --out OUT.parquet
+
+Global flag: `medvl -v COMMAND ...` (or MEDVL_VERBOSE=1) also streams Ray's worker/driver logs and the INFO and
+warning output of Ray, MLflow and open_clip to the console. Without it a training command shows its progress,
+one line of held-out metrics per epoch and its summary; Ray's logs stay in files (the path is printed once,
+`<run_root>/jobs/<run>/ray-logs`).
 """
 from __future__ import annotations
 
@@ -26,6 +32,11 @@ os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_T
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    while argv and argv[0] in ("-v", "--verbose"):
+        os.environ["MEDVL_VERBOSE"] = "1"  # read by medvl.track.console.verbose() (also in Ray's processes)
+        argv = argv[1:]
+    from medvl.track.console import quiet_libraries
+    quiet_libraries()  # no-op under -v
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
@@ -56,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             from medvl.submit import jobs_main as run
         elif cmd == "sync-metrics":
             from medvl.train.cli import sync_main as run
+        elif cmd == "embed":
+            from medvl.embed import main as run
         else:
             print(f"medvl: unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
             return 2
@@ -66,6 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingAborted, TrackingUnavailable) as e:
         print(f"medvl {cmd}: error: {redact_text(e)}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001
+        if not _is_training_failure(e) or os.environ.get("MEDVL_VERBOSE", "") not in ("", "0"):
+            raise  # anything else (and everything under -v): Python's own traceback
+        # Ray Train's error carries each failed worker's traceback: that is what the user needs, not the
+        # driver-side frames of fit() around it
+        print(f"medvl {cmd}: error: the training failed in a Ray worker ({type(e).__name__}):\n{redact_text(e)}",
+              file=sys.stderr)
+        return 1
+
+
+def _is_training_failure(e: BaseException) -> bool:
+    """A Ray Train failure raised by `fit()` (a worker's exception, or the controller's)."""
+    try:
+        from ray.train import TrainingFailedError
+    except ImportError:
+        return False
+    return isinstance(e, TrainingFailedError)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -180,7 +181,13 @@ class TrackConfig:
     run_name: Optional[str] = None
     """MLflow run name and Ray Train run name; default: the recipe name. Same name again = resume."""
     log_model: bool = True
-    """Log the final model with mlflow.pytorch."""
+    """Log the final model as the run's MLflow model (`model`: a pyfunc; contrastive methods also log the towers in
+    open_clip's format, `open_clip/`)."""
+    pictures: bool = True
+    """Draw the run's pictures (loss curves; retrieval panel and zero-shot confusion for contrastive methods) after
+    each evaluation, as MLflow artifacts under `pictures/` (rank 0, in a background thread)."""
+    register_model: Optional[str] = None
+    """Register the final model in the MLflow Model Registry under this name (a new version per run); None: not."""
     outage_wait_s: float = 60.0
     """How long the driver waits for an unreachable tracking server at the start of a run (then: a clear error,
     nothing started) and at its end (then: training is kept, the run is finalized later by `medvl sync-metrics`).
@@ -296,6 +303,11 @@ class Recipe:
             (self.eval.max_memory_mb > 0, "eval.max_memory_mb must be > 0"),
             (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
             (self.track.outage_wait_s >= 0, "track.outage_wait_s must be >= 0"),
+            (self.track.register_model is None or bool(re.fullmatch(r"[\w.\- /]{1,256}", self.track.register_model)),
+             f"track.register_model: {self.track.register_model!r} is not a registered-model name (letters, digits, "
+             f"'_', '-', '.', '/', spaces)"),
+            (self.track.register_model is None or self.track.log_model,
+             "track.register_model needs track.log_model: true (there is no model to register otherwise)"),
             (self.train.cpus_per_worker >= 1, "train.cpus_per_worker must be >= 1"),
         ]
         for ok, msg in checks:

@@ -33,6 +33,8 @@ def is_secret_key(key: str) -> bool:
     """Whether a (dotted) key or variable name names a credential: `hf_token`, `db.password`, `AWS_SECRET_ACCESS_KEY`,
     `api_key`, `RAY_AUTH_TOKEN` (not `max_tokens`, `pad_token` or `tokenizer`)."""
     last = key.rsplit(".", 1)[-1].lower().replace("-", "_")
+    if last in ("pwd", "oldpwd"):  # the shell's working-directory variables, not passwords
+        return False
     parts = last.split("_")
     if set(parts) & _SECRET_WORDS or any(p.replace("-", "_") in last for p in _SECRET_PAIRS):
         return True

@@ -10,6 +10,7 @@ import torch
 
 from medvl.config import EvalConfig
 from medvl.eval.heldout import HeldOut
+from medvl.eval.pictures import picture_data
 from medvl.eval.probe import linear_probe
 from medvl.eval.retrieval import retrieval_metric_names, retrieval_metrics
 from medvl.eval.zeroshot import ZERO_SHOT_METRICS, class_embeddings, encode_images, encode_texts, zero_shot_metrics
@@ -25,6 +26,7 @@ class ContrastiveEval:
         self.unique = sorted(set(caps))
         index = {c: i for i, c in enumerate(self.unique)}
         self.caption_ids = torch.tensor([index[c] for c in caps])
+        self.last_pictures: Optional[dict] = None
 
     @staticmethod
     def metric_names(cfg: EvalConfig, labelled: bool) -> set[str]:
@@ -41,14 +43,19 @@ class ContrastiveEval:
         img = encode_images(encode_image, self.val.images, self.norm, device, bs)
         txt = encode_texts(encode_text, self.tokenize, self.unique, device, bs)
         m = retrieval_metrics(img, txt, self.caption_ids, self.cfg.retrieval_ks)
+        preds = None
         if self.val.labels is not None:
             cls = class_embeddings(encode_text, self.tokenize, self.val.classnames, self.prompts, device)
             zs, self.last_predictions = zero_shot_metrics(img, cls, self.val.labels, len(self.val.classnames))
+            preds = self.last_predictions
             m.update(zs)
             if self.cfg.linear_probe and self.probe_train is not None and self.probe_train.labels is not None:
                 tr = encode_images(encode_image, self.probe_train.images, self.norm, device, bs)
                 p = linear_probe(tr.numpy(), self.probe_train.labels.numpy(), img.numpy(), self.val.labels.numpy(),
                                  label_fraction=self.cfg.probe_label_fraction)
                 m["val/linear_probe_accuracy"] = p["accuracy"]
+        # what the run's pictures show (medvl.eval.pictures): a few images' top captions, the zero-shot confusion
+        self.last_pictures = picture_data(self.val.images, self.unique, self.caption_ids, img, txt,
+                                          self.val.labels, preds, self.val.classnames)
         m["val/rows"] = float(len(self.val))
         return m

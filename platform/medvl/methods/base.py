@@ -127,6 +127,15 @@ class Method:
                                       f"Method.image_features")
         return enc(images)
 
+    def text_features(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings of token ids (the model's tokenizer), the tower the evaluation measures; for the
+        exported embedding model and `medvl embed`. Default: the open_clip model's `encode_text`."""
+        enc = getattr(getattr(model, "clip", model), "encode_text", None)
+        if enc is None:
+            raise NotImplementedError(f"method {self.name!r}: its model has no encode_text; override "
+                                      f"Method.text_features")
+        return enc(tokens)
+
     # ---------------------------------------------------------------- export
     def export(self, model: nn.Module, tracking_uri: str, run_id: str) -> None:
         """Log the final model to the MLflow run (default: the whole module with mlflow.pytorch)."""
@@ -199,6 +208,9 @@ class Plugin(Method):
 
     def image_features(self, model, images):
         return self.inner.image_features(model, images)
+
+    def text_features(self, model, tokens):
+        return self.inner.text_features(model, tokens)
 
     def export(self, model, tracking_uri, run_id):
         return self.inner.export(model, tracking_uri, run_id)

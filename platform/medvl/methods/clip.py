@@ -123,6 +123,7 @@ def clip_evaluator(recipe: Recipe, encoders, image_decoder: RowDecoder, prompts=
 
     evaluate.heldout = val  # type: ignore[attr-defined]
     evaluate.contrastive = ev  # type: ignore[attr-defined]
+    evaluate.pictures = lambda: ev.last_pictures  # type: ignore[attr-defined]  (medvl.eval.pictures)
     return evaluate
 
 
@@ -185,8 +186,9 @@ class ClipMethod(Method):
 
     # export
     def export(self, model, tracking_uri, run_id):
-        super().export(model.clip, tracking_uri, run_id)  # the open_clip model itself (mlflow.pytorch)
-        log_open_clip(self.recipe, model.clip, tracking_uri, run_id)
+        from medvl.methods.embedding_pyfunc import log_embedding_model
+        log_embedding_model(self, model, tracking_uri, run_id)  # the MLflow model: a pyfunc (images/texts in)
+        log_open_clip(self.recipe, model.clip, tracking_uri, run_id)  # and the towers in open_clip's format
 
 
 def clamp_logit_scale(clip_model: nn.Module) -> None:

@@ -20,12 +20,10 @@ model (`ClipItPyfunc`) that takes encoded images and returns class probabilities
 """
 from __future__ import annotations
 
-import io
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -436,7 +434,9 @@ def export_pyfunc(model: ClipItModule, method: ClipItMethod, tracking_uri: str, 
         with mlflow.start_run(run_id=run_id):
             from medvl.methods.clip_it_pyfunc import ClipItPyfuncModel
             # medvl travels with the model (code_paths): loading needs torch, open_clip and timm, not a checkout
+            from medvl.methods.embedding_pyfunc import example_png
             mlflow.pyfunc.log_model(name=name, python_model=ClipItPyfuncModel(), signature=sig,
+                                    input_example=pd.DataFrame({"image": [example_png()]}),
                                     artifacts={"weights": str(w), "config": str(cfgf)},
                                     code_paths=[str(Path(medvl.__file__).parent)],
                                     pip_requirements=PYFUNC_REQUIREMENTS)

@@ -573,6 +573,7 @@ class ClipinPlugin(Plugin):
 
         def evaluate(model, device):
             metrics = dict(ev(ClipinView(model.inner, model.pre), device))
+            shown["data"] = ev.pictures() if hasattr(ev, "pictures") else None  # the online towers' (not target's)
             if eval_target:
                 target = self._ensure_target(model)
                 tm = ev(ClipinView(target.inner, target.pre), device)
@@ -580,6 +581,8 @@ class ClipinPlugin(Plugin):
                                 if k.startswith("val/") and k != "val/rows"})
             return metrics
 
+        shown: dict = {}
+        evaluate.pictures = lambda: shown.get("data")  # type: ignore[attr-defined]
         return evaluate
 
     def metric_names(self):
@@ -591,6 +594,11 @@ class ClipinPlugin(Plugin):
     def image_features(self, model, images):
         return ClipinView(model.inner, model.pre).clip.encode_image(images)
 
+    def text_features(self, model, tokens):
+        return ClipinView(model.inner, model.pre).clip.encode_text(tokens)
+
     def export(self, model, tracking_uri, run_id):
-        # the online encoders with their pre-projectors (what the evaluation measures): encode_image / encode_text
-        Method.export(self, ClipinView(model.inner, model.pre).clip, tracking_uri, run_id)
+        # the online encoders with their pre-projectors (what the evaluation measures), as an MLflow pyfunc over
+        # the whole module (open_clip's format has no place for the pre-projectors)
+        from medvl.methods.embedding_pyfunc import log_embedding_model
+        log_embedding_model(self, model, tracking_uri, run_id)

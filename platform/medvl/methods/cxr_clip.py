@@ -499,9 +499,15 @@ class CxrClipEval:
         self.norm = image_norm(recipe.model)
         self.tokenize = tokenizer(recipe.model)
 
+    last_pictures: Optional[dict] = None
+
+    def pictures(self) -> Optional[dict]:
+        return self.last_pictures
+
     @torch.no_grad()
     def __call__(self, model: nn.Module, device) -> dict[str, float]:
         from medvl.eval.findings import auroc_metrics, finding_scores, finding_targets
+        from medvl.eval.pictures import picture_data
         from medvl.eval.probe import linear_probe, linear_probe_multilabel
         from medvl.eval.retrieval import retrieval_metrics
         from medvl.eval.zeroshot import class_embeddings, encode_images, encode_texts, zero_shot_metrics
@@ -513,6 +519,7 @@ class CxrClipEval:
         was = model.training
         model.eval()
         try:
+            preds = None
             img = encode_images(clip.encode_image, self.val.images, self.norm, device, e.batch_size)
             txt = encode_texts(clip.encode_text, self.tokenize, self.unique, device, e.batch_size)
             m = retrieval_metrics(img, txt, self.caption_ids, e.retrieval_ks)
@@ -521,8 +528,11 @@ class CxrClipEval:
                 if keep.any():
                     cls = class_embeddings(clip.encode_text, self.tokenize, plan.classnames, self.prompts, device,
                                            ensemble=self.cfg.zero_shot_ensemble)
-                    zs, _ = zero_shot_metrics(img[keep], cls, self.zs_labels[keep], len(plan.classnames))
+                    zs, preds = zero_shot_metrics(img[keep], cls, self.zs_labels[keep], len(plan.classnames))
                     m.update(zs)
+            self.last_pictures = picture_data(  # what the run's pictures show (medvl.eval.pictures)
+                self.val.images, self.unique, self.caption_ids, img, txt,
+                *((self.zs_labels[keep], preds, plan.classnames) if preds is not None else (None, None, None)))
             if plan.findings:
                 scores = finding_scores(img, clip.encode_text, self.tokenize, plan.findings, device,
                                         self.cfg.finding_prompts)
@@ -634,6 +644,7 @@ class CxrClipMethod(Method):
 
     # export
     def export(self, model, tracking_uri, run_id):
-        super().export(model.clip, tracking_uri, run_id)  # the open_clip model itself (mlflow.pytorch)
-        log_open_clip(self.recipe, model.clip, tracking_uri, run_id)  # and in open_clip's own format
+        from medvl.methods.embedding_pyfunc import log_embedding_model
+        log_embedding_model(self, model, tracking_uri, run_id)  # the MLflow model: a pyfunc (images/texts in)
+        log_open_clip(self.recipe, model.clip, tracking_uri, run_id)  # and the towers in open_clip's format
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -680,6 +680,18 @@ class PmcClipMethod(Method):
     def loss_terms(self):
         return ("itc", "mlm", "mlm_accuracy", "mlm_tokens")
 
+    def image_features(self, model, images):
+        return model.encode_image(images)
+
+    def text_features(self, model, tokens):
+        return model.encode_text(tokens)  # the text tower with this method's attention mask, as evaluated
+
+    def export(self, model, tracking_uri, run_id):
+        # an MLflow pyfunc over the whole module: open_clip's format cannot express this method's text tower
+        # (attention mask, extended vocabulary)
+        from medvl.methods.embedding_pyfunc import log_embedding_model
+        log_embedding_model(self, model, tracking_uri, run_id)
+
     def after_step(self, model):
         clamp_logit_scale(model.clip)
 
@@ -710,6 +722,7 @@ class PmcClipMethod(Method):
 
         evaluate.heldout = contrastive.heldout  # type: ignore[attr-defined]
         evaluate.mlm = mlm  # type: ignore[attr-defined]
+        evaluate.pictures = contrastive.pictures  # type: ignore[attr-defined]
         return evaluate
 
     def metric_names(self) -> set[str]:

@@ -182,9 +182,17 @@ def pil_transforms(cfg: ModelConfig) -> tuple[Callable, Callable]:
     return out[0], out[1]
 
 
+_TOKENIZERS: dict[str, object] = {}
+
+
 def tokenizer(cfg: ModelConfig):
+    """open_clip's tokenizer for the model, built once per process (open_clip parses the config and prints
+    "Parsing tokenizer identifier" every time it builds one; evaluations and decoders ask again and again)."""
     _ensure_known(cfg)
-    return open_clip.get_tokenizer(cfg.name)
+    tok = _TOKENIZERS.get(cfg.name)
+    if tok is None:
+        tok = _TOKENIZERS[cfg.name] = open_clip.get_tokenizer(cfg.name)
+    return tok
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -106,7 +106,8 @@ def run_comparison(name: str, a: Recipe, b: Recipe, labels: tuple[str, str] = ("
             t0 = time.time()
             print(f"medvl compare: training {lab} ({r.method}, run {r.run_name})", flush=True)
             job, metrics = run_training(r, parent_run_id=parent, tags={"medvl.compare": name,
-                                                                       "medvl.compare_label": lab})
+                                                                       "medvl.compare_label": lab},
+                                        progress_label=lab)
             metrics = {k: float(v) for k, v in metrics.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))}
             metrics["wall_s"] = time.time() - t0

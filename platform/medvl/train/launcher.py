@@ -28,29 +28,32 @@ log = logging.getLogger(__name__)
 
 def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None:
     """Connect to `runtime.ray_address` / $RAY_ADDRESS, or start an embedded local Ray (with the dashboard
-    when `dashboard`: sweeps need it, see below)."""
+    only when `dashboard`; see below)."""
     import ray
     if ray.is_initialized():
         return
     from medvl.redact import default_ray_auth_mode
     os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_TOKEN(_PATH) is set
     addr = (recipe.runtime.ray_address if recipe else None) or os.environ.get("RAY_ADDRESS")
+    from medvl.track.console import verbose
+    # Worker and driver-side Ray output (Train's per-report lines, Ray Data's progress, the workers' warnings)
+    # stays in the session's log files (`link_ray_logs` points the run directory at them); `medvl -v` streams it.
+    quiet = {"log_to_driver": verbose()}
     if addr:
-        ray.init(address=addr, logging_level=logging.WARNING)
+        ray.init(address=addr, logging_level=logging.WARNING, **quiet)
         return
     cpus = (recipe.runtime.num_cpus if recipe else None) or max(4, 2 * (os.cpu_count() or 2))
     # Logical CPUs above the core count give Ray Data's decode tasks and the Train controller room next to
     # the train workers on a small machine (the workers still set their own torch thread counts).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    # The dashboard serves the State API, which Ray Train V2's PlacementGroupCleaner polls to notice that a
-    # TrainController died: without it, every trial ASHA stops leaks its worker placement group (its CPUs stay
-    # reserved) until a sweep starves and hangs. A single training job's controller is never killed from outside
-    # (Ray goes down with the driver), so it runs without the dashboard's processes (measured: ~2% of this
-    # 2-core machine, and fewer training samples/s).
+    # No dashboard by default (measured: its processes take ~2% of this 2-core machine, and training samples/s).
+    # Ray Train V2's PlacementGroupCleaner needed its State API to notice a dead TrainController (without it, it
+    # warned every second and every trial ASHA stopped leaked its workers' CPUs): medvl's trainer asks the GCS
+    # instead (`medvl.train.pg_cleaner`), so sweeps run without it too. `dashboard=True` is for people who want it.
     for attempt in (1, 2):
         try:
             ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                     logging_level=logging.WARNING,
+                     logging_level=logging.WARNING, **quiet,
                      runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
                                                "RAY_DATA_DISABLE_PROGRESS_BARS":
                                                    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
@@ -75,6 +78,29 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False  # the per-dataset stats summary ("execution finished ...")
+
+
+def link_ray_logs(run_dir: Path) -> Optional[Path]:
+    """Point `<run_dir>/ray-logs` at this Ray session's log directory (workers, controller, raylet) and return
+    it; None when the driver is connected to a remote cluster (its logs are on the cluster: `ray job logs`,
+    the dashboard)."""
+    try:
+        import ray._private.worker as rw
+        node = rw._global_node
+        logs = Path(node.get_logs_dir_path()) if node is not None else None
+    except Exception:  # noqa: BLE001 - private API: no link rather than no run
+        return None
+    if logs is None or not logs.is_dir():
+        return None
+    link = run_dir / "ray-logs"
+    try:
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(logs, target_is_directory=True)
+    except OSError:
+        return logs
+    return link
 
 
 @dataclass
@@ -92,7 +118,9 @@ class Job:
     """The data plan (`medvl.data.stream.StreamPlan`) the workers stream."""
 
 
-RESUME_SAFE_KEYS = ("runtime.", "track.log_model", "track.tracking_uri", "track.experiment", "train.max_failures",
+RESUME_SAFE_KEYS = ("runtime.", "track.log_model", "track.register_model", "track.pictures",
+                    "track.tracking_uri", "track.experiment",
+                    "train.max_failures",
                     "train.keep_checkpoints", "train.log_every", "train.ckpt_every", "train.torch_threads",
                     "train.cpus_per_worker", "data.prefetch_batches", "data.decode_tasks",
                     "data.decode_batch_size", "eval.batch_size", "eval.max_memory_mb")
@@ -183,7 +211,6 @@ AUDIT_ENV = "MEDVL_AUDIT_SAMPLES"
 def build_trainer(job: Job, callbacks: Optional[list] = None):
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from medvl.train.worker import train_fn_per_worker
 
@@ -194,7 +221,8 @@ def build_trainer(job: Job, callbacks: Optional[list] = None):
     skip_counter(counter, namespace=faults.COUNTER_NAMESPACE)
     quiet_ray_data()
     # No `datasets=`: each rank builds its own stream from the plan (exact positions; see medvl.data.stream).
-    return TorchTrainer(
+    from medvl.train.pg_cleaner import MedvlTorchTrainer
+    return MedvlTorchTrainer(  # TorchTrainer whose placement-group cleaner asks the GCS (see pg_cleaner)
         train_fn_per_worker,
         train_loop_config={"recipe": to_dict(r), "mlflow_uri": job.tracking_uri,
                            "mlflow_run_id": job.mlflow_run_id, "steps_per_epoch": job.steps_per_epoch,
@@ -262,19 +290,33 @@ def log_final_model(job: Job, ckpt) -> None:
     with ckpt.as_directory() as d:
         method, model, _ = load_model_from_checkpoint(job.recipe, d)
     method.export(model, job.tracking_uri, job.mlflow_run_id)
+    if job.recipe.track.register_model:  # a new version in the Model Registry (issue 17)
+        from medvl.methods.embedding_pyfunc import register_run_model
+        v = register_run_model(job.tracking_uri, job.mlflow_run_id, job.recipe.track.register_model)
+        print(f"medvl: registered model {job.recipe.track.register_model!r} version {v}", flush=True)
 
 
 def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks: Optional[list] = None,
-                 tags: Optional[dict] = None) -> tuple[Job, dict[str, Any]]:
-    """Run one training job end to end (used by `medvl train` and by each sweep trial)."""
+                 tags: Optional[dict] = None, progress_label: str = "") -> tuple[Job, dict[str, Any]]:
+    """Run one training job end to end (used by `medvl train`, `medvl compare` and pipeline train stages), with
+    the console's progress display (`medvl.track.console`) while it trains."""
     from medvl.train import faults
     ensure_ray(recipe)
     faults.check_cluster_fits(recipe)  # [faults] more workers than an embedded Ray has: fail now, not hang
     job = prepare_job(recipe, parent_run_id, tags)
     trainer = build_trainer(job, callbacks)
+    from medvl.track.console import TrainProgress, verbose
+    logs = link_ray_logs(job.run_dir)
+    if logs is not None and not verbose():
+        print(f"medvl: Ray's logs (workers, controller) of run '{recipe.run_name}': {logs}   (-v streams them)",
+              flush=True)
     try:
         try:
-            result = trainer.fit()
+            with TrainProgress(runs.journal_path(job.run_dir), job.mlflow_run_id, job.total_steps,
+                               job.steps_per_epoch, recipe.train.epochs, recipe.data.batch_size,
+                               label=progress_label, logs_dir=None if verbose() or logs is None
+                               else logs.resolve()):
+                result = trainer.fit()
         except BaseException as e:
             try:
                 runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED",

@@ -36,6 +36,7 @@ from medvl.data.stream import BatchPrefetcher, EpochBatcher, StreamPlan, StreamS
 from medvl.losses import Dist
 from medvl.methods import resolve_method
 from medvl.models.factory import unwrap
+from medvl.track.pictures import EpochPictures
 from medvl.track.runs import RankZeroLogger
 from medvl.train import checkpoint as ck
 from medvl.train.faults import ABORT_KEY, NonFiniteGuard
@@ -132,6 +133,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
     logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0,
                             journal=config.get("metrics_journal"))
     storage = _Storage(config.get("storage_dir"))
+    # [pictures] loss curves, retrieval panel, zero-shot confusion: redrawn after each evaluation in a daemon thread
+    pictures = EpochPictures(logger.uri, logger.run_id, logger.journal.path, method.loss_terms()) \
+        if rank == 0 and logger.enabled and recipe.track.pictures else None
     if rank == 0:
         ck.clean_scratch(recipe.runtime.scratch_dir, recipe.run_name, config.get("storage_dir") or "")
 
@@ -246,7 +250,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
             if max_steps is not None and prog.step >= max_steps:  # the run ends mid-epoch: eval + final report
                 last_loss = _log_window(window, prog, steps_per_epoch, coll, logger, opt, method, model,
                                         recipe) or last_loss
-                eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics)
+                eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics, pictures)
                 _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger,
                         recipe, plan, storage, done=True)
                 break
@@ -270,11 +274,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
         prog.window = prog.offset = 0
         sizes = _window_sizes(plan, prog.epoch, rank) if prog.epoch < t.epochs else []
         cursor = 0
-        eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics)
+        eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics, pictures)
         _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger, recipe,
                 plan, storage, done=finished())
         t_last = time.perf_counter()
     batcher.close()
+    if pictures is not None:
+        pictures.close(timeout=20.0)
     logger.close()
     return None
 
@@ -310,14 +316,15 @@ class _Background:
             raise self._fut.exception()
 
 
-def _evaluate(evaluator: Optional[_Background], model, device, logger, prog: Progress, last: dict) -> dict:
-    if evaluator is None:
-        return last
-    evaluate = evaluator.get()
-    if evaluate is None:
-        return last
-    m = evaluate(unwrap(model), device)
-    logger.log(m, step=prog.step)
+def _evaluate(evaluator: Optional[_Background], model, device, logger, prog: Progress, last: dict,
+              pictures: Optional[EpochPictures] = None) -> dict:
+    evaluate = evaluator.get() if evaluator is not None else None
+    m = last
+    if evaluate is not None:
+        m = evaluate(unwrap(model), device)
+        logger.log(m, step=prog.step)
+    if pictures is not None:  # loss curves also for runs without held-out data
+        pictures.submit(prog.step, evaluate)
     return m
 
 

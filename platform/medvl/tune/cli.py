@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("sweep", help="sweep spec in jobs/ (sweep_*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the sweep (or of its base recipe)")
     p.add_argument("--check", action="store_true", help="validate the sweep and exit")
-    p.add_argument("--quiet", action="store_true", help="less Tune progress output")
+    p.add_argument("--quiet", action="store_true", help="no Tune status tables even with -v")
     a = p.parse_intermixed_args(argv)
 
     from medvl.tune.spec import load_sweep, validate_sweep
@@ -49,7 +49,15 @@ def main(argv: list[str]) -> int:
         return 0
 
     from medvl.tune.sweep import run_sweep
-    out = run_sweep(spec, verbose=0 if a.quiet else 1)
+    import os
+
+    from medvl.track.console import verbose
+    # Tune's status tables only with `medvl -v`; the sweep's own progress line (medvl.tune.progress) otherwise.
+    # Tune's new output engine prints its configuration box and TensorBoard hint even at verbose=0; its legacy
+    # reporter prints nothing at 0.
+    if not verbose():
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    out = run_sweep(spec, verbose=1 if verbose() and not a.quiet else 0)
     keys = list(spec.search_space)
     cols = ["trial_id", *keys, spec.metric, "epoch", "tune_status", "mlflow_status"]
     df = out.table

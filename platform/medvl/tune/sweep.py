@@ -164,6 +164,7 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     from medvl.train.launcher import ensure_ray
     from medvl.tune import tracking
     from medvl.tune.space import SearchSpace
+    from medvl.tune.progress import SweepProgress
     from medvl.tune.trial import SweepContext, run_trial
 
     t0 = time.time()
@@ -187,8 +188,8 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     per_trial = cpus_per_trial(recipe, spec)
     local_cpus = recipe.runtime.num_cpus or max(4, 2 * (os.cpu_count() or 2), 2 * per_trial)
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")  # trials start side by side
-    ensure_ray(dataclasses.replace(recipe, runtime=dataclasses.replace(recipe.runtime, num_cpus=local_cpus)),
-               dashboard=True)  # its State API lets Ray Train release the workers of trials ASHA stops
+    # no dashboard: the workers of trials ASHA stops are released through the GCS (medvl.train.pg_cleaner)
+    ensure_ray(dataclasses.replace(recipe, runtime=dataclasses.replace(recipe.runtime, num_cpus=local_cpus)))
     k = plan_concurrency(recipe, spec, ray.cluster_resources())
 
     parent = tracking.start_or_resume_parent(name, spec_dict, recipe, uri, sweep_dir)
@@ -225,7 +226,8 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
                 # a trial whose driver died (node lost) restarts and resumes from its checkpoint; worker losses are
                 # retried inside the trial by Ray Train (train.max_failures)
                 failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
-                callbacks=[tracking.SweepCallback(name, str(sweep_dir), str(run_root), uri, parent)]))
+                callbacks=[tracking.SweepCallback(name, str(sweep_dir), str(run_root), uri, parent),
+                           SweepProgress(spec.num_samples, spec.metric, spec.mode, horizon)]))
     print(f"medvl tune: sweep '{name}': {spec.num_samples} trials, up to {k} at a time ({per_trial} CPUs each "
           f"of {ray.cluster_resources().get('CPU', 0):.0f}); MLflow parent run {parent}", flush=True)
     client = runs._client(uri)
