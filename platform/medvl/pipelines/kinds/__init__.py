@@ -7,4 +7,4 @@
 - `linear_probe` (`kinds/probe.py`): a Ray task: scikit-learn logistic regression on an embed stage's features;
   reports held-out accuracy.
 """
-from medvl.pipelines.kinds import embed, pair, probe, subset, train  # noqa: F401
+from medvl.pipelines.kinds import clisc, embed, pair, probe, subset, train  # noqa: F401
