@@ -77,3 +77,180 @@ def test_amda_masks_the_top_of_the_cam_in_the_box_and_bright_pixels_without_a_bo
     # a flat CAM in the box or a flat image: nothing to single out
     assert not amda_mask(img, np.ones((6, 8)), (0, 0, 6, 8)).any()
     assert not amda_mask(np.ones((6, 8)), None, None).any()
+
+
+# --------------------------------------------------------------------------- the reduced pipeline (real Ray)
+
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GT_STAGES = ("labels", "classifier", "cam", "amda", "classifier_amda", "cam_amda")
+
+
+@pytest.fixture(scope="module")
+def clisc_data(tmp_path_factory):
+    """4 pretraining phantoms (a CLIP corpus, captions from their masks) and 5 disjoint CLISC phantoms."""
+    from medvl.data.ingest_brain import ingest_brain_slices
+    from medvl.data.phantom import make_phantoms
+    d = tmp_path_factory.mktemp("clisc")
+    make_phantoms(d / "pre", cases=4, seed=0, start=1000)
+    ingest_brain_slices(str(d / "pre"), str(d / "pre-corpus"), size=64, val_fraction=0.25, seed=0)
+    make_phantoms(d / "cases", cases=5, seed=0, start=0)
+    return d
+
+
+def _stages(d: Path, cases: Path, clip: dict) -> dict:
+    small = {"train": {"epochs": 2, "num_workers": 1, "log_every": 5, "ckpt_every": 1000},
+             "slice_classifier": {"image_size": 64}, "data": {"batch_size": 32}}
+    return {
+        **clip,
+        "labels": {"kind": "slice_labels", "cases": str(cases), "split_fractions": [0.6, 0.4, 0.0],
+                   "batch_size": 32, **({"inputs": {"model": "clip"}} if "clip" in clip else {})},
+        "classifier": {"kind": "train", "inputs": {"data.corpus": "labels/corpus"},
+                       "base": str(ROOT / "jobs" / "clisc_classifier.yaml"), **small},
+        "cam": {"kind": "cam", "inputs": {"classifier": "classifier", "slices": "labels"}},
+        "amda": {"kind": "amda", "inputs": {"slices": "labels", "cam": "cam"}},
+        "classifier_amda": {"kind": "train", "inputs": {"data.corpus": "amda/corpus"},
+                            "base": str(ROOT / "jobs" / "clisc_classifier.yaml"), **small},
+        "cam_amda": {"kind": "cam", "inputs": {"classifier": "classifier_amda", "slices": "labels"}},
+    }
+
+
+def _clip_stage(d: Path) -> dict:
+    return {"clip": {"kind": "train", "base": str(ROOT / "jobs" / "clisc_clip_pretrain.yaml"),
+                     "data": {"corpus": str(d / "pre-corpus"), "batch_size": 32},
+                     "train": {"epochs": 3, "num_workers": 1, "cpus_per_worker": 1, "ckpt_every": 1000},
+                     "eval": {"every_epoch": False}, "track": {"log_model": False}}}
+
+
+def _where(outcome) -> dict[str, Path]:
+    return {r["stage"]: Path(r["location"]) for r in outcome.table}
+
+
+@pytest.fixture(scope="module")
+def first_run(clisc_data, ray_local, tmp_path_factory):
+    from medvl.pipelines import load_pipeline, run_pipeline
+    d = clisc_data
+    root = tmp_path_factory.mktemp("runs1")
+    os.environ["MEDVL_RUN_ROOT"] = str(root)
+    stages = _stages(d, d / "cases", _clip_stage(d))
+    stages["eval"] = {"kind": "clisc_eval", "inputs": {"slices": "labels", "cam": "cam", "cam_amda": "cam_amda"},
+                      "cases": str(d / "cases"), "split": "val"}
+    data = {"name": "clisc-test", "track": {"experiment": "clisc-test",
+                                            "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}, "stages": stages}
+    p = load_pipeline(data=data)
+    out = run_pipeline(p, say=lambda s: None)
+    again = run_pipeline(load_pipeline(data=data), say=lambda s: None)
+    return p, out, again, data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_reduced_pipeline_end_to_end_reused_on_a_second_call(first_run, clisc_data):
+    import nibabel as nib
+    import pyarrow.parquet as pq
+    _, out, again, _ = first_run
+    m = out.metrics
+    print("\n[measured] reduced CLISC pipeline: " + ", ".join(
+        f"{k}={v:.3g}" for k, v in sorted(m.items()) if k.startswith(("eval/", "labels/", "cam", "amda/"))))
+    print(f"[measured] reduced CLISC pipeline wall-clock {out.wall_s:.0f} s (second call {again.wall_s:.0f} s)")
+    assert {r["action"] for r in out.table} == {"built"}
+    assert {r["action"] for r in again.table} == {"reused"}
+    where = _where(out)
+    assert m["labels/slices"] > 100 and m["labels/cases"] == 5
+    # every slice has a CLIP label or is dropped; the corpus holds exactly the labelled ones
+    t = pq.read_table(where["labels"] / "labels.parquet").to_pandas()
+    assert len(t) == m["labels/slices"] and (t["label"] >= 0).sum() == m["labels/labelled"]
+    assert set(t["split"]) <= {"train", "val"}
+    assert t.groupby("case_id")["split"].nunique().max() == 1
+    # CAM volumes on the original grid with the FLAIR's affine; masks binary
+    cid = sorted(t["case_id"].unique())[0]
+    flair = nib.load(str(clisc_data / "cases" / cid / f"{cid}_flair.nii.gz"))
+    cam = nib.load(str(where["cam"] / "cams" / f"{cid}_cam.nii.gz"))
+    assert cam.shape == flair.shape and np.allclose(cam.affine, flair.affine)
+    assert set(np.unique(np.asarray(nib.load(str(where["cam"] / "masks" / f"{cid}_mask.nii.gz")).dataobj))) <= {0, 1}
+    assert m["cam/slices"] == m["labels/slices"]
+    # AMDA added one masked copy per training slice
+    assert m["amda/rows"] == m["labels/labelled"] + m["amda/masked_box"] + m["amda/masked_intensity"]
+    for k in ("eval/label/accuracy", "eval/cam/dice", "eval/amda/dice", "eval/cam/box_iou", "eval/otsu/dice"):
+        assert 0.0 <= m[k] <= 1.0, k
+    pics = sorted(p.name for p in (where["eval"] / "pictures").iterdir())
+    assert "label_confusion.png" in pics and len(pics) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_without_ground_truth_files_the_label_cam_amda_outputs_are_identical(first_run, clisc_data, tmp_path):
+    """Every *_seg file of the cases removed, the label / classifier / CAM / AMDA stages rebuilt into a fresh store
+    (with the same CLIP): identical outputs. The evaluation stage, which needs them, names the case."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from medvl.data.corpus import iter_rows, shard_paths
+    from medvl.pipelines import load_pipeline, run_pipeline
+    _, out, _, _ = first_run
+    where = _where(out)
+    cases = tmp_path / "cases"
+    shutil.copytree(clisc_data / "cases", cases)
+    segs = list(cases.glob("*/*_seg.nii*"))
+    assert len(segs) == 5
+    for s in segs:
+        s.unlink()
+    os.environ["MEDVL_RUN_ROOT"] = str(tmp_path / "runs2")
+    stages = _stages(clisc_data, cases, {})
+    stages["labels"]["clip_model"] = str(where["clip"])
+    data = {"name": "clisc-nogt", "cache": {"root": str(tmp_path / "store2")},
+            "track": {"experiment": "clisc-test", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+            "stages": stages}
+    out2 = run_pipeline(load_pipeline(data=data), say=lambda s: None)
+    w2 = _where(out2)
+    assert {r["action"] for r in out2.table} == {"built"} and set(w2) == set(NO_GT_STAGES)
+    a = pq.read_table(where["labels"] / "labels.parquet").to_pandas()
+    b = pq.read_table(w2["labels"] / "labels.parquet").to_pandas()
+    assert a[["case_id", "z", "split", "clip_label", "confident", "label"]].equals(
+        b[["case_id", "z", "split", "clip_label", "confident", "label"]])
+    np.testing.assert_allclose(a["p_tumour"], b["p_tumour"], atol=1e-6)
+    for stage in ("cam", "cam_amda"):
+        pa_, pb_ = (pq.read_table(w / "slices.parquet").to_pandas() for w in (where[stage], w2[stage]))
+        assert pa_[["case_id", "z", "pred"]].equals(pb_[["case_id", "z", "pred"]]), stage
+        assert pa_["box"].map(list).tolist() == pb_["box"].map(list).tolist(), stage
+        for f in sorted((where[stage] / "cropped").iterdir()):
+            x, y = np.load(f), np.load(w2[stage] / "cropped" / f.name)
+            np.testing.assert_array_equal(x["mask"], y["mask"])
+            np.testing.assert_allclose(x["cam"], y["cam"], atol=1e-5)
+    ids = [lambda w: sorted((r["sample_id"], bytes(r["image"])) for r in iter_rows(shard_paths(w / "corpus", None)))]
+    assert ids[0](where["amda"]) == ids[0](w2["amda"])
+    # evaluation needs the ground truth: it says which case lacks it
+    from medvl.data.volumes import VolumeError
+    stages["eval"] = {"kind": "clisc_eval", "inputs": {"slices": "labels", "cam": "cam"}, "cases": str(cases)}
+    with pytest.raises(Exception, match=r"case Phantom_s0_000\d: no segmentation file"):
+        run_pipeline(load_pipeline(data=data), say=lambda s: None)
+    assert VolumeError
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bad_cases_are_named_or_counted(first_run, clisc_data, tmp_path):
+    import shutil
+
+    from medvl.data.volumes import save_nifti
+    from medvl.pipelines import load_pipeline, run_pipeline
+    _, out, _, _ = first_run
+    clip = str(_where(out)["clip"])
+    cases = tmp_path / "cases"
+    shutil.copytree(clisc_data / "cases" / "Phantom_s0_0000", cases / "Phantom_s0_0000")
+    save_nifti(np.zeros((8, 8, 8), np.float32), np.eye(4), cases / "Empty_001" / "Empty_001_flair.nii.gz")
+    os.environ["MEDVL_RUN_ROOT"] = str(tmp_path / "runs")
+
+    def labels(**kw):
+        data = {"name": "bad", "track": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                "stages": {"labels": {"kind": "slice_labels", "cases": str(cases), "clip_model": clip, **kw}}}
+        return run_pipeline(load_pipeline(data=data), say=lambda s: None)
+    with pytest.raises(Exception, match=r"case Empty_001: FLAIR .* is all zero"):
+        labels()
+    assert labels(skip_bad_cases=True).metrics["labels/cases_skipped"] == 1
+    (cases / "NoFlair_002").mkdir()
+    save_nifti(np.ones((8, 8, 8), np.float32), np.eye(4), cases / "NoFlair_002" / "NoFlair_002_t1.nii.gz")
+    with pytest.raises(Exception, match=r"case NoFlair_002: no FLAIR file"):
+        labels(skip_bad_cases=True)
