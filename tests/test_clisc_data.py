@@ -164,3 +164,15 @@ def test_brain_slices_corpus_captions_by_lesion_and_splits_by_case(tmp_path):
                              min_brain_fraction=0.0)
     assert m2.rows() == 21 and m2.rejected == 9
     assert "ambiguous caption" in (tmp_path / "c2" / "rejects.jsonl").read_text()
+
+
+def test_brain_slices_match_z_leaves_out_normals_where_no_tumour_slice_is(tmp_path):
+    from medvl.data.ingest_brain import ingest_brain_slices
+    for i in range(3):
+        _case(tmp_path / "cases", f"Case_{i:03d}")
+    # every case: tumour at cropped z 3..5 of 0..9 (z bins 3..5), normals elsewhere: no normal shares a bin with
+    # a tumour slice, so none is kept; the 21 normals are counted rejects naming the reason
+    m = ingest_brain_slices(str(tmp_path / "cases"), str(tmp_path / "c"), size=32, min_lesion_pixels=4,
+                            min_brain_fraction=0.0, match_z=1.0)
+    assert m.rows() == 9 and m.rejected == 21
+    assert "match the tumour slices' positions" in (tmp_path / "c" / "rejects.jsonl").read_text()

@@ -52,9 +52,14 @@ def slice_png(sl: np.ndarray, size: int, brain: np.ndarray | None = None) -> byt
 
 def ingest_brain_slices(source: str, out: str, *, size: int = 64, min_lesion_pixels: int = 10,
                         min_brain_fraction: float = 0.15, val_fraction: float = 0.2, seed: int = 0,
-                        shard_size: int = 2048):
+                        shard_size: int = 2048, match_z: float = 0.0):
+    """`match_z` > 0: keep at most `match_z` normal slices per tumour slice in each tenth of the relative slice
+    position (z within its case's brain), drawn seeded; the others are rejected and counted. Lesions sit in the
+    middle of the brain, so without it "tumour" is also "a slice from the middle", which a CLIP learns instead
+    of the lesion."""
     ing = Ingestor(out, source=str(Path(source).resolve()), shard_size=shard_size)
     cases = find_cases(source)
+    pending: list[tuple[dict, bool, int, str]] = []  # (row, tumour, z bin, file): written after the z matching
     for case in cases:
         try:
             v = preprocess(load_case(case, with_mask=True))
@@ -62,6 +67,8 @@ def ingest_brain_slices(source: str, out: str, *, size: int = 64, min_lesion_pix
             ing.reject(str(case.flair), None, "case", str(e))
             continue
         split = split_for(case.case_id, val_fraction, seed)
+        brain_z = np.nonzero(v.brain.reshape(-1, v.brain.shape[2]).any(axis=0))[0]
+        z0, z1 = int(brain_z.min()), int(brain_z.max())
         for z, sl in axial_slices(v, min_brain_fraction):
             sid = f"{case.case_id}:{z:03d}"
             lesion = int(v.mask[:, :, z].sum())
@@ -70,12 +77,28 @@ def ingest_brain_slices(source: str, out: str, *, size: int = 64, min_lesion_pix
                     raise Rejected("seg", f"{lesion} tumour pixels (< {min_lesion_pixels}): ambiguous caption")
                 ing.claim(sid, str(case.flair))
                 tumour = lesion >= min_lesion_pixels
-                ing.add({"sample_id": sid, "image": slice_png(sl, size, v.brain[:, :, z]), "image_uri": None,
-                         "texts": [TUMOUR_PROMPT if tumour else NORMAL_PROMPT],
-                         "labels": {"tumour": float(tumour)}, "split": split,
-                         "study_id": case.case_id, "patient_id": case.case_id, "view": "axial"})
+                row = {"sample_id": sid, "image": slice_png(sl, size, v.brain[:, :, z]), "image_uri": None,
+                       "texts": [TUMOUR_PROMPT if tumour else NORMAL_PROMPT],
+                       "labels": {"tumour": float(tumour)}, "split": split,
+                       "study_id": case.case_id, "patient_id": case.case_id, "view": "axial"}
+                zbin = min(9, int(10 * (z - z0) / max(1, z1 - z0 + 1)))
+                pending.append((row, tumour, zbin, str(case.flair)))
             except Rejected as r:
                 ing.reject(str(case.flair), z, r.field, r.reason)
+    keep = np.ones(len(pending), bool)
+    if match_z > 0:
+        rng = np.random.default_rng(seed)
+        for b in range(10):
+            normals = [i for i, p in enumerate(pending) if p[2] == b and not p[1]]
+            quota = int(np.ceil(match_z * sum(1 for p in pending if p[2] == b and p[1])))
+            if len(normals) > quota:
+                keep[rng.choice(normals, len(normals) - quota, replace=False)] = False
+    for k, (row, _, zbin, file) in zip(keep, pending):
+        if k:
+            ing.add(row)
+        else:
+            ing.reject(file, int(row["sample_id"].rpartition(":")[2]), "z",
+                       f"normal slice left out to match the tumour slices' positions (z bin {zbin}, --match-z)")
     return ing.finish(label_field="tumour", classnames=[NORMAL_PROMPT, TUMOUR_PROMPT], templates=["{}"],
                       text_kind="captions")
 
@@ -91,7 +114,10 @@ def add_parser(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=2048)
+    p.add_argument("--match-z", type=float, default=0.0,
+                   help="keep at most this many normal slices per tumour slice in each tenth of the slice "
+                        "position (0: all), so that slice position does not predict the caption")
     p.set_defaults(run=lambda a: ingest_brain_slices(
         a.source, a.out, size=a.size, min_lesion_pixels=a.min_lesion_pixels,
         min_brain_fraction=a.min_brain_fraction, val_fraction=a.val_fraction, seed=a.seed,
-        shard_size=a.shard_size))
+        shard_size=a.shard_size, match_z=a.match_z))
