@@ -176,6 +176,15 @@ def test_reduced_pipeline_end_to_end_reused_on_a_second_call(first_run, clisc_da
         assert 0.0 <= m[k] <= 1.0, k
     pics = sorted(p.name for p in (where["eval"] / "pictures").iterdir())
     assert "label_confusion.png" in pics and len(pics) >= 2
+    # MLflow: a run per stage nested under the pipeline's; the evaluation's pictures are artifacts of its run
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(out.tracking_uri)
+    kids = {r.info.run_name.split("-")[0]: r for r in client.search_runs(
+        [out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.run_id}'")}
+    assert {"labels", "classifier", "cam", "amda", "classifier_amda", "cam_amda", "eval"} <= set(kids)
+    logged = {a.path for a in client.list_artifacts(kids["eval"].info.run_id, "pictures")}
+    assert "pictures/label_confusion.png" in logged and len(logged) == len(pics)
+    assert kids["eval"].data.metrics["label/accuracy"] == m["eval/label/accuracy"]
 
 
 @pytest.mark.slow
