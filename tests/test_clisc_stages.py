@@ -16,6 +16,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from medvl.data.clisc import amda_mask, binarize_cam, box_2d, clean_mask, smooth_labels  # noqa: E402
+from medvl.pipelines import PipelineError  # noqa: E402
 
 
 def test_smoothing_majority_vote_on_a_hand_made_sequence():
@@ -232,6 +233,13 @@ def test_without_ground_truth_files_the_label_cam_amda_outputs_are_identical(fir
     assert ids[0](where["amda"]) == ids[0](w2["amda"])
     # evaluation needs the ground truth: it says which case lacks it
     from medvl.data.volumes import VolumeError
+    # a CLIP pretrained on any of the cases it would label is refused, naming one
+    from medvl.config import load_recipe
+    from medvl.pipelines.kinds.clisc import _check_disjoint
+    clip_recipe = load_recipe(data={"data": {"corpus": str(clisc_data / "pre-corpus")}})
+    _check_disjoint(clip_recipe, {"Phantom_s0_0000"})
+    with pytest.raises(PipelineError, match=r"trained on 1 of the cases it would label \(e.g. Phantom_s0_1001"):
+        _check_disjoint(clip_recipe, {"Phantom_s0_0000", "Phantom_s0_1001"})
     stages["eval"] = {"kind": "clisc_eval", "inputs": {"slices": "labels", "cam": "cam"}, "cases": str(cases)}
     with pytest.raises(Exception, match=r"case Phantom_s0_000\d: no segmentation file"):
         run_pipeline(load_pipeline(data=data), say=lambda s: None)
