@@ -313,6 +313,10 @@ def main(argv: list[str]) -> int:
     ingest_cxr.add_subcommands(sub, common)  # mimic-cxr, chexpert, chestxray14, iu-reports (each sets `run`)
     from medvl.data import ingest_pmc
     ingest_pmc.add_parsers(sub)  # pmc-oa, roco, webdataset
+    from medvl.data import phantom
+    phantom.add_parser(sub)  # brain-phantoms (CLISC's synthetic BraTS-layout cases)
+    from medvl.data import ingest_brain
+    ingest_brain.add_parser(sub)  # brain-slices (a CLIP pretraining corpus from cases with segmentations)
     a = p.parse_args(argv)
     if getattr(a, "run", None):
         m = a.run(a)

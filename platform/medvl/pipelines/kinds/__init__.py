@@ -6,5 +6,7 @@
   splits of a corpus; output: one Parquet file of features per split.
 - `linear_probe` (`kinds/probe.py`): a Ray task: scikit-learn logistic regression on an embed stage's features;
   reports held-out accuracy.
+- `slice_labels`, `cam`, `amda`, `clisc_eval` (`kinds/clisc.py`): CLISC part 1 (CLIP slice labels with Ray Data,
+  LayerCAM of a `slice_classifier` train stage, adaptive masking; ground truth only in `clisc_eval`).
 """
-from medvl.pipelines.kinds import embed, pair, probe, subset, train  # noqa: F401
+from medvl.pipelines.kinds import clisc, embed, pair, probe, subset, train  # noqa: F401
