@@ -121,3 +121,17 @@ def test_unet3d_learns_the_labels_through_ray_train(tmp_path, run_root, ray_loca
         with ckpt.as_directory() as d:
             _, model, _ = load_model_from_checkpoint(recipe, d)
         assert mask_dice(predict_volume(model.net, img, [32, 32, 32]), lab) > 0.6
+
+
+def test_hd95_in_mm_and_empty_predictions_are_failures():
+    from medvl.eval.segmentation import hd95, hd95_summary
+    truth = np.zeros((20, 20, 20), bool)
+    truth[5:10, 5:10, 5:10] = True
+    shifted = np.zeros_like(truth)
+    shifted[7:12, 5:10, 5:10] = True  # 2 voxels along x
+    assert hd95(truth, truth) == 0.0
+    assert hd95(shifted, truth, spacing=(1.5, 1.0, 1.0)) == pytest.approx(3.0)  # 2 voxels x 1.5 mm
+    assert np.isnan(hd95(np.zeros_like(truth), truth))  # empty prediction on a tumour case: never 0
+    assert hd95(np.zeros_like(truth), np.zeros_like(truth)) == 0.0
+    s = hd95_summary([2.0, 4.0, float("nan")], worst_mm=60.0)
+    assert s == {"hd95_mean": 3.0, "hd95_std": 1.0, "hd95_failures": 1.0, "hd95_mean_failures_as_worst": 22.0}
