@@ -1,0 +1,226 @@
+"""`method: unet3d`: CLISC's 3D U-Net (MONAI), trained on pseudo-labels with Ray Train through the method seam.
+
+    method: unet3d
+    unet3d:
+      channels: [8, 16, 32, 64]   # the reference's unet_3D: [16, 32, 64, 128, 256]
+      num_res_units: 0            # plain double-conv blocks, as the reference
+      patch: [48, 48, 48]         # random crop per sample (the reference: 128^3 at 1 mm)
+      loss: ce                    # ce (what the reference actually trains) | dice_ce (0.5 x (Dice + CE))
+      rot_flip: true              # the reference's RandomRotFlip: rot90 in the axial plane + a flip, seeded
+      overlap: 0.25               # sliding-window overlap at evaluation / prediction
+
+Corpus: one row per case (`volume_corpus` writes it): `sample_id` = case id, `image_uri` = an `.npz` holding the
+preprocessed FLAIR (`image`, float32, nibabel's (x, y, z) order) and the label to learn (`label`, uint8 0/1: a
+pseudo-label in CLISC, never ground truth), plus `affine`. The decoder loads it (local or any fsspec/zip path),
+crops a `patch` at a position drawn from (seed, epoch, case) (zero-padded when the volume is smaller), applies the
+seeded rotation/flip, and ships the image as float16 and the label as uint8 (half / an eighth of float32's bytes).
+
+Evaluation at each epoch end (the model selection without ground truth that the CLISC issue asks for): MONAI
+sliding-window inference over the validation cases, Dice of the argmax against the stored labels,
+`val/label_dice` (agreement with the pseudo-labels of held-out cases). `predict_volume` is the same inference for
+the S3F and evaluation stages. Instance norm (MONAI's default) is per sample, so gradient accumulation and DDP
+equal one process on the whole batch.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvl.config import ConfigError
+from medvl.data.decode import RowDecoder, load_image_bytes
+from medvl.methods.base import Method, register_method
+
+
+@dataclass
+class Unet3dConfig:
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    """Feature maps per level (the reference: [16, 32, 64, 128, 256])."""
+    num_res_units: int = 0
+    """Residual units per block (MONAI UNet); 0 = plain conv blocks like the reference's unet_3D."""
+    patch: list[int] = field(default_factory=lambda: [48, 48, 48])
+    """Training crop (x, y, z) and the sliding window at inference; each divisible by 2^(levels - 1)."""
+    loss: Literal["ce", "dice_ce"] = "ce"
+    """`ce`: cross-entropy (what the reference trains: its 0.5 x (Dice + CE) is overwritten); `dice_ce`: both."""
+    rot_flip: bool = True
+    """The reference's RandomRotFlip: a random number of 90-degree turns in the axial plane and a random flip."""
+    overlap: float = 0.25
+    """Sliding-window overlap (MONAI sliding_window_inference)."""
+    sw_batch_size: int = 2
+    """Windows per forward pass at inference."""
+
+    def validate(self) -> None:
+        if len(self.channels) < 2:
+            raise ConfigError("unet3d.channels needs at least 2 levels")
+        if len(self.patch) != 3 or min(self.patch) < 8:
+            raise ConfigError("unet3d.patch must be 3 sizes >= 8")
+        f = 2 ** (len(self.channels) - 1)
+        if any(p % f for p in self.patch):
+            raise ConfigError(f"unet3d.patch {self.patch}: each size must be divisible by {f} "
+                              f"(2^(levels - 1) for {len(self.channels)} levels)")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError("unet3d.overlap must be in [0, 1)")
+
+
+def load_case_npz(row: dict) -> dict[str, np.ndarray]:
+    """A volume-corpus row's arrays: `image` float32 (x, y, z), `label` uint8, `affine`."""
+    with np.load(io.BytesIO(load_image_bytes(row))) as z:
+        out = {k: z[k] for k in z.files}
+    if "image" not in out or "label" not in out:
+        raise ValueError(f"case {row.get('sample_id')}: {row.get('image_uri')} lacks 'image' or 'label' arrays")
+    if out["image"].ndim != 3 or out["image"].shape != out["label"].shape:
+        raise ValueError(f"case {row.get('sample_id')}: image {out['image'].shape} and label "
+                         f"{out['label'].shape} must be equal 3D shapes")
+    return out
+
+
+def random_patch(image: np.ndarray, label: np.ndarray, patch: tuple[int, int, int], rng: np.random.Generator,
+                 rot_flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A `patch`-sized crop at a random position (zero-padded where the volume is smaller), then the reference's
+    RandomRotFlip (k x 90 degrees in the axial (x, y) plane, a flip along one axis). Deterministic given `rng`."""
+    pads = [(0, max(0, p - s)) for p, s in zip(patch, image.shape)]
+    if any(b for _, b in pads):
+        image, label = np.pad(image, pads), np.pad(label, pads)
+    start = [int(rng.integers(0, s - p + 1)) for s, p in zip(image.shape, patch)]
+    sl = tuple(slice(a, a + p) for a, p in zip(start, patch))
+    img, lab = image[sl], label[sl]
+    if rot_flip:
+        k = int(rng.integers(0, 4))
+        axis = int(rng.integers(0, 3))
+        if patch[0] == patch[1]:  # turns keep the shape only on a square axial patch
+            img, lab = np.rot90(img, k, axes=(0, 1)), np.rot90(lab, k, axes=(0, 1))
+        img, lab = np.flip(img, axis=axis), np.flip(lab, axis=axis)
+    return np.ascontiguousarray(img), np.ascontiguousarray(lab)
+
+
+class VolumePatchDecoder(RowDecoder):
+    columns = ("sample_id", "image", "image_uri")
+
+    def __init__(self, patch: list[int], rot_flip: bool, train: bool):
+        self.patch, self.rot_flip, self.train = tuple(patch), rot_flip, train
+
+    def output_dtypes(self):
+        return {"image": "float16", "label": "uint8"}
+
+    def decode(self, row, rng):
+        arrays = load_case_npz(row)
+        img, lab = random_patch(arrays["image"].astype(np.float32), (arrays["label"] > 0).astype(np.uint8),
+                                self.patch, rng, self.rot_flip and self.train)
+        return {"image": img[None].astype(np.float16), "label": lab}
+
+
+class Unet3dModule(nn.Module):
+    """MONAI's 3D UNet, 1 input channel, 2 classes; `forward(batch)` returns logits and the labels."""
+
+    def __init__(self, cfg: Unet3dConfig):
+        super().__init__()
+        from monai.networks.nets import UNet
+        self.net = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=tuple(cfg.channels),
+                        strides=(2,) * (len(cfg.channels) - 1), num_res_units=cfg.num_res_units)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(batch["image"]), "label": batch["label"]}
+
+
+def predict_volume(net: nn.Module, image: np.ndarray, patch, overlap: float = 0.25, sw_batch_size: int = 2,
+                   device="cpu") -> np.ndarray:
+    """Sliding-window inference (MONAI) over a whole preprocessed volume -> uint8 argmax mask (x, y, z)."""
+    from monai.inferers import sliding_window_inference
+    was = net.training
+    net.eval()
+    try:
+        x = torch.as_tensor(np.asarray(image, np.float32))[None, None].to(device)
+        with torch.no_grad():
+            logits = sliding_window_inference(x, tuple(patch), sw_batch_size, net, overlap=overlap)
+        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    finally:
+        net.train(was)
+
+
+def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary volumes; 1.0 when both are empty."""
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
+
+
+@register_method
+class Unet3dMethod(Method):
+    name = "unet3d"
+    config_cls = Unet3dConfig
+    feature_keys = ("logits", "label")
+    global_keys = ()
+
+    def decoder(self, train: bool) -> VolumePatchDecoder:
+        return VolumePatchDecoder(self.cfg.patch, self.cfg.rot_flip, train)
+
+    def prepare_batch(self, batch, device):
+        batch["image"] = batch["image"].float()
+        return batch
+
+    def build_model(self) -> Unet3dModule:
+        return Unet3dModule(self.cfg)
+
+    def loss_terms(self) -> tuple[str, ...]:
+        return ("ce", "dice") if self.cfg.loss == "dice_ce" else ("ce",)
+
+    def loss(self, out):
+        logits, label = out["logits"].float(), out["label"].long()
+        ce = F.cross_entropy(logits, label)
+        if self.cfg.loss == "ce":
+            return {"loss": ce, "ce": ce}
+        from monai.losses import DiceLoss
+        dice = DiceLoss(to_onehot_y=True, softmax=True)(logits, label[:, None])
+        return {"loss": 0.5 * (ce + dice), "ce": ce, "dice": dice}
+
+    def evaluator(self):
+        d, e = self.recipe.data, self.recipe.eval
+        if d.val_split is None or not e.every_epoch:
+            return None
+        from medvl.data.corpus import iter_rows, shard_paths
+        cases = []
+        paths = shard_paths(d.val_corpus or d.corpus, d.val_split)
+        for row in iter_rows(paths, columns=list(VolumePatchDecoder.columns)):
+            cases.append(load_case_npz(row))
+            if e.max_rows and len(cases) >= e.max_rows:
+                break
+        if not cases:
+            return None
+        c = self.cfg
+
+        def evaluate(model, device) -> dict[str, float]:
+            net = getattr(model, "module", model).net
+            dice = [mask_dice(predict_volume(net, k["image"], c.patch, c.overlap, c.sw_batch_size, device),
+                              k["label"]) for k in cases]
+            return {"val/label_dice": float(np.mean(dice))}
+        return evaluate
+
+    def metric_names(self) -> set[str]:
+        if self.recipe.data.val_split is None or not self.recipe.eval.every_epoch:
+            return set()
+        return {"val/label_dice"}
+
+    def export(self, model, tracking_uri, run_id):
+        pass  # the pipeline's train stage keeps the model (`model/state.pt`); nothing to log to MLflow
+
+
+def write_volume_corpus(out: str | Path, cases: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]],
+                        source: str = "medvl volumes") -> Path:
+    """A corpus of whole cases for `unet3d`: `cases` = (case id, split, image, label, affine); each case is saved
+    as `<out>/volumes/<case>.npz` and referenced by `image_uri`. Returns the manifest path."""
+    from medvl.data.corpus import Manifest, ShardWriter, write_manifest
+    out = Path(out)
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    w = ShardWriter(out, shard_size=256)
+    for case_id, split, image, label, affine in cases:
+        p = out / "volumes" / f"{case_id}.npz"
+        np.savez(p, image=np.asarray(image, np.float32), label=(np.asarray(label) > 0).astype(np.uint8),
+                 affine=np.asarray(affine, np.float64))
+        w.add({"sample_id": case_id, "image_uri": str(p.resolve()), "split": split})
+    return write_manifest(out, Manifest(source=source, shards=w.close(), created_by="medvl unet3d volumes"))
