@@ -102,7 +102,7 @@ def test_unet3d_learns_the_labels_through_ray_train(tmp_path, run_root, ray_loca
         "data": {"corpus": corpus, "batch_size": 2, "val_split": "val", "decode_tasks": 1},
         "model": {"name": "test-vit-micro"},
         "optim": {"lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.0},
-        "train": {"epochs": 8, "num_workers": 1, "cpus_per_worker": 2, "log_every": 4},
+        "train": {"epochs": 5, "num_workers": 1, "cpus_per_worker": 2, "log_every": 4},
         "eval": {"every_epoch": True}, "track": {"log_model": False, "pictures": False},
         "unet3d": {"channels": [8, 16, 32], "patch": [32, 32, 32], "loss": "dice_ce"}})
     job, result = run_training(recipe)
@@ -114,7 +114,7 @@ def test_unet3d_learns_the_labels_through_ray_train(tmp_path, run_root, ray_loca
     before = mask_dice(predict_volume(untrained, img, [32, 32, 32]), lab)
     print(f"[measured] unet3d on synthetic volumes: val label Dice per epoch {[round(d, 3) for d in dice]}, "
           f"untrained {before:.3f}")
-    assert len(dice) == 8
+    assert len(dice) == 5
     assert dice[-1] > 0.6 and dice[-1] > before + 0.4
     ckpt = result.checkpoint if hasattr(result, "checkpoint") else None
     if ckpt is not None:  # the saved model predicts like the evaluation said
