@@ -82,6 +82,23 @@ def test_amda_masks_the_top_of_the_cam_in_the_box_and_bright_pixels_without_a_bo
 
 # --------------------------------------------------------------------------- the reduced pipeline (real Ray)
 
+def test_slice_classifier_step_under_cpu_bf16_autocast():
+    """The step under CPU bf16 autocast (the GPU AMP path's dtypes) is finite, near fp32, with fp32 gradients.
+    (Accumulation does not equal the full batch for this method: the ResNet's BatchNorm normalises each
+    micro-batch with its own statistics, as in any BN network.)"""
+    import sys
+
+    import torch
+    sys.path.insert(0, os.path.dirname(__file__))
+    from stepcheck import assert_bf16_autocast_step
+    data = {"method": "slice_classifier", "data": {"corpus": "x", "batch_size": 4}, "model": {"name": "test-vit-micro"},
+            "optim": {"warmup_steps": 0, "grad_clip": None},
+            "slice_classifier": {"channels": [8, 8, 16, 16], "stem_width": 8, "image_size": 32}}
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(4, 3, 32, 32, generator=g), "label": torch.tensor([0, 1, 1, 0])}
+    assert_bf16_autocast_step(data, batch)
+
+
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
