@@ -15,10 +15,9 @@ import numpy as np
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty (they agree), 0.0 when exactly one is."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
+    """Dice of two binary masks (`medvl.eval.segmentation.dice`): 1.0 when both are empty, 0.0 when one is."""
+    from medvl.eval.segmentation import dice
+    return dice(a, b)
 
 
 def select(scores: Mapping[str, float], mode: Literal["top", "threshold"] = "top",

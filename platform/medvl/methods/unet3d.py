@@ -35,6 +35,7 @@ from torch import nn
 
 from medvl.config import ConfigError
 from medvl.data.decode import RowDecoder, load_image_bytes
+from medvl.eval.segmentation import dice as mask_dice  # noqa: F401  (binary Dice; 1.0 when both are empty)
 from medvl.methods.base import Method, register_method
 
 
@@ -141,13 +142,6 @@ def predict_volume(net: nn.Module, image: np.ndarray, patch, overlap: float = 0.
         return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
     finally:
         net.train(was)
-
-
-def mask_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary volumes; 1.0 when both are empty."""
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
 
 
 @register_method

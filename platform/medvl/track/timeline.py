@@ -31,11 +31,6 @@ PHASE_HELP = {
     "data": "Ray Data stream: plan, decode tasks, the first batch",
     "first_step": "the first optimizer step",
 }
-TAG = "medvl.startup_token"
-"""MLflow tag rank 0 sets once it reported the timeline of a `fit()` (the driver's token): a restarted worker
-group in the same fit finds it and reports its own phases only."""
-
-
 def process_start_time() -> Optional[float]:
     """Unix time this process started (Linux /proc; None elsewhere)."""
     try:
@@ -51,17 +46,17 @@ def process_start_time() -> Optional[float]:
 class Timeline:
     """Named time marks in order; `phases()` turns consecutive marks into durations."""
 
-    def __init__(self, marks: Optional[dict[str, float]] = None):
+    def __init__(self, marks: Optional[dict[str, float]] = None, token: Optional[str] = None):
         self.marks: dict[str, float] = dict(marks or {})
+        self.token = token
+        """Identifies one `fit()`: rank 0 leaves a marker under it, so a restarted worker group knows."""
 
     def mark(self, name: str, at: Optional[float] = None) -> None:
         self.marks.setdefault(name, time.time() if at is None else at)
 
     @classmethod
     def for_driver(cls, token: str) -> "Timeline":
-        tl = cls({"start": process_start_time() or time.time()})
-        tl.token = token  # type: ignore[attr-defined]
-        return tl
+        return cls({"start": process_start_time() or time.time()}, token)
 
     def phases(self, names: tuple[str, ...]) -> dict[str, float]:
         """Seconds of each named phase: from the previous mark (in `names` order, after `start`) to its own."""

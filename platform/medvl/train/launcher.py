@@ -245,7 +245,7 @@ def build_trainer(job: Job, callbacks: Optional[list] = None, timeline=None):
                            "metrics_journal": str(runs.journal_path(job.run_dir)),
                            "counter": [counter, faults.COUNTER_NAMESPACE],
                            "timeline": None if timeline is None else
-                           {"marks": dict(timeline.marks), "token": getattr(timeline, "token", None)}},
+                           {"marks": dict(timeline.marks), "token": timeline.token}},
         scaling_config=ray.train.ScalingConfig(num_workers=r.train.num_workers, use_gpu=r.train.use_gpu,
                                                resources_per_worker={"CPU": r.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -227,9 +227,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
             if first:
                 startup.mark("data")
             terms = train_step(method, model, tensors, opt, sched, s, scaler)
-            if first and rank == 0:
+            if first:
                 startup.mark("first_step")
-                _report_startup(startup, (config.get("timeline") or {}).get("token"), storage, logger, prog.step + 1)
+                if rank == 0:
+                    _report_startup(startup, (config.get("timeline") or {}).get("token"), storage, logger,
+                                    prog.step + 1)
             stop = guard.update(terms.skipped, prog.step + 1)  # [faults] the same on every rank (all-reduced)
             prog.nonfinite_steps = guard.total
             lin = _linear(sizes, int(meta["_window"][-1]), int(meta["_pos"][-1]) + 1)

@@ -79,8 +79,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     import uuid
 
     from medvl.track.timeline import Timeline
-    timeline = Timeline({"start": time.time()})  # the trial's own start-up phases (its actor is already up)
-    timeline.token = uuid.uuid4().hex  # type: ignore[attr-defined]
+    timeline = Timeline({"start": time.time()}, uuid.uuid4().hex)  # the trial's own phases (its actor is up)
     trial_id = ray.tune.get_context().get_trial_id()
     os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
     recipe = trial_recipe(ctx, config, trial_id)
