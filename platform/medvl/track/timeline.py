@@ -32,15 +32,22 @@ PHASE_HELP = {
     "first_step": "the first optimizer step",
 }
 def process_start_time() -> Optional[float]:
-    """Unix time this process started (Linux /proc; None elsewhere)."""
+    """Unix time this process started (Linux /proc; None elsewhere).
+
+    Computed as now minus the process's age on the kernel's boot clock, not from `btime` in /proc/stat plus the
+    start tick: both give the same instant while the wall clock is steady, but after a wall-clock step (NTP, a VM
+    restored from a snapshot) only "now minus age" stays on the clock that the later `time.time()` marks use.
+    """
     try:
         fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])  # field 22 (starttime) counted from the command name's closing parenthesis
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        started_s = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 (starttime), counted after the name
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+        now = time.time()
+    except (OSError, ValueError, IndexError):
         return None
+    age = uptime_s - started_s
+    return now - age if age >= 0 else None
 
 
 class Timeline:
