@@ -1,0 +1,308 @@
+"""CLISC part 2 stages (issue 14) on a real local Ray cluster: sam_labels -> unet3d (train) -> s3f -> unet3d
+(train) -> clisc_seg_eval (+ the ground-truth upper bound), on 5 tiny phantoms (3 mm voxels).
+
+Stage 4 is fed by `test_toy_cam` (below): a label-free stand-in for part 1's enhanced CAM, built in a second from
+each FLAIR alone (smoothed intensity, its top voxels, largest component), so this file does not pay for part 1's
+CLIP + classifier trainings (tests/test_clisc_stages.py covers those). One module-scoped run is shared: the second
+call reuses every stage; a new S3F keep ratio rebuilds only s3f and its retraining; with every `*_seg` file removed
+stages 4-6 give identical outputs; the random-init SAM goes through the same stage code; bad input is named or
+counted. The phantom pipeline's full figures are in the README ("CLISC part 2").
+
+    .venv/bin/python -m pytest -q tests/test_clisc_seg_stages.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from medvl.config import ConfigError  # noqa: E402
+from medvl.pipelines import Input, PipelineError, Stage, StageContext, register_stage  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEG_STAGES = ("sam", "unet", "s3f", "unet_s3f")  # stages 4-6: label-free
+
+
+@dataclass
+class ToyCamConfig:
+    cases: str = field(default="", metadata={"input": "file"})
+    """BraTS-style cases (only their FLAIR is read)."""
+    n_val: int = 1
+    n_test: int = 1
+    top_percent: float = 1.0
+    """The CAM mask: the top `top_percent` % of the smoothed FLAIR inside the brain, largest component."""
+    no_cam: list[str] = field(default_factory=list)
+    """Cases given no CAM mask at all (their positive slices have no prompt)."""
+
+
+@register_stage
+class ToyCamStage(Stage):
+    """Writes what `sam_labels` reads from part 1 (slice_labels' `cases.json`, the cam stage's `slices.parquet` and
+    `cropped/<case>.npz`), label-free; one extra positive slice past each mask has no CAM (a no-prompt skip)."""
+    kind = "test_toy_cam"
+    config_cls = ToyCamConfig
+    executor = "driver"
+    needs_ray = False
+
+    def metric_names(self):
+        return {"cases"}
+
+    def run(self, ctx: StageContext):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from scipy.ndimage import gaussian_filter
+
+        from medvl.data.clisc import clean_mask
+        from medvl.data.volumes import CaseFiles, find_cases, load_case, preprocess
+        c = self.config
+        cases = find_cases(c.cases)
+        n = len(cases)
+        metas, rows = {}, {"case_id": [], "z": [], "pred": []}
+        (ctx.out / "cropped").mkdir()
+        for i, f in enumerate(cases):
+            v = preprocess(load_case(CaseFiles(f.case_id, f.flair), with_mask=False))
+            split = "train" if i < n - c.n_val - c.n_test else "val" if i < n - c.n_test else "test"
+            metas[f.case_id] = {"affine": v.affine.tolist(), "crop": [list(x) for x in v.crop],
+                                "shape_before_crop": list(v.shape_before_crop), "shape": list(v.image.shape),
+                                "split": split}
+            cam = np.where(v.brain, gaussian_filter(np.maximum(v.image, 0), 1.0), 0).astype(np.float32)
+            cam /= max(float(cam.max()), 1e-6)
+            mask = clean_mask(cam > np.percentile(cam[v.brain], 100 - c.top_percent), opening=0, largest=True)
+            if f.case_id in c.no_cam:
+                mask[:] = False
+            zs = np.nonzero(mask.any(axis=(0, 1)))[0]
+            pos = set(zs.tolist()) | ({int(zs.max()) + 1} if len(zs) else {v.image.shape[2] // 2})
+            for z in range(v.image.shape[2]):
+                rows["case_id"].append(f.case_id)
+                rows["z"].append(z)
+                rows["pred"].append(int(z in pos))
+            np.savez_compressed(ctx.out / "cropped" / f"{f.case_id}.npz", cam=cam, mask=mask)
+        (ctx.out / "cases.json").write_text(json.dumps(metas))
+        pq.write_table(pa.table(rows), ctx.out / "slices.parquet")
+        return {"cases": float(n)}
+
+
+def _where(outcome) -> dict[str, Path]:
+    return {r["stage"]: Path(r["location"]) for r in outcome.table}
+
+
+def _stages(cases: Path, keep: float = 0.8, with_eval: bool = True) -> dict:
+    def unet(corpus: str) -> dict:
+        return {"kind": "train", "inputs": {"data.corpus": corpus}, "base": str(ROOT / "jobs" / "clisc_unet.yaml"),
+                "unet3d": {"channels": [4, 8, 16], "patch": [32, 32, 32]},
+                "train": {"epochs": 2, "num_workers": 1, "cpus_per_worker": 1, "log_every": 5},
+                "data": {"batch_size": 2}}
+    stages = {
+        "toycam": {"kind": "test_toy_cam", "cases": str(cases)},
+        "sam": {"kind": "sam_labels", "inputs": {"cam": "toycam", "slices": "toycam"}, "pictures": 2},
+        "unet": unet("sam/corpus"),
+        "s3f": {"kind": "s3f", "inputs": {"unet": "unet", "sam": "sam"}, "keep": keep},
+        "unet_s3f": unet("s3f/corpus"),
+    }
+    if with_eval:
+        stages["gt"] = {"kind": "clisc_gt_volumes", "inputs": {"slices": "toycam"}, "cases": str(cases)}
+        stages["unet_gt"] = unet("gt/corpus")
+        stages["eval"] = {"kind": "clisc_seg_eval", "cases": str(cases), "split": "test",
+                          "inputs": {"slices": "toycam", "cam": "toycam", "sam": "sam", "unet": "unet", "s3f": "s3f",
+                                     "unet_s3f": "unet_s3f", "unet_gt": "unet_gt"}}
+    return stages
+
+
+def _data(root: Path, stages: dict, name: str = "clisc-seg-test") -> dict:
+    return {"name": name, "cache": {"root": str(root / "store")},
+            "track": {"experiment": "clisc-seg-test", "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+            "stages": stages}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from medvl.data.phantom import make_phantoms
+    d = tmp_path_factory.mktemp("clisc-seg")
+    make_phantoms(d / "cases", cases=5, seed=0, resolution=3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(phantoms, ray_local, tmp_path_factory):
+    """The reduced pipeline once, then again (reuse), then with another S3F keep ratio."""
+    from medvl.pipelines import load_pipeline, run_pipeline
+    root = tmp_path_factory.mktemp("runs")
+    os.environ["MEDVL_RUN_ROOT"] = str(root / "runs")
+    t = time.perf_counter()
+    first = run_pipeline(load_pipeline(data=_data(root, _stages(phantoms / "cases"))), say=lambda s: None)
+    t1 = time.perf_counter() - t
+    again = run_pipeline(load_pipeline(data=_data(root, _stages(phantoms / "cases"))), say=lambda s: None)
+    t = time.perf_counter()
+    keep = run_pipeline(load_pipeline(data=_data(root, _stages(phantoms / "cases", keep=0.5))), say=lambda s: None)
+    t3 = time.perf_counter() - t
+    print(f"\n[measured] reduced CLISC part 2 pipeline (5 phantoms at 3 mm, 3 U-Net trainings of 2 epochs): "
+          f"{t1:.0f} s; second call {again.wall_s:.1f} s; new S3F keep ratio {t3:.0f} s")
+    return root, first, again, keep
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reduced_part2_pipeline_reuse_and_keep_ratio_rebuild(runs, phantoms):
+    import nibabel as nib
+
+    from medvl.data.corpus import iter_rows, shard_paths
+    _, first, again, keep = runs
+    m, where = first.metrics, _where(first)
+    print("[measured] " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(m.items())
+                                    if k.startswith(("eval/", "s3f/", "sam/"))))
+    assert {r["action"] for r in first.table} == {"built"}
+    assert {r["action"] for r in again.table} == {"reused"}
+    rebuilt = {r["stage"] for r in keep.table if r["action"] == "built"}
+    assert rebuilt == {"s3f", "unet_s3f", "eval"}, rebuilt  # only S3F, its retraining and the table downstream
+    # pseudo-labels: one NIfTI per case on the FLAIR's grid, inside the brain; skips counted
+    assert m["sam/cases"] == 5 and m["sam/slices_prompted"] > 20 and m["sam/slices_no_prompt"] >= 5
+    assert m["sam/cases_empty"] == 0 and m["sam/corpus_train"] == 3 and m["sam/corpus_val"] == 1
+    for case in sorted((phantoms / "cases").iterdir()):
+        cid = case.name
+        flair = nib.load(str(case / f"{cid}_flair.nii.gz"))
+        lab = nib.load(str(where["sam"] / "labels" / f"{cid}_pseudo.nii.gz"))
+        arr = np.asarray(lab.dataobj)
+        assert lab.shape == flair.shape and np.allclose(lab.affine, flair.affine)
+        assert arr.any() and not arr[np.asarray(flair.dataobj) == 0].any()  # inside the brain
+    assert len(list((where["sam"] / "pictures").glob("*_prompts.png"))) == 2
+    # S3F: per-case similarity in [0, 1], the top 80% of 3 cases kept (3), then the top 50% (2)
+    sim = json.loads((where["s3f"] / "similarity.json").read_text())
+    assert len(sim["cases"]) == 3 and len(sim["kept"]) == 3 == m["s3f/kept"]
+    assert all(0 <= d["similarity"] <= 1 for d in sim["cases"].values())
+    sim2 = json.loads((_where(keep)["s3f"] / "similarity.json").read_text())
+    assert len(sim2["kept"]) == 2 and sim2["cases"] == {k: {**d, "kept": k in sim2["kept"]}
+                                                       for k, d in sim["cases"].items()}
+    best = sorted(sim["cases"], key=lambda k: -sim["cases"][k]["similarity"])[:2]
+    assert sorted(best) == sim2["kept"]
+    train_rows = [r["sample_id"] for r in iter_rows(shard_paths(_where(keep)["s3f"] / "corpus", "train"))]
+    assert sorted(train_rows) == sim2["kept"]
+    # the table: every row, Dice in [0, 1], HD95 failures counted; the U-Net learnt the pseudo-labels
+    for row in ("otsu", "cam", "box_only", "pseudo", "unet", "unet_s3f", "unet_gt"):
+        assert 0 <= m[f"eval/{row}/dice"] <= 1 and m[f"eval/{row}/hd95_failures"] >= 0, row
+    assert "s3f/kept_true_dice" in json.loads((where["eval"] / "eval.json").read_text())["s3f"]
+    table = (where["eval"] / "table.md").read_text()
+    assert "supervised upper bound" in table and "S3F check" in table
+    print("[measured] reduced table:\n" + table)
+    assert m["unet/val/label_dice"] > 0.3  # the U-Net reproduces the pseudo-labels of a held-out case
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_without_ground_truth_files_stages_4_to_6_are_identical(runs, phantoms, tmp_path):
+    from medvl.data.corpus import iter_rows, shard_paths
+    from medvl.pipelines import load_pipeline, run_pipeline
+    from medvl.train import checkpoint as ck
+    _, first, _, _ = runs
+    where = _where(first)
+    cases = tmp_path / "cases"
+    shutil.copytree(phantoms / "cases", cases)
+    segs = list(cases.glob("*/*_seg.nii*"))
+    assert len(segs) == 5
+    for s in segs:
+        s.unlink()
+    os.environ["MEDVL_RUN_ROOT"] = str(tmp_path / "runs")
+    t = time.perf_counter()
+    out = run_pipeline(load_pipeline(data=_data(tmp_path, _stages(cases, with_eval=False), "nogt")),
+                       say=lambda s: None)
+    print(f"\n[measured] stages 4-6 without ground truth files: {time.perf_counter() - t:.0f} s")
+    w2 = _where(out)
+    assert {r["action"] for r in out.table} == {"built"} and set(w2) == {"toycam", *SEG_STAGES}
+
+    def rows(d: Path):
+        return sorted((str(r["sample_id"]), str(r["split"]), bytes(r["image"]))
+                      for r in iter_rows(shard_paths(d / "corpus", None)))
+    for stage in ("sam", "s3f"):
+        assert rows(where[stage]) == rows(w2[stage]), stage
+    for f in sorted((where["sam"] / "pseudo").iterdir()):
+        np.testing.assert_array_equal(np.load(f)["label"], np.load(w2["sam"] / "pseudo" / f.name)["label"])
+    assert json.loads((where["s3f"] / "similarity.json").read_text()) == \
+        json.loads((w2["s3f"] / "similarity.json").read_text())
+    for stage in ("unet", "unet_s3f"):
+        a, b = (ck.load_checkpoint(w / "model")["model"] for w in (where[stage], w2[stage]))
+        for k in a:
+            assert np.array_equal(a[k].numpy(), b[k].numpy()), (stage, k)
+    # the evaluation stage needs the ground truth: it names the case that lacks it
+    stages = _stages(cases)
+    with pytest.raises(Exception, match=r"case Phantom_s0_000\d: no segmentation file"):
+        run_pipeline(load_pipeline(data=_data(tmp_path, stages, "nogt")), say=lambda s: None)
+
+
+def _ctx(tmp_path: Path, name: str, upstream: dict, **inputs) -> StageContext:
+    (tmp_path / name).mkdir()
+    return StageContext(stage=name, kind=name, key="k", build_id="b", out=tmp_path / name, inputs=inputs,
+                        upstream=upstream)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiny_sam_through_the_stage_code_and_bad_input(runs, phantoms, tmp_path):
+    """The random-init SAM (segment-anything's modules, tiny) through sam_labels' own code: masks of each case's
+    shape; a case without any CAM gives an empty pseudo-label (counted, left out of the corpus); every training
+    case empty is an error; a missing SAM checkpoint is named before any work starts."""
+    import nibabel as nib
+
+    from medvl.pipelines.kinds.clisc_seg import SamLabelsConfig, SamLabelsStage, SegmenterConfig
+    _, first, _, _ = runs
+    where = _where(first)
+    up = {"slices": {"config": {"cases": str(phantoms / "cases")}}}
+    # a copy of the toy CAM output whose first two cases have no CAM mask (no prompt anywhere)
+    cam = tmp_path / "cam"
+    shutil.copytree(where["toycam"], cam)
+    ids = sorted(json.loads((cam / "cases.json").read_text()))
+    for cid in ids[:2]:
+        z = dict(np.load(cam / "cropped" / f"{cid}.npz"))
+        np.savez_compressed(cam / "cropped" / f"{cid}.npz", cam=z["cam"], mask=np.zeros_like(z["mask"]))
+    cfg = SamLabelsConfig(segmenter=SegmenterConfig(kind="sam", model_type="tiny"), pictures=1)
+    t = time.perf_counter()
+    m = SamLabelsStage("sam", cfg).run(_ctx(tmp_path, "tiny", up, cam=cam, slices=cam))
+    print(f"\n[measured] sam_labels with the random-init tiny SAM, 5 cases: {time.perf_counter() - t:.1f} s")
+    assert m["cases"] == 5 and m["slices_prompted"] > 0
+    assert m["cases_empty"] >= 2 and m["corpus_train"] + m["corpus_val"] == 5 - m["cases_empty"]
+    skipped = json.loads((tmp_path / "tiny" / "skipped.json").read_text())["empty_pseudo_label"]
+    assert set(ids[:2]) <= set(skipped)
+    for cid in ids:
+        shape = json.loads((cam / "cases.json").read_text())[cid]["shape"]
+        assert list(np.load(tmp_path / "tiny" / "pseudo" / f"{cid}.npz")["label"].shape) == shape
+        flair = nib.load(str(phantoms / "cases" / cid / f"{cid}_flair.nii.gz"))
+        assert nib.load(str(tmp_path / "tiny" / "labels" / f"{cid}_pseudo.nii.gz")).shape == flair.shape
+    # every training case without a prompt: a clear error, not an empty corpus
+    for cid in ids[:3]:
+        z = dict(np.load(cam / "cropped" / f"{cid}.npz"))
+        np.savez_compressed(cam / "cropped" / f"{cid}.npz", cam=z["cam"], mask=np.zeros_like(z["mask"]))
+    with pytest.raises(RuntimeError, match=r"no training case has a non-empty pseudo-label \(3 of 5 cases empty"):
+        SamLabelsStage("sam", SamLabelsConfig()).run(_ctx(tmp_path, "rw", up, cam=cam, slices=cam))
+    # a missing SAM checkpoint: named when the stage starts, before any Ray work
+    missing = str(tmp_path / "sam_vit_b_01ec64.pth")
+    bad = SamLabelsConfig(segmenter=SegmenterConfig(kind="sam", model_type="vit_b", checkpoint=missing))
+    with pytest.raises(FileNotFoundError, match="SAM checkpoint not found: " + missing):
+        SamLabelsStage("sam", bad).run(_ctx(tmp_path, "nock", up, cam=cam, slices=cam))
+    with pytest.raises(ConfigError, match="segmenter.checkpoint"):
+        SegmenterConfig(kind="sam", model_type="vit_b").validate()
+
+
+def test_brats_recipe_validates_and_a_missing_sam_checkpoint_stops_it_before_any_work(tmp_path):
+    """jobs/clisc_brats.yaml loads and validates as written; planned with data that exists but without the SAM
+    checkpoint, the pipeline stops at planning (no stage runs), naming the checkpoint path."""
+    from medvl.pipelines import load_pipeline, plan_pipeline
+    p = load_pipeline(str(ROOT / "jobs" / "clisc_brats.yaml"))
+    assert p.stages["sam"].stage.config.segmenter.kind == "sam"
+    assert p.stages["sam"].stage.config.segmenter.model_type == "vit_b"
+    assert p.stages["sam"].stage.config.use_gpu and p.stages["unet"].stage.config.train.use_gpu
+    cases = tmp_path / "BraTS2020" / "BraTS20_Training_001"
+    cases.mkdir(parents=True)
+    (cases / "BraTS20_Training_001_flair.nii.gz").write_bytes(b"x")
+    ckpt = tmp_path / "nowhere" / "sam_vit_b_01ec64.pth"
+    p = load_pipeline(str(ROOT / "jobs" / "clisc_brats.yaml"), overrides=[
+        f"labels.cases={cases.parent}", f"eval.cases={cases.parent}", f"seg_eval.cases={cases.parent}",
+        f"gt.cases={cases.parent}", f"sam.segmenter.checkpoint={ckpt}"])
+    with pytest.raises(PipelineError, match=r"stages\.sam\.segmenter\.checkpoint: input file not found: .*"
+                                            r"sam_vit_b_01ec64\.pth"):
+        plan_pipeline(p)
