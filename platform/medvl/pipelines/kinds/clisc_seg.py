@@ -609,6 +609,8 @@ class SegEvalConfig:
     pictures: int = 3
     """Pseudo-label / U-Net / ground-truth overlays for this many cases (their largest lesion slice)."""
     cpus: float = 1.0
+    use_gpu: bool = False
+    """Run the U-Nets and the box-only segmenter (SAM) on a GPU."""
 
     def validate(self) -> None:
         if not self.cases:
@@ -647,10 +649,10 @@ class SegEvalStage(Stage):
               "unet_s3f": Input("the unet3d train stage after S3F", required=False, kinds=("train",)),
               "unet_gt": Input("a unet3d train stage on ground truth (upper bound)", required=False,
                                kinds=("train",))}
-    ignore_keys = ("cpus",)
+    ignore_keys = ("cpus", "use_gpu")
 
     def resources(self) -> dict[str, float]:
-        return {"CPU": float(self.config.cpus)}
+        return {"CPU": float(self.config.cpus), "GPU": 1.0 if self.config.use_gpu else 0.0}
 
     def metric_names(self) -> set[str]:
         names = {"cases", "s3f/spearman", "s3f/kept_true_dice", "s3f/dropped_true_dice", "s3f/cases"}
@@ -668,6 +670,7 @@ class SegEvalStage(Stage):
         from medvl.models.segmenters import build_segmenter
         c = self.config
         torch.set_num_threads(max(1, int(c.cpus)))
+        device = "cuda" if c.use_gpu and torch.cuda.is_available() else "cpu"
         metas = json.loads((ctx.inputs["slices"] / "cases.json").read_text())
         ids = sorted(cid for cid, m in metas.items() if m["split"] == c.split)
         if not ids:
@@ -676,11 +679,14 @@ class SegEvalStage(Stage):
         sam_dir = ctx.inputs["sam"]
         flat = (ctx.upstream.get("sam") or {}).get("config") or {}
         nets = {r: load_unet(ctx.inputs[r]) for r in ("unet", "unet_s3f", "unet_gt") if r in ctx.inputs}
+        for net, _ in nets.values():
+            net.to(device)
         seg = None
         if c.box_baseline and "cam" in ctx.inputs:
             segc = _segmenter_config(flat)
             segc.check_files()
-            seg = build_segmenter(segc.kind, model_type=segc.model_type, checkpoint=segc.checkpoint, beta=segc.beta)
+            seg = build_segmenter(segc.kind, model_type=segc.model_type, checkpoint=segc.checkpoint,
+                                  device=device, beta=segc.beta)
         per: dict[str, dict[str, list]] = {}
         per_case: dict[str, dict] = {}
         pics = []
@@ -713,7 +719,8 @@ class SegEvalStage(Stage):
             add("pseudo", cid, preds["pseudo"], v)
             for r, (net, u) in nets.items():
                 from medvl.methods.unet3d import predict_volume
-                preds[r] = predict_volume(net, v.image, u.patch, u.overlap, u.sw_batch_size).astype(bool) & v.brain
+                preds[r] = predict_volume(net, v.image, u.patch, u.overlap, u.sw_batch_size,
+                                          device).astype(bool) & v.brain
                 add(r, cid, preds[r], v)
             if v.mask.any():
                 z = int(v.mask.sum(axis=(0, 1)).argmax())
