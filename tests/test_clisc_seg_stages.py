@@ -172,7 +172,7 @@ def test_reduced_part2_pipeline_reuse_and_keep_ratio_rebuild(runs, phantoms):
         assert lab.shape == flair.shape and np.allclose(lab.affine, flair.affine)
         assert arr.any() and not arr[np.asarray(flair.dataobj) == 0].any()  # inside the brain
     assert len(list((where["sam"] / "pictures").glob("*_prompts.png"))) == 2
-    # S3F: per-case similarity in [0, 1], the top 80% of 3 cases kept (3), then the top 50% (2)
+    # S3F: per-case similarity in [0, 1], the top 80% of the 2 training cases kept (2)
     sim = json.loads((where["s3f"] / "similarity.json").read_text())
     assert len(sim["cases"]) == 2 and len(sim["kept"]) == 2 == m["s3f/kept"]
     assert all(0 <= d["similarity"] <= 1 for d in sim["cases"].values())
