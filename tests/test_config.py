@@ -80,8 +80,8 @@ def test_every_job_recipe_loads(path, request):
 
 
 def local_data_overrides(raw: dict, tmp: Path) -> list[str]:
-    """Pipeline stages reading local data a CI machine lacks (CLISC's `cases` folder and CLIP checkpoint): pointed at
-    a one-case BraTS-style folder written here (the plan only fingerprints them)."""
+    """Pipeline stages reading local data a CI machine lacks (CLISC's `cases` folder, CLIP and SAM checkpoints):
+    pointed at a one-case BraTS-style folder / a stand-in file written here (the plan only fingerprints them)."""
     import nibabel as nib
     import numpy as np
     out = []
@@ -94,6 +94,10 @@ def local_data_overrides(raw: dict, tmp: Path) -> list[str]:
                     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)),
                              str(case / "Case_000_flair.nii.gz"))
                 out.append(f"{n}.{key}={tmp / 'cases'}")
+        if (e.get("segmenter") or {}).get("checkpoint"):  # a SAM checkpoint file (CLISC part 2): a stand-in
+            ckpt = tmp / "sam_checkpoint.pth"
+            ckpt.write_bytes(b"stand-in")
+            out.append(f"{n}.segmenter.checkpoint={ckpt}")
     return out
 
 

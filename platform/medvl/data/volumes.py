@@ -23,7 +23,7 @@ import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -194,3 +194,33 @@ def axial_slices(v: Volume, min_brain_fraction: float = 0.0) -> list[tuple[int, 
     area = brain.reshape(-1, brain.shape[2]).sum(axis=0)
     keep = area > max(0, min_brain_fraction * area.max())
     return [(int(z), v.image[:, :, z]) for z in np.nonzero(keep)[0]]
+
+
+# --------------------------------------------------------------------------- volume corpora (unet3d)
+
+
+def write_volume_corpus(out: str | Path, cases: Iterable[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]],
+                        source: str = "medvl volumes", inline: bool = False, shard_size: int = 256) -> Path:
+    """A corpus of whole cases for `unet3d`: `cases` = (case id, split, image, label, affine); each case is one
+    `.npz` (image float32, label uint8 0/1, affine). `inline=False`: saved as `<out>/volumes/<case>.npz` and
+    referenced by an absolute `image_uri`; `inline=True`: the npz bytes are the row's `image` (a corpus that can be
+    moved, e.g. a pipeline stage's output, which is published by renaming its directory). Returns the manifest."""
+    import io
+
+    from medvl.data.corpus import Manifest, ShardWriter, write_manifest
+    out = Path(out)
+    if not inline:
+        (out / "volumes").mkdir(parents=True, exist_ok=True)
+    w = ShardWriter(out, shard_size=shard_size)
+    for case_id, split, image, label, affine in cases:
+        arrays = {"image": np.asarray(image, np.float32), "label": (np.asarray(label) > 0).astype(np.uint8),
+                  "affine": np.asarray(affine, np.float64)}
+        if inline:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **arrays)
+            w.add({"sample_id": case_id, "image": buf.getvalue(), "image_uri": None, "split": split})
+        else:
+            p = out / "volumes" / f"{case_id}.npz"
+            np.savez(p, **arrays)
+            w.add({"sample_id": case_id, "image_uri": str(p.resolve()), "split": split})
+    return write_manifest(out, Manifest(source=source, shards=w.close(), created_by="medvl unet3d volumes"))

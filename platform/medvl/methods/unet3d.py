@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -35,6 +34,7 @@ from torch import nn
 
 from medvl.config import ConfigError
 from medvl.data.decode import RowDecoder, load_image_bytes
+from medvl.data.volumes import write_volume_corpus  # noqa: F401  (re-exported: the corpus this method reads)
 from medvl.eval.segmentation import dice as mask_dice  # noqa: F401  (binary Dice; 1.0 when both are empty)
 from medvl.methods.base import Method, register_method
 
@@ -202,19 +202,3 @@ class Unet3dMethod(Method):
 
     def export(self, model, tracking_uri, run_id):
         pass  # the pipeline's train stage keeps the model (`model/state.pt`); nothing to log to MLflow
-
-
-def write_volume_corpus(out: str | Path, cases: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]],
-                        source: str = "medvl volumes") -> Path:
-    """A corpus of whole cases for `unet3d`: `cases` = (case id, split, image, label, affine); each case is saved
-    as `<out>/volumes/<case>.npz` and referenced by `image_uri`. Returns the manifest path."""
-    from medvl.data.corpus import Manifest, ShardWriter, write_manifest
-    out = Path(out)
-    (out / "volumes").mkdir(parents=True, exist_ok=True)
-    w = ShardWriter(out, shard_size=256)
-    for case_id, split, image, label, affine in cases:
-        p = out / "volumes" / f"{case_id}.npz"
-        np.savez(p, image=np.asarray(image, np.float32), label=(np.asarray(label) > 0).astype(np.uint8),
-                 affine=np.asarray(affine, np.float64))
-        w.add({"sample_id": case_id, "image_uri": str(p.resolve()), "split": split})
-    return write_manifest(out, Manifest(source=source, shards=w.close(), created_by="medvl unet3d volumes"))
