@@ -64,6 +64,14 @@ def _lesion(rng: np.random.Generator, brain: np.ndarray, dist: np.ndarray, radiu
     return np.clip(1.0 - (r + 0.35 * noise), 0.0, 1.0) * brain
 
 
+RADIUS = (5.0, 12.0)
+"""Main lesion radius range in voxels (at 2 mm: 10-24 mm, ~4-60 mL, the lower half of BraTS whole tumours)."""
+SECOND_RADIUS = (3.0, 6.0)
+"""Radius range of the optional second, smaller lesion (30 % of the cases)."""
+CONTRAST = (0.8, 1.5)
+"""Lesion contrast over the local tissue, as a fraction of the brain's mean intensity (before bias and gamma)."""
+
+
 def make_case(index: int, seed: int = 0, resolution: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FLAIR float32, seg uint8 {0,1,2}, affine) of phantom case `index`; a pure function of (seed, index)."""
     import torch
@@ -73,12 +81,12 @@ def make_case(index: int, seed: int = 0, resolution: int = 2) -> tuple[np.ndarra
     base, brain, affine = template(resolution)
     rng = np.random.default_rng([seed, index, 0x5EED])
     dist = distance_transform_edt(brain)
-    field = _lesion(rng, brain, dist, rng.uniform(3.0, 9.0))
+    field = _lesion(rng, brain, dist, rng.uniform(*RADIUS))
     if rng.random() < 0.3:
-        field = np.maximum(field, _lesion(rng, brain, dist, rng.uniform(2.5, 4.5)))
+        field = np.maximum(field, _lesion(rng, brain, dist, rng.uniform(*SECOND_RADIUS)))
     core, whole = field > 0.35, field > 0.0
     mean = float(base[brain].mean())
-    contrast = rng.uniform(0.45, 1.0) * mean
+    contrast = rng.uniform(*CONTRAST) * mean
     texture = 1.0 + 0.15 * gaussian_filter(rng.normal(size=base.shape).astype(np.float32), 1.0) / 0.2
     soft = gaussian_filter(whole.astype(np.float32), 0.8)
     image = base + contrast * soft * texture * (0.6 + 0.4 * core)
