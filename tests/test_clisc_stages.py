@@ -126,11 +126,12 @@ def _stages(d: Path, cases: Path, clip: dict) -> dict:
                    "batch_size": 32, **({"inputs": {"model": "clip"}} if "clip" in clip else {})},
         "classifier": {"kind": "train", "inputs": {"data.corpus": "labels/corpus"},
                        "base": str(ROOT / "jobs" / "clisc_classifier.yaml"), **small},
-        "cam": {"kind": "cam", "inputs": {"classifier": "classifier", "slices": "labels"}},
+        "cam": {"kind": "cam", "inputs": {"classifier": "classifier", "slices": "labels"}, "layer": "layer2"},
         "amda": {"kind": "amda", "inputs": {"slices": "labels", "cam": "cam"}},
         "classifier_amda": {"kind": "train", "inputs": {"data.corpus": "amda/corpus"},
                             "base": str(ROOT / "jobs" / "clisc_classifier.yaml"), **small},
-        "cam_amda": {"kind": "cam", "inputs": {"classifier": "classifier_amda", "slices": "labels"}},
+        "cam_amda": {"kind": "cam", "inputs": {"classifier": "classifier_amda", "slices": "labels"},
+                     "layer": "layer2"},
     }
 
 
@@ -172,6 +173,10 @@ def test_reduced_pipeline_end_to_end_reused_on_a_second_call(first_run, clisc_da
     print("\n[measured] reduced CLISC pipeline: " + ", ".join(
         f"{k}={v:.3g}" for k, v in sorted(m.items()) if k.startswith(("eval/", "labels/", "cam", "amda/"))))
     print(f"[measured] reduced CLISC pipeline wall-clock {out.wall_s:.0f} s (second call {again.wall_s:.0f} s)")
+    # 1-epoch classifiers on 3 training cases: the CAM is not asserted to beat Otsu here (it would be flaky);
+    # the full phantom run in the README measures that
+    print(f"[measured] reduced CLISC pipeline, val: CAM Dice {m['eval/cam/dice']:.3f} -> {m['eval/amda/dice']:.3f} "
+          f"after AMDA, Otsu-on-FLAIR {m['eval/otsu/dice']:.3f}")
     assert {r["action"] for r in out.table} == {"built"}
     assert {r["action"] for r in again.table} == {"reused"}
     where = _where(out)
@@ -228,8 +233,7 @@ def test_without_ground_truth_files_the_label_cam_amda_outputs_are_identical(fir
     stages = {k: v for k, v in _stages(clisc_data, cases, {}).items() if k in NO_GT_STAGES}
     stages["labels"]["clip_model"] = str(where["clip"])
     data = {"name": "clisc-nogt", "cache": {"root": str(tmp_path / "store2")},
-            "track": {"experiment": "clisc-test", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-            "stages": stages}
+            "track": first_run[3]["track"], "stages": stages}  # the same MLflow store (no second DB set-up)
     out2 = run_pipeline(load_pipeline(data=data), say=lambda s: None)
     w2 = _where(out2)
     assert {r["action"] for r in out2.table} == {"built"} and set(w2) == set(NO_GT_STAGES)

@@ -6,10 +6,10 @@ Every case starts from the same real brain: the MNI ICBM152 2009 tissue maps tha
 (`load_mni152_gm_template` / `_wm_template` / `load_mni152_brain_mask`, read from the package, never fetched),
 at 2 mm by default (99 x 117 x 95 voxels). A FLAIR-like contrast is composed from the tissue maps (grey matter
 brighter than white matter, CSF dark), then per case, seeded by (seed, case index):
-  1. one lesion (sometimes a second, smaller one) of random size (radius 3-9 voxels), elongation, orientation and
-     irregular border (an ellipsoid perturbed by smoothed noise), placed inside the brain away from its edge, with
-     a random contrast over the local tissue (0.45-1.0 of the brain's mean intensity), a heterogeneous interior and
-     a soft rim; labelled 1 (core) and 2 (rim), as BraTS labels several tumour classes (> 0 = whole tumour);
+  1. one lesion (sometimes a second, smaller one) of random size (`RADIUS`: 5-12 voxels, 10-24 mm at 2 mm),
+     elongation, orientation and irregular border (an ellipsoid perturbed by smoothed noise), placed inside the
+     brain away from its edge, with a random contrast over the local tissue (`CONTRAST`: 0.8-1.5 of the brain's
+     mean intensity), a heterogeneous interior and a soft rim; labelled 1 (core) and 2 (rim), as BraTS labels several tumour classes (> 0 = whole tumour);
   2. MONAI transforms, applied jointly to image, lesion and brain mask: a random affine (rotation, scale,
      translation) and an elastic deformation (`RandAffined`, `Rand3DElasticd`), then on the image only a smooth
      multiplicative bias field (`RandBiasField`), a random gamma (`RandAdjustContrast`) and Rician noise
@@ -47,6 +47,13 @@ def template(resolution: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return flair, brain, np.asarray(gm_img.affine, dtype=np.float64)
 
 
+@lru_cache(maxsize=2)
+def _depth(resolution: int = 2) -> np.ndarray:
+    """Distance (voxels) of each template brain voxel to the brain's edge (where lesion centres may go)."""
+    from scipy.ndimage import distance_transform_edt
+    return distance_transform_edt(template(resolution)[1])
+
+
 def _lesion(rng: np.random.Generator, brain: np.ndarray, dist: np.ndarray, radius: float) -> np.ndarray:
     """A float field in [0, 1] (1 inside) of one irregular ellipsoidal lesion centred inside the brain."""
     from scipy.ndimage import gaussian_filter
@@ -64,21 +71,29 @@ def _lesion(rng: np.random.Generator, brain: np.ndarray, dist: np.ndarray, radiu
     return np.clip(1.0 - (r + 0.35 * noise), 0.0, 1.0) * brain
 
 
+RADIUS = (5.0, 12.0)
+"""Main lesion radius range in voxels (at 2 mm: 10-24 mm, ~4-60 mL, the lower half of BraTS whole tumours)."""
+SECOND_RADIUS = (3.0, 6.0)
+"""Radius range of the optional second, smaller lesion (30 % of the cases)."""
+CONTRAST = (0.8, 1.5)
+"""Lesion contrast over the local tissue, as a fraction of the brain's mean intensity (before bias and gamma)."""
+
+
 def make_case(index: int, seed: int = 0, resolution: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(FLAIR float32, seg uint8 {0,1,2}, affine) of phantom case `index`; a pure function of (seed, index)."""
     import torch
     from monai.transforms import (Compose, Rand3DElasticd, RandAdjustContrast, RandAffined, RandBiasField,
                                   RandRicianNoise)
-    from scipy.ndimage import distance_transform_edt, gaussian_filter
+    from scipy.ndimage import gaussian_filter
     base, brain, affine = template(resolution)
     rng = np.random.default_rng([seed, index, 0x5EED])
-    dist = distance_transform_edt(brain)
-    field = _lesion(rng, brain, dist, rng.uniform(3.0, 9.0))
+    dist = _depth(resolution)
+    field = _lesion(rng, brain, dist, rng.uniform(*RADIUS))
     if rng.random() < 0.3:
-        field = np.maximum(field, _lesion(rng, brain, dist, rng.uniform(2.5, 4.5)))
+        field = np.maximum(field, _lesion(rng, brain, dist, rng.uniform(*SECOND_RADIUS)))
     core, whole = field > 0.35, field > 0.0
     mean = float(base[brain].mean())
-    contrast = rng.uniform(0.45, 1.0) * mean
+    contrast = rng.uniform(*CONTRAST) * mean
     texture = 1.0 + 0.15 * gaussian_filter(rng.normal(size=base.shape).astype(np.float32), 1.0) / 0.2
     soft = gaussian_filter(whole.astype(np.float32), 0.8)
     image = base + contrast * soft * texture * (0.6 + 0.4 * core)
