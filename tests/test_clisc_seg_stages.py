@@ -106,10 +106,10 @@ def _stages(cases: Path, keep: float = 0.8, upto: str = "eval") -> dict:
         "sam": {"kind": "sam_labels", "inputs": {"cam": "toycam", "slices": "toycam"}, "pictures": 2},
         "unet": unet("sam/corpus"),
         "s3f": {"kind": "s3f", "inputs": {"unet": "unet", "sam": "sam"}, "keep": keep},
-        "unet_s3f": unet("s3f/corpus"),
+        # the retraining on S3F's corpus (`unet_s3f` in jobs/clisc_phantom.yaml) is an ordinary `train` stage like
+        # `unet`: left out here (~45 s of Ray Train start-up in CI); its corpus is decoded by the U-Net's own decoder
         "eval": {"kind": "clisc_seg_eval", "cases": str(cases), "split": "test",
-                 "inputs": {"slices": "toycam", "cam": "toycam", "sam": "sam", "unet": "unet", "s3f": "s3f",
-                            "unet_s3f": "unet_s3f"}},
+                 "inputs": {"slices": "toycam", "cam": "toycam", "sam": "sam", "unet": "unet", "s3f": "s3f"}},
     }
     names = list(stages)
     return {k: v for k, v in stages.items() if names.index(k) <= names.index(upto)}
@@ -140,7 +140,7 @@ def runs(phantoms, ray_local, tmp_path_factory):
     t1 = time.perf_counter() - t
     again = run_pipeline(load_pipeline(data=_data(root, _stages(phantoms / "cases"))), say=lambda s: None)
     keep = plan_pipeline(load_pipeline(data=_data(root, _stages(phantoms / "cases", keep=0.5))))
-    print(f"\n[measured] reduced CLISC part 2 pipeline (4 phantoms at 3 mm, 2 U-Net trainings of 2 epochs): "
+    print(f"\n[measured] reduced CLISC part 2 pipeline (4 phantoms at 3 mm, a U-Net training of 2 epochs): "
           f"{t1:.0f} s; second call {again.wall_s:.1f} s")
     return root, first, again, keep
 
@@ -149,7 +149,8 @@ def runs(phantoms, ray_local, tmp_path_factory):
 @pytest.mark.timeout(900)
 def test_reduced_part2_pipeline_reuse_and_keep_ratio_rebuild(runs, phantoms):
     """Stages 4-6 + the table end to end; a second call reuses every stage; a new S3F keep ratio would rebuild only
-    s3f, its retraining and the table (the runner's own plan; the re-selection itself: the no-GT test below)."""
+    s3f and the table (the runner's own plan; the re-selection itself: the no-GT test below); S3F's retraining corpus
+    is what the U-Net's training decodes."""
     import nibabel as nib
 
     _, first, again, keep = runs
@@ -159,7 +160,7 @@ def test_reduced_part2_pipeline_reuse_and_keep_ratio_rebuild(runs, phantoms):
     assert {r["action"] for r in first.table} == {"built"}
     assert {r["action"] for r in again.table} == {"reused"}
     rebuilt = {name for name, pl in keep.items() if pl.action != "reuse"}
-    assert rebuilt == {"s3f", "unet_s3f", "eval"}, rebuilt
+    assert rebuilt == {"s3f", "eval"}, rebuilt
     assert "keep" in keep["s3f"].reason, keep["s3f"].reason
     # pseudo-labels: one NIfTI per case on the FLAIR's grid, inside the brain; skips counted
     assert m["sam/cases"] == 4 and m["sam/slices_prompted"] > 20 and m["sam/slices_no_prompt"] >= 4
@@ -177,11 +178,19 @@ def test_reduced_part2_pipeline_reuse_and_keep_ratio_rebuild(runs, phantoms):
     assert len(sim["cases"]) == 2 and len(sim["kept"]) == 2 == m["s3f/kept"]
     assert all(0 <= d["similarity"] <= 1 for d in sim["cases"].values())
     # the table: every row, Dice in [0, 1], HD95 failures counted
-    for row in ("otsu", "cam", "box_only", "pseudo", "unet", "unet_s3f"):
+    for row in ("otsu", "cam", "box_only", "pseudo", "unet"):
         assert 0 <= m[f"eval/{row}/dice"] <= 1 and m[f"eval/{row}/hd95_failures"] >= 0, row
     assert "s3f_kept_true_dice" in json.loads((where["eval"] / "eval.json").read_text())["s3f"]
     table = (where["eval"] / "table.md").read_text()
-    assert "U-Net after S3F" in table and "S3F check" in table
+    assert "S3F check" in table
+    # S3F's corpus (the kept cases with the U-Net's predictions) through the U-Net's training decoder: patches of
+    # the configured size, labels from the predictions
+    from medvl.data.corpus import iter_rows, shard_paths
+    from medvl.methods.unet3d import VolumePatchDecoder
+    dec, rng = VolumePatchDecoder([32, 32, 32], rot_flip=True, train=True), np.random.default_rng(0)
+    got = [dec.decode(r, rng) for r in iter_rows(shard_paths(where["s3f"] / "corpus", "train"))]
+    assert len(got) == 2 and all(g["image"].shape == (1, 32, 32, 32) and g["label"].shape == (32, 32, 32)
+                                 for g in got)
     print("[measured] reduced table (2 training steps per U-Net: plumbing, not quality):\n" + table)
     assert 0 <= m["unet/val/label_dice"] <= 1  # model selection without ground truth: agreement with pseudo-labels
 
