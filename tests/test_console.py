@@ -228,6 +228,14 @@ def test_startup_timeline_phases_and_process_start():
     after = time.time()
     child_started, child_now = map(float, child.stdout.split())
     assert before - 0.5 <= child_started <= child_now <= after, (before, child_started, child_now, after)
+    # the first driver timeline of a process starts at the process's start; a later one (a pipeline's next train
+    # stage) at its own creation, so its "imports" phase does not hold the earlier stages
+    code = ("import time; from medvl.track.timeline import Timeline, process_start_time as p; a = Timeline.for_driver("
+            "'a'); t = time.time(); b = Timeline.for_driver('b'); print(p(), a.marks['start'], t, b.marks['start'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")})
+    proc_start, a_start, t_between, b_start = map(float, out.stdout.split())
+    assert a_start == proc_start < t_between <= b_start
     tl = Timeline({"start": 100.0})
     for name, t in zip(DRIVER_PHASES + WORKER_PHASES, (102.0, 105.5, 106.0, 110.0, 111.0, 118.0, 118.5)):
         tl.mark(name, t)

@@ -50,6 +50,10 @@ def process_start_time() -> Optional[float]:
     return now - age if age >= 0 else None
 
 
+_driver_timelines = 0
+"""How many driver timelines this process has made (only the first counts the process's start-up)."""
+
+
 class Timeline:
     """Named time marks in order; `phases()` turns consecutive marks into durations."""
 
@@ -63,7 +67,12 @@ class Timeline:
 
     @classmethod
     def for_driver(cls, token: str) -> "Timeline":
-        return cls({"start": process_start_time() or time.time()}, token)
+        """The first training of a process counts from the process's start (interpreter + imports); a later one
+        (a pipeline's next train stage, a second `run_training` call) from now: its imports were paid before."""
+        global _driver_timelines
+        _driver_timelines += 1
+        start = process_start_time() if _driver_timelines == 1 else None
+        return cls({"start": start or time.time()}, token)
 
     def phases(self, names: tuple[str, ...]) -> dict[str, float]:
         """Seconds of each named phase: from the previous mark (in `names` order, after `start`) to its own."""
