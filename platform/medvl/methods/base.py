@@ -250,3 +250,36 @@ def resolve_method(recipe: Recipe) -> Method:
         if pcls.plugin and pcls.enabled(recipe):
             m = pcls(recipe, m)
     return m
+
+
+def decoded_batch(method: Method, corpus: str, n: int, split: str = "train", device="cpu",
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """The first `n` rows of a corpus split through the method's own training decoder (per-sample seeding as in
+    training) and `prepare_batch`: one real batch for benchmarks and step tests, without Ray."""
+    import numpy as np
+
+    from medvl.data.corpus import iter_rows, shard_paths
+    from medvl.data.decode import decode_rows
+    from medvl.data.stream import meta_and_batch
+    rows: list[dict] = []
+    for r in iter_rows(shard_paths(corpus, split)):
+        rows.append(r)
+        if len(rows) == n:
+            break
+    if not rows:
+        raise ValueError(f"{corpus}: no rows in split {split!r}")
+    cols = {k: np.empty(len(rows), dtype=object) for k in rows[0]}
+    for i, r in enumerate(rows):
+        for k in cols:
+            cols[k][i] = r[k]
+    threads = torch.get_num_threads()
+    try:
+        decoded = decode_rows(method.decoder(train=True), cols, seed=seed, epoch=0)
+    finally:
+        torch.set_num_threads(threads)  # the decoder's set-up pins torch to 1 thread (right in a decode task only)
+    if decoded is None:
+        raise ValueError(f"{corpus}: none of the first {len(rows)} rows of split {split!r} decoded")
+    _, arrays = meta_and_batch(decoded)
+    dtypes = method.batch_dtypes()
+    tensors = {k: torch.as_tensor(np.array(v), dtype=dtypes.get(k)).to(device) for k, v in arrays.items()}
+    return method.prepare_batch(tensors, device)

@@ -1,0 +1,198 @@
+"""Every method's training throughput through medvl against a bare single-process loop of the same model and loss,
+and what each method costs over plain CLIP, in ONE invocation (the machine is shared: compare only figures from
+one run).
+
+    ./dev bench methods [--methods clip,cxr_clip,pmc_clip,clipin] [--epochs 2] [--repeat 2] [--rounds 1]
+                        [--batch-size 64] [--warmup 10] [--log-every 5] [--out bench/out]
+
+For each method, its shipped digits recipe (`jobs/digits_clip.yaml`, `jobs/cxr_clip_digits.yaml`,
+`jobs/pmc_clip_digits.yaml`, `jobs/clipin_digits.yaml`: the same `digits-vit-tiny` towers, global batch 64), on
+the digits corpus (train split repeated `--repeat` times), fp32:
+
+  (m) medvl: `medvl.train.launcher.run_training(recipe)` with 1 Ray Train worker x <cores> CPUs, eval off,
+      no model logging; steady-state samples/s from the run's `train/samples_per_s` windows (after `--warmup`
+      steps; step time includes waiting for data, as in bench/throughput).
+  (b) bare: the same recipe's method (`resolve_method`), model, optimizer (`build_optimizer`), scheduler and
+      step (`medvl.train.step.train_step`: forward, every loss term, backward, clipping, AdamW, `after_step`,
+      e.g. CLIPin's EMA) on ONE batch decoded once from the same corpus by the method's own decoder, in one
+      process, torch threads = cores, no Ray, no data loading in the loop: the compute limit.
+
+Each part runs in a fresh interpreter, one after the other ((m) then (b) per method, methods in order; with
+`--rounds R` the whole sequence repeats and each figure is the median over rounds).
+
+Printed per method: medvl and bare samples/s, `ratio_vs_bare` (medvl / bare: medvl's whole overhead for that
+method: Ray, streaming, logging) and `cost_vs_clip` (the method's bare samples/s / plain CLIP's bare samples/s:
+what the method's extra terms and branches cost on the same towers and batch). Last line:
+`methods_ratio_vs_bare=<min over methods> <method>_ratio_vs_bare=... <method>_cost_vs_clip=...`.
+Not covered here (yet): CLIP-IT's distillation (it needs a paired corpus and a teacher from its pipeline),
+CLISC's slice classifier and 3D U-Net (volume corpora); their CPU bf16 steps are tested in tests/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+RECIPES = {"clip": "digits_clip.yaml", "cxr_clip": "cxr_clip_digits.yaml", "pmc_clip": "pmc_clip_digits.yaml",
+           "clipin": "clipin_digits.yaml"}
+
+
+def _overrides(a) -> list[str]:
+    return [f"data.corpus={a.corpus}", f"data.batch_size={a.batch_size}", "data.val_split=null",
+            f"train.epochs={a.epochs}", "train.num_workers=1", f"train.cpus_per_worker={a.cpus}",
+            f"train.log_every={a.log_every}", "train.ckpt_every=1000000000", "train.max_failures=0",
+            "train.precision=fp32", "eval.every_epoch=false", "track.log_model=false", "track.pictures=false"]
+
+
+def part_medvl(a) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from medvl.config import load_recipe
+    from medvl.train.launcher import run_training
+    os.environ.pop("RAY_ADDRESS", None)  # always an embedded Ray on this machine
+    root = Path(a.work) / f"medvl-{a.method}"
+    shutil.rmtree(root, ignore_errors=True)
+    os.environ["MEDVL_RUN_ROOT"] = str(root)
+    recipe = load_recipe(ROOT / "jobs" / RECIPES[a.method], _overrides(a) + [
+        f"name=bench-methods-{a.method}", "track.experiment=bench-methods",
+        f"track.tracking_uri=sqlite:///{root / 'mlflow.db'}", f"runtime.run_root={root}"])
+    job, _ = run_training(recipe)
+    hist = sorted(MlflowClient(job.tracking_uri).get_metric_history(job.mlflow_run_id, "train/samples_per_s"),
+                  key=lambda m: m.step)
+    windows, prev = [], 0
+    for m in hist:  # value = global batch x steps in window / window time; timestamp = end of window (ms)
+        n = m.step - prev
+        windows.append([n, a.batch_size * n / m.value, m.timestamp / 1000])
+        prev = m.step
+    return {"windows": windows, "steps_expected": job.total_steps}
+
+
+def part_bare(a) -> dict:
+    import torch
+
+    from medvl.config import load_recipe
+    from medvl.methods import resolve_method
+    from medvl.methods.base import decoded_batch
+    from medvl.train.optim import build_optimizer, build_scheduler
+    from medvl.train.step import StepSettings, train_step
+    torch.set_num_threads(a.cpus)
+    torch.manual_seed(0)
+    recipe = load_recipe(ROOT / "jobs" / RECIPES[a.method], _overrides(a))
+    m = resolve_method(recipe)
+    m.bind(m.dist, torch.device("cpu"))
+    model = m.build_model().train()
+    opt = build_optimizer(model, recipe.optim)
+    sched = build_scheduler(opt, recipe.optim, a.steps_total + 1)
+    batch = decoded_batch(m, a.corpus, a.batch_size)
+    s = StepSettings(recipe.optim.accum_freq, recipe.optim.grad_clip, "fp32", "cpu")
+    windows = []
+    for _ in range(a.steps_total):
+        t0 = time.perf_counter()
+        terms = train_step(m, model, dict(batch), opt, sched, s)
+        float(terms["loss"])
+        windows.append([1, time.perf_counter() - t0, time.time()])
+    return {"windows": windows, "torch_threads": torch.get_num_threads(), "terms": sorted(terms)}
+
+
+def run_part(name: str, method: str, a) -> dict:
+    from throughput import wait_quiet
+    waited = wait_quiet(a.wait_quiet, os.cpu_count() or 2)
+    if waited > 6:
+        print(f"      (waited {waited:.0f} s for the machine to go quiet)", flush=True)
+    a.seq = getattr(a, "seq", 0) + 1
+    res = Path(a.work) / f"part{a.seq:02d}-{name}-{method}.json"
+    args = [sys.executable, __file__, "--part", name, "--method", method, "--work", a.work, "--corpus", a.corpus,
+            "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--log-every", str(a.log_every),
+            "--warmup", str(a.warmup), "--steps-total", str(a.steps_total), "--cpus", str(a.cpus),
+            "--result", str(res)]
+    t0 = time.perf_counter()
+    p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "platform")})
+    res.with_suffix(".log").write_text(p.stdout + p.stderr)
+    if p.returncode != 0 or not res.exists():
+        raise RuntimeError(f"part {name} {method} failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
+    r = json.loads(res.read_text())
+    r["process_wall_s"] = time.perf_counter() - t0
+    return r
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES))
+    ap.add_argument("--batch-size", type=int, default=64, help="global batch")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2, help="repeat the digits train split k times (longer epochs)")
+    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=10, help="steps excluded from the steady state")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--wait-quiet", type=float, default=60)
+    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--part", choices=["medvl", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", help=argparse.SUPPRESS)
+    ap.add_argument("--steps-total", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    from throughput import make_data, steady
+
+    if a.part:
+        r = {"medvl": part_medvl, "bare": part_bare}[a.part](a)
+        r["steady"] = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
+        Path(a.result).write_text(json.dumps(r))
+        return 0
+
+    methods = [x.strip() for x in a.methods.split(",") if x.strip()]
+    unknown = [x for x in methods if x not in RECIPES]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; known: {sorted(RECIPES)}")
+    if "clip" not in methods:
+        methods.insert(0, "clip")  # the baseline of cost_vs_clip
+    work = Path(a.out).resolve() / time.strftime("methods-%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    a.work = str(work)
+    corpus, _, rows = make_data(work, a.repeat)
+    a.corpus = corpus
+    a.steps_total = (rows // a.batch_size) * a.epochs
+    print(f"digits-vit-tiny recipes, global batch {a.batch_size}, {rows} train images x {a.epochs} epochs = "
+          f"{a.steps_total} steps (warm-up {a.warmup} excluded), {a.cpus} cores, fp32, 1 worker; methods "
+          f"{', '.join(methods)}; {a.rounds} round(s)", flush=True)
+    got: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
+    for rnd in range(a.rounds):
+        for m in methods:
+            for part in ("medvl", "bare"):
+                r = run_part(part, m, a)
+                sps = r["steady"]["samples_per_s"]
+                got[m][part].append(sps)
+                extra = f", terms {', '.join(r['terms'])}" if part == "bare" else ""
+                print(f"  round {rnd + 1} {m:9s} {part:5s} {sps:8.1f} samples/s (median window "
+                      f"{r['steady']['median_window_samples_per_s']:.1f}; process {r['process_wall_s']:.0f} s"
+                      f"{extra})", flush=True)
+    med = {m: {p: statistics.median(v) for p, v in d.items()} for m, d in got.items()}
+    print("\nmethod     medvl samples/s  bare samples/s  ratio_vs_bare  cost_vs_clip (bare / clip's bare)")
+    ratios, tail = {}, []
+    for m in methods:
+        rv = med[m]["medvl"] / med[m]["bare"]
+        cost = med[m]["bare"] / med["clip"]["bare"]
+        ratios[m] = rv
+        print(f"{m:10s} {med[m]['medvl']:15.1f} {med[m]['bare']:15.1f} {rv:14.2f} {cost:13.2f}")
+        tail += [f"{m}_ratio_vs_bare={rv:.2f}", f"{m}_cost_vs_clip={cost:.2f}"]
+    (work / "results.json").write_text(json.dumps({"samples_per_s": got, "median": med}, indent=1))
+    print(f"(results: {work})")
+    print(f"methods_ratio_vs_bare={min(ratios.values()):.2f} " + " ".join(tail))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
