@@ -19,24 +19,34 @@ def recipe_method(data: dict):
     return resolve_method(load_recipe(data=data))
 
 
-def one_step(method_or_data, accum: int, batch: dict[str, torch.Tensor], seed: int = 0, precision: str = "fp32"):
-    """Build the method's model from `seed`, run one accumulated step; return (terms, {param: grad})."""
+def one_step(method_or_data, accum: int, batch: dict[str, torch.Tensor], seed: int = 0, precision: str = "fp32",
+             device: str = "cpu"):
+    """Build the method's model from `seed`, run one accumulated step (on `device`; fp16 on CUDA with the
+    trainer's GradScaler); return (terms, {param: grad}) on the CPU."""
     torch.manual_seed(seed)
     m = method_or_data if not isinstance(method_or_data, dict) else recipe_method(method_or_data)
-    model = m.build_model()
+    if device != "cpu":
+        m.bind(m.dist, torch.device(device))
+    model = m.build_model().to(device)
     opt = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0))
     sched = build_scheduler(opt, OptimConfig(warmup_steps=0), 10)
-    terms = train_step(m, model, {k: v.clone() for k, v in batch.items()}, opt, sched,
-                       StepSettings(accum_freq=accum, grad_clip=None, precision=precision))
-    return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # (a moderate initial scale: with the default 2^16 a tiny model's first fp16 step may overflow and be skipped)
+    scaler = torch.amp.GradScaler("cuda", init_scale=1024.0) if device == "cuda" and precision == "fp16" else None
+    terms = train_step(m, model, {k: v.clone().to(device) for k, v in batch.items()}, opt, sched,
+                       StepSettings(accum_freq=accum, grad_clip=None, precision=precision,
+                                    device_type=torch.device(device).type), scaler)
+    return ({k: v.float().cpu() for k, v in terms.items()},
+            {n: p.grad.clone().cpu() for n, p in model.named_parameters() if p.grad is not None})
 
 
-def assert_bf16_autocast_step(method_or_factory: dict | Callable, batch, full=None) -> None:
-    """The method's step under CPU bf16 autocast (the GPU AMP path's dtypes, without a GPU): it runs (no dtype
-    error), every loss term is finite and near the fp32 step's, and the gradients are fp32 and finite on the same
-    parameters (autocast keeps the weights and their gradients fp32)."""
-    full = full or one_step(_fresh(method_or_factory), 1, batch)
-    terms, grads = one_step(_fresh(method_or_factory), 1, batch, precision="bf16")
+def assert_bf16_autocast_step(method_or_factory: dict | Callable, batch, full=None, precision: str = "bf16",
+                              device: str = "cpu") -> None:
+    """The method's step under CPU bf16 autocast (the GPU AMP path's dtypes, without a GPU; with `device="cuda"`
+    the GPU path itself, bf16 or fp16 + GradScaler): it runs (no dtype error), every loss term is finite and near
+    the fp32 step's, and the gradients are fp32 and finite on the same parameters (autocast keeps the weights and
+    their gradients fp32)."""
+    full = full or one_step(_fresh(method_or_factory), 1, batch, device=device)
+    terms, grads = one_step(_fresh(method_or_factory), 1, batch, precision=precision, device=device)
     assert set(terms) == set(full[0])
     for k, v in terms.items():
         assert torch.isfinite(v).all(), k

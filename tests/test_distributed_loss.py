@@ -31,14 +31,17 @@ def _worker(config):
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(1)
-    model = ray.train.torch.prepare_model(_model())
-    images, texts = _batch()
+    device = ray.train.torch.get_device()  # the CPU here (gloo); a GPU under use_gpu (NCCL, tests/test_gpu.py)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 math, as on the CPU
+    model = ray.train.torch.prepare_model(_model())  # moves the model to `device`
+    images, texts = (x.to(device) for x in _batch())
     half = len(images) // world
     sl = slice(rank * half, (rank + 1) * half)
     loss_fn = build_loss(LossConfig(kind="clip", local_loss=config["local"], gather_with_grad=True), rank, world)
     loss = compute_loss(loss_fn, model(images[sl], texts[sl]))
     loss.backward()  # DDP all-reduces (averages) the gradients
-    torch.save({"loss": loss.item(), "grads": _grads(model.module if hasattr(model, "module") else model)},
+    grads = {n: g.cpu() for n, g in _grads(model.module if hasattr(model, "module") else model).items()}
+    torch.save({"loss": loss.item(), "grads": grads, "device": str(device)},
                f"{config['out']}/rank{rank}.pt")
     ray.train.report({"loss": loss.item()})
 
