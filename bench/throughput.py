@@ -50,6 +50,7 @@ Results (JSON), open_clip_train's log and the medvl run roots are kept under `--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -185,7 +186,7 @@ def wait_quiet(max_wait: float, cores: int, threshold: float = 0.25, span: float
 def make_data(tmp: Path, repeat: int) -> tuple[str, Path, int]:
     """The digits corpus (medvl format; its train split repeated `repeat` times) and a TSV listing the same
     train images (the PNGs it was ingested from), in the same multiplicity, with the first caption."""
-    from medvl.data.corpus import Manifest, Shard, iter_rows, load_manifest, shard_paths, write_manifest
+    from medvl.data.corpus import Shard, iter_rows, load_manifest, shard_paths, write_manifest
     from medvl.data.ingest import ingest_digits
     base = tmp / "digits"
     ingest_digits(str(base))
@@ -201,7 +202,7 @@ def make_data(tmp: Path, repeat: int) -> tuple[str, Path, int]:
                     rel = f"shards/train-{k:03d}-{Path(s.path).name}"
                     shutil.copy(base / s.path, corpus / rel)
                     shards.append(Shard(rel, "train", s.rows))
-        write_manifest(corpus, Manifest(source=f"{base} x{repeat}", shards=shards))
+        write_manifest(corpus, dataclasses.replace(m, source=f"{base} x{repeat}", shards=shards))  # classes kept
     tsv = tmp / "train.tsv"
     with open(tsv, "w") as f:
         f.write("filepath\ttitle\n")

@@ -70,6 +70,7 @@ def test_every_sweep_spec_validates(path, digits_corpus):
     ("scheduler.kind=pbt", r"scheduler\.kind: must be one of"),
     ("num_samples=0", r"num_samples must be >= 1"),
     ("bogus=1", r"unknown key bogus: neither a sweep key"),
+    ("objectives=[{metric: trial/wall_s, mode: min}]", r"multi-objective sweep needs scheduler\.kind none"),
     ("resources.workers=3", r"data\.batch_size \(64\) must be divisible by train\.num_workers \(3\)"),
 ])
 def test_invalid_sweeps_fail_before_any_trial(digits_corpus, override, message):
@@ -78,6 +79,43 @@ def test_invalid_sweeps_fail_before_any_trial(digits_corpus, override, message):
     with pytest.raises(SweepError, match=message):
         validate_sweep(_spec(digits_corpus, override))
     assert time.time() - t0 < 30 and not ray.is_initialized()
+
+
+@pytest.mark.timeout(60)
+def test_multi_objective_spec_pareto_front_and_plots(digits_corpus, tmp_path):
+    """Extra objectives validate (reported or trial/wall_s, distinct); the Pareto front of a trials table is the
+    non-dominated finished trials; the rebuilt study is multi-objective and its plots include the front."""
+    import pandas as pd
+
+    from medvl.tune.space import SearchSpace
+    from medvl.tune.sweep import objectives
+    from medvl.tune.tracking import pareto_ids, rebuild_study, save_plots
+    ok = _spec(digits_corpus, "scheduler=none", "objectives=[{metric: trial/wall_s, mode: min}]")
+    validate_sweep(ok)
+    assert objectives(ok) == (["val/zero_shot_accuracy", "trial/wall_s"], ["max", "min"])
+    for ov, msg in [("objectives=[{metric: val/nope, mode: min}]", r"objectives\[0\]\.metric: trials never report"),
+                    ("objectives=[{metric: val/zero_shot_accuracy}]", r"already an objective"),
+                    ("objectives=[{metric: trial/wall_s, mode: low}]", r"mode")]:
+        with pytest.raises(SweepError, match=msg):
+            validate_sweep(_spec(digits_corpus, "scheduler=none", ov))
+    metrics, modes = objectives(ok)
+    df = pd.DataFrame([  # accuracy (max) vs wall-clock (min)
+        {"trial_id": "a", "tune_status": "TERMINATED", "trial_start": 1, "optim.lr": 1e-3, "model.init_logit_scale": 3.0,
+         "optim.warmup_steps": 0, metrics[0]: 0.50, metrics[1]: 100.0},
+        {"trial_id": "b", "tune_status": "TERMINATED", "trial_start": 2, "optim.lr": 2e-3, "model.init_logit_scale": 2.5,
+         "optim.warmup_steps": 10, metrics[0]: 0.40, metrics[1]: 50.0},
+        {"trial_id": "c", "tune_status": "TERMINATED", "trial_start": 3, "optim.lr": 5e-4, "model.init_logit_scale": 4.0,
+         "optim.warmup_steps": 20, metrics[0]: 0.35, metrics[1]: 80.0},    # dominated by b
+        {"trial_id": "d", "tune_status": "ERROR", "trial_start": 4, "optim.lr": 1e-3, "model.init_logit_scale": 3.0,
+         "optim.warmup_steps": 0, metrics[0]: 0.90, metrics[1]: 10.0}])   # failed: never on the front
+    assert pareto_ids(df, metrics, modes) == {"a", "b"}
+    study = rebuild_study(df, SearchSpace(ok.search_space), metrics, modes)
+    assert len(study.directions) == 2 and len(study.trials) == 3
+    assert {t.number for t in study.best_trials} == {0, 1}  # Optuna's own front agrees
+    plots = save_plots(study, tmp_path, target_name=metrics)
+    for name in ("optimization_history", "param_importances", "pareto_front"):
+        assert not plots[name].startswith("skipped"), plots[name]
+        assert Path(plots[name]).stat().st_size > 5_000
 
 
 @pytest.mark.timeout(60)
@@ -170,7 +208,7 @@ def test_epoch_report_callback_forwards_one_result_per_epoch(monkeypatch):
     sent = []
     monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, ctx, m, ck: sent.append(m[0]))
     cb = EpochReportCallback.__new__(EpochReportCallback)  # (its __init__ needs a live Tune session)
-    cb.metric, cb.total_steps, cb.last_epoch = "val/zero_shot_accuracy", 66, -1
+    cb.metric, cb.total_steps, cb.last_epoch, cb.t_start = "val/zero_shot_accuracy", 66, -1, None
     for m in [{"step": 10, "epoch": 0, "train/loss": 4.0},                                  # mid-epoch, no eval
               {"step": 22, "epoch": 1, "val/zero_shot_accuracy": 0.2},                      # epoch 1
               {"step": 30, "epoch": 1, "val/zero_shot_accuracy": 0.2},                      # mid-epoch repeat

@@ -82,6 +82,18 @@ class SchedulerSpec:
     """hyperband only: number of ASHA brackets."""
 
 
+TRIAL_WALL = "trial/wall_s"
+"""Every trial reports its wall-clock so far (seconds since its Tune trial function started, this attempt) with
+each result: a second objective for a multi-objective sweep (objective vs cost)."""
+
+
+@dataclass
+class ObjectiveSpec:
+    metric: str
+    """A reported metric (as for the sweep's `metric`) or `trial/wall_s`."""
+    mode: Literal["max", "min"] = "max"
+
+
 @dataclass
 class ResourcesSpec:
     workers: Optional[int] = None
@@ -111,6 +123,12 @@ class SweepSpec:
     metric: str = "val/zero_shot_accuracy"
     """Objective: a metric the trainer reports at epoch ends."""
     mode: Literal["max", "min"] = "max"
+    objectives: list[ObjectiveSpec] = field(default_factory=list)
+    """Extra objectives: a multi-objective search (Optuna's TPE models them jointly), e.g.
+    `[{metric: trial/wall_s, mode: min}]` = the objective vs each trial's wall-clock. `metric` stays the primary
+    objective (the progress line, `best/...` on the parent run); the parent run also gets the Pareto front
+    (`optuna/pareto_front.png`, column `pareto` in results.csv). Needs `scheduler.kind: none` (ASHA and
+    HyperBand stop trials on one metric)."""
     num_samples: int = 8
     seed: int = 0
     """Seed of Optuna's TPE sampler (the trials' own seed is `train.seed`)."""
@@ -149,6 +167,9 @@ def _parse_spec(raw: dict, where: str) -> SweepSpec:
     space = raw.pop("search_space", None) or {}
     if not isinstance(space, dict):
         raise SweepError(f"{where}search_space: expected a mapping of recipe keys to dimensions")
+    objectives = raw.pop("objectives", None) or []
+    if not isinstance(objectives, list) or not all(isinstance(o, dict) for o in objectives):
+        raise SweepError(f"{where}objectives: expected a list of {{metric: ..., mode: max|min}}")
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise SweepError(f"{where}overrides: expected a mapping of dotted recipe keys to values")
@@ -157,6 +178,7 @@ def _parse_spec(raw: dict, where: str) -> SweepSpec:
         spec = from_dict(SweepSpec, raw)
         spec.search_space = {str(k): from_dict(ParamSpec, v, prefix=f"search_space.{k}")
                              for k, v in space.items()}
+        spec.objectives = [from_dict(ObjectiveSpec, o, prefix=f"objectives[{i}]") for i, o in enumerate(objectives)]
     except SweepError:
         raise
     except ConfigError as e:
@@ -333,6 +355,7 @@ def _validate_pipeline_sweep(spec: SweepSpec, p) -> None:
     from medvl.tune.space import PipelineSchema, SearchSpace
     SearchSpace(spec.search_space).validate(pipeline_to_dict(p), PipelineSchema(p))
     metrics = p.metric_names()
+    _validate_objectives(spec, metrics)
     if spec.metric not in metrics:
         raise SweepError(f"metric: no stage of pipeline {p.name!r} reports {spec.metric!r}; objectives are "
                          f"<stage>/<metric>, one of: {', '.join(sorted(metrics))}")
@@ -371,6 +394,7 @@ def validate_sweep(spec: SweepSpec) -> Recipe:
     SearchSpace(spec.search_space).validate(to_dict(recipe))
 
     metrics = reported_metrics(recipe)
+    _validate_objectives(spec, metrics)
     if spec.metric not in metrics:
         hint = ""
         if spec.metric.startswith("val/") and recipe.data.val_split is None:
@@ -397,6 +421,23 @@ def validate_sweep(spec: SweepSpec) -> Recipe:
     return recipe
 
 
+def _validate_objectives(spec: SweepSpec, metrics: set[str]) -> None:
+    """The extra objectives of a multi-objective sweep: reported (or `trial/wall_s`), distinct, no scheduler."""
+    seen = {spec.metric}
+    for i, o in enumerate(spec.objectives):
+        if o.metric in seen:
+            raise SweepError(f"objectives[{i}].metric: {o.metric!r} is already an objective")
+        seen.add(o.metric)
+        if o.metric != TRIAL_WALL and o.metric not in metrics:
+            raise SweepError(f"objectives[{i}].metric: trials never report {o.metric!r}; they report "
+                             f"{TRIAL_WALL} and: {', '.join(sorted(metrics))}")
+        if o.mode not in ("max", "min"):
+            raise SweepError(f"objectives[{i}].mode: expected max or min, got {o.mode!r}")
+    if spec.objectives and spec.scheduler.kind != "none":
+        raise SweepError(f"objectives: a multi-objective sweep needs scheduler.kind none (the {spec.scheduler.kind} "
+                         f"scheduler stops trials on {spec.metric!r} alone)")
+
+
 def _max_trial_epochs(recipe: Recipe, spec: SweepSpec) -> int:
     """The scheduler horizon: the base recipe's epochs, or the top of a searched `train.epochs` range."""
     p = spec.search_space.get("train.epochs")
@@ -411,6 +452,6 @@ def scheduler_horizon(recipe: Recipe, spec: SweepSpec) -> int:
     return spec.scheduler.max_t or _max_trial_epochs(recipe, spec)
 
 
-__all__ = ["SweepSpec", "ParamSpec", "SchedulerSpec", "ResourcesSpec", "SweepError", "load_sweep",
+__all__ = ["SweepSpec", "ParamSpec", "ObjectiveSpec", "TRIAL_WALL", "SchedulerSpec", "ResourcesSpec", "SweepError", "load_sweep",
            "validate_sweep", "reported_metrics", "base_recipe", "resolve_base", "spec_to_dict",
            "scheduler_horizon", "to_dict", "is_pipeline_sweep"]

@@ -138,8 +138,15 @@ def build_searcher(spec: SweepSpec, space):
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             Path(url[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.RDBStorage(url)
-    return OptunaSearch(space=space, metric=spec.metric, mode=spec.mode, sampler=sampler, storage=storage,
+    metric, mode = objectives(spec)  # several: a multi-objective study (TPE handles it)
+    return OptunaSearch(space=space, metric=metric if len(metric) > 1 else metric[0],
+                        mode=mode if len(mode) > 1 else mode[0], sampler=sampler, storage=storage,
                         study_name=spec.study_name or spec.sweep_name)
+
+
+def objectives(spec: SweepSpec) -> tuple[list[str], list[str]]:
+    """(metrics, modes): the primary objective first, then `objectives`."""
+    return [spec.metric] + [o.metric for o in spec.objectives], [spec.mode] + [o.mode for o in spec.objectives]
 
 
 def build_scheduler(spec: SweepSpec, horizon: int):
@@ -243,9 +250,10 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     done = sum(tracking.trial_state(t) in ("TERMINATED", "ERROR") for t in trials)
     complete = done >= spec.num_samples
     tracking.close_dangling_children(uri, parent, "KILLED", "sweep ended" if complete else "sweep interrupted")
-    table = tracking.trials_table(trials, list(space.params), spec.metric, horizon, uri, parent, sweep_dir)
+    metrics, modes = objectives(spec)
+    table = tracking.trials_table(trials, list(space.params), metrics, horizon, uri, parent, sweep_dir)
     best = tracking.best_row(table, spec.metric, spec.mode)
-    plots = tracking.log_summary(uri, parent, table, best, space, spec.metric, spec.mode, sweep_dir, complete)
+    plots = tracking.log_summary(uri, parent, table, best, space, metrics, modes, sweep_dir, complete)
     if complete:
         status = "FINISHED" if best is not None else "FAILED"
     else:

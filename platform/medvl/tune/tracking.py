@@ -191,10 +191,11 @@ def trial_state(trial) -> str:
     return trial.status
 
 
-def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int, uri: str, parent_run_id: str,
-                 sweep_dir: Path):
+def trials_table(trials: list, space_keys: list[str], metric: str | list[str], horizon: int, uri: str,
+                 parent_run_id: str, sweep_dir: Path):
     """One row per Tune trial (`ResultGrid`'s trials): id, MLflow child run, statuses, sampled params,
-    objective, epochs trained, whether the scheduler stopped it, trial start/end times."""
+    objective(s), epochs trained, whether the scheduler stopped it, trial start/end times."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
     import pandas as pd
     children = child_runs(uri, parent_run_id)
     times = trial_times(sweep_dir)
@@ -213,7 +214,7 @@ def trials_table(trials: list, space_keys: list[str], metric: str, horizon: int,
             "tune_status": trial_state(trial), "mlflow_status": child.info.status if child else None,
             "error": trial_state(trial) == "ERROR",
             **{k: cfg.get(k) for k in space_keys},
-            metric: m.get(metric), "epoch": epoch, "step": m.get("step"),
+            **{k: m.get(k) for k in metrics}, "epoch": epoch, "step": m.get("step"),
             "stopped_early": bool(trial_state(trial) == "TERMINATED" and epoch is not None and epoch < horizon),
             "trial_start": t.get("start"), "trial_end": t.get("end"),
             "trial_wall_s": (t["end"] - t["start"]) if "start" in t and "end" in t else None,
@@ -263,37 +264,62 @@ def best_row(df, metric: str, mode: str) -> Optional[dict]:
     return ok.loc[idx].to_dict()
 
 
-def rebuild_study(df, space, metric: str, mode: str):
-    """An Optuna study holding the trials' params and objective values (for the visualisation functions)."""
+def rebuild_study(df, space, metric: str | list[str], mode: str | list[str]):
+    """An Optuna study holding the trials' params and objective values (for the visualisation functions); with
+    several metrics a multi-objective study (one direction each)."""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    study = optuna.create_study(directions=directions) if len(metrics) > 1 else \
+        optuna.create_study(direction=directions[0])
     dists = space.distributions()
     for _, r in df.sort_values("trial_start", na_position="last").iterrows():
-        v = r.get(metric)
-        if r.get("tune_status") != "TERMINATED" or _missing(v) or not math.isfinite(float(v)):
+        vals = [r.get(k) for k in metrics]
+        if r.get("tune_status") != "TERMINATED" or any(_missing(v) or not math.isfinite(float(v)) for v in vals):
             continue
         params = {k: r[k] for k in dists if k in r and not _missing(r[k])}
         params = {k: (int(v_) if isinstance(dists[k], optuna.distributions.IntDistribution) else v_)
                   for k, v_ in params.items()}
         study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                                  value=float(v)))
+                                                  values=[float(v) for v in vals]))
     return study
+
+
+def pareto_ids(df, metrics: list[str], modes: list[str]) -> set[str]:
+    """Trial ids on the Pareto front of the finished trials: no other finished trial is at least as good in every
+    objective and better in one."""
+    pts = []
+    for r in df.to_dict("records"):
+        vals = [r.get(k) for k in metrics]
+        if r.get("tune_status") == "TERMINATED" and not any(_missing(v) or not math.isfinite(float(v)) for v in vals):
+            pts.append((r["trial_id"], [float(v) if m == "max" else -float(v) for v, m in zip(vals, modes)]))
+
+    def dominates(a, b):
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+    return {tid for tid, v in pts if not any(dominates(w, v) for t2, w in pts if t2 != tid)}
 
 
 def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def save_plots(study, out_dir: Path, target_name: str = "Objective Value") -> dict[str, str]:
-    """Optimisation history + parameter importances as PNGs; returns {name: path or 'skipped: reason'}."""
+def save_plots(study, out_dir: Path, target_name: str | list[str] = "Objective Value") -> dict[str, str]:
+    """Optimisation history + parameter importances as PNGs (of the first objective), and for a multi-objective
+    study the Pareto front; returns {name: path or 'skipped: reason'}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
+    names = [target_name] if isinstance(target_name, str) else list(target_name)
+    multi = len(study.directions) > 1
+    first = {"target": (lambda t: t.values[0]), "target_name": names[0]} if multi else {"target_name": names[0]}
     out: dict[str, str] = {}
-    plots = {"optimization_history": ovm.plot_optimization_history,
-             "param_importances": ovm.plot_param_importances}
+    plots = {"optimization_history": lambda st: ovm.plot_optimization_history(st, **first),
+             "param_importances": lambda st: ovm.plot_param_importances(st, **first)}
+    if multi:
+        plots["pareto_front"] = lambda st: ovm.plot_pareto_front(st, target_names=names[:len(st.directions)])
     for name, fn in plots.items():
         if name == "param_importances":
             n = len(study.trials)
@@ -303,7 +329,7 @@ def save_plots(study, out_dir: Path, target_name: str = "Objective Value") -> di
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ax = fn(study, target_name=target_name)
+                ax = fn(study)
             fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
             fig.set_size_inches(8, 5)
             fig.tight_layout()
@@ -324,10 +350,18 @@ def _log_param_once(client, run_id: str, key: str, value: Any) -> None:
         client.set_tag(run_id, key, str(value))
 
 
-def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, metric: str, mode: str,
-                sweep_dir: Path, complete: bool) -> dict[str, str]:
-    """Write results.csv and log table, best params/metric and the Optuna plots to the parent run."""
+def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, metric: str | list[str],
+                mode: str | list[str], sweep_dir: Path, complete: bool) -> dict[str, str]:
+    """Write results.csv and log table, best params/metric (the first objective's) and the Optuna plots to the
+    parent run; with several objectives also the Pareto front (plot, `pareto` column, tag)."""
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    metric = metrics[0]
     client = runs._client(uri)
+    if len(metrics) > 1 and len(df):
+        front = pareto_ids(df, metrics, modes)
+        df = df.assign(pareto=df["trial_id"].isin(front))
+        client.set_tag(parent_run_id, "medvl.pareto_trials", ",".join(sorted(front)) or "none")
     csv = sweep_dir / RESULTS_FILE
     df.to_csv(csv, index=False)
     client.log_artifact(parent_run_id, str(csv), artifact_path="sweep")
@@ -348,9 +382,9 @@ def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, m
         client.set_tag(parent_run_id, "medvl.best_trial", best["trial_id"])
         if best.get("mlflow_run_id"):
             client.set_tag(parent_run_id, "medvl.best_run_id", best["mlflow_run_id"])
-        study = rebuild_study(df, space, metric, mode)
+        study = rebuild_study(df, space, metrics, modes)
         with tempfile.TemporaryDirectory() as d:
-            plots = save_plots(study, Path(d), target_name=metric)
+            plots = save_plots(study, Path(d), target_name=metrics)
             for name, p in plots.items():
                 if not p.startswith("skipped"):
                     client.log_artifact(parent_run_id, p, artifact_path="optuna")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from medvl.config import apply_overrides, recipe_from_dict
+from medvl.tune.spec import TRIAL_WALL
 
 
 def trial_run_name(sweep: str, trial_id: str) -> str:
@@ -46,11 +48,12 @@ class EpochReportCallback(TuneReportCallback):
     """Forward to Tune one result per completed epoch that carries the objective (mid-epoch checkpoint reports
     repeat the last eval, or have none yet); hold back the final one (see the module docstring)."""
 
-    def __init__(self, metric: str, total_steps: int):
+    def __init__(self, metric: str, total_steps: int, t_start: Optional[float] = None):
         super().__init__()  # [1] must be created inside the Tune trial (it binds to the trial's session)
         self.metric = metric
         self.total_steps = total_steps
         self.last_epoch = -1
+        self.t_start = t_start  # the trial's start: each forwarded result carries trial/wall_s
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]  # rank 0's metrics
@@ -59,6 +62,8 @@ class EpochReportCallback(TuneReportCallback):
         if m.get("final") or m.get("step", 0) >= self.total_steps:
             return  # the trial function reports the final result after finalize()
         self.last_epoch = m["epoch"]
+        if self.t_start is not None:
+            metrics = [{**m, TRIAL_WALL: time.time() - self.t_start}, *metrics[1:]]
         super().after_report(run_context, metrics, checkpoint)
 
 
@@ -75,17 +80,18 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
 
     if ctx.pipeline:
         return run_pipeline_trial(config, ctx)
-    import time
     import uuid
 
     from medvl.track.timeline import Timeline
-    timeline = Timeline({"start": time.time()}, uuid.uuid4().hex)  # the trial's own phases (its actor is up)
+    t_start = time.time()
+    timeline = Timeline({"start": t_start}, uuid.uuid4().hex)  # the trial's own phases (its actor is up)
     trial_id = ray.tune.get_context().get_trial_id()
     os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
     recipe = trial_recipe(ctx, config, trial_id)
     job = prepare_job(recipe, parent_run_id=ctx.parent_run_id,  # [2] MLflow child run of the sweep's parent
                       tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id})
-    trainer = build_trainer(job, callbacks=[EpochReportCallback(ctx.metric, job.total_steps)], timeline=timeline)
+    trainer = build_trainer(job, callbacks=[EpochReportCallback(ctx.metric, job.total_steps, t_start)],
+                            timeline=timeline)
     # No try/except marking the run FAILED here: when a scheduler stops the trial, Tune ends its reporting and
     # fit() raises, and a FAILED written from here raced SweepCallback (seen: ASHA-stopped trials ending FAILED).
     # SweepCallback on the driver is the one place that closes unfinished runs: KILLED + stopped-early tags when
@@ -97,6 +103,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         release_skip_counter(job.mlflow_run_id, job.tracking_uri)
     out = {k: v for k, v in final.items()
            if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v))}
+    out[TRIAL_WALL] = time.time() - t_start
     ray.tune.report(out)  # [4] the final epoch's result, after the run is complete in MLflow
 
 
@@ -109,6 +116,7 @@ def run_pipeline_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     from medvl.pipelines import load_pipeline, run_pipeline
     from medvl.track import runs
 
+    t_start = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
     os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
     name = trial_run_name(ctx.sweep, trial_id)
@@ -117,7 +125,8 @@ def run_pipeline_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     out = run_pipeline(p, parent_run_id=ctx.parent_run_id, run_name=name, run_id_file=id_file,
                        tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id},
                        say=lambda s: print(f"[trial {trial_id}] {s}", flush=True))
-    ray.tune.report({k: v for k, v in out.metrics.items() if not (isinstance(v, float) and math.isnan(v))})
+    ray.tune.report({**{k: v for k, v in out.metrics.items() if not (isinstance(v, float) and math.isnan(v))},
+                     TRIAL_WALL: time.time() - t_start})
 
 
 def release_skip_counter(mlflow_run_id: Optional[str], tracking_uri: Optional[str] = None) -> None:
