@@ -177,23 +177,26 @@ def test_sweep_progress_counts_trials_and_best(capsys, monkeypatch):
 
     from medvl.tune.progress import SweepProgress
     monkeypatch.delenv("MEDVL_PROGRESS", raising=False)
-    cb = SweepProgress(total=5, metric="val/acc", mode="max", horizon=3)
-    trials = [T(trial_id="a", status="TERMINATED", last_result={"done": True, "val/acc": 0.8, "epoch": 3}),
+    cb = SweepProgress(total=6, metric="val/acc", mode="max", horizon=3)
+    trials = [T(trial_id="a", status="TERMINATED", last_result={"done": True, "val/acc": 0.8, "epoch": 3}, config={}),
               # stopped by the scheduler: Tune marks it done too, but it ended before the horizon
-              T(trial_id="b", status="TERMINATED", last_result={"done": True, "val/acc": 0.3, "epoch": 1}),
-              T(trial_id="c", status="ERROR", last_result={}),
-              T(trial_id="d", status="RUNNING", last_result={"val/acc": 0.9}),
-              T(trial_id="e", status="PENDING", last_result=None)]
+              T(trial_id="b", status="TERMINATED", last_result={"done": True, "val/acc": 0.3, "epoch": 1}, config={}),
+              T(trial_id="c", status="ERROR", last_result={}, config={}),
+              T(trial_id="d", status="RUNNING", last_result={"val/acc": 0.9}, config={}),
+              T(trial_id="e", status="PENDING", last_result=None, config={}),
+              # train.epochs searched: it sampled 1 epoch and trained it: done, not stopped early
+              T(trial_id="f", status="TERMINATED", last_result={"done": True, "val/acc": 0.2, "epoch": 1},
+                config={"train.epochs": 1})]
     counts, best, best_id = cb.summary(trials)
-    assert counts == {"done": 1, "stopped": 1, "errored": 1, "running": 1, "pending": 1}
+    assert counts == {"done": 2, "stopped": 1, "errored": 1, "running": 1, "pending": 1}
     assert (best, best_id) == (0.9, "d")
     cb.on_step_end(0, trials)
     cb.on_step_end(1, trials)  # unchanged: printed once
-    trials[3] = T(trial_id="d", status="TERMINATED", last_result={"done": True, "val/acc": 0.9, "epoch": 3})
+    trials[3] = T(trial_id="d", status="TERMINATED", last_result={"done": True, "val/acc": 0.9, "epoch": 3}, config={})
     cb.on_experiment_end(trials)  # the end: printed when it differs from the last line
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith(
-        "medvl tune: trials 3/5 done (1 stopped early, 1 errored), 1 running  best val/acc 0.9000 (trial d)")
+        "medvl tune: trials 4/6 done (1 stopped early, 1 errored), 1 running  best val/acc 0.9000 (trial d)")
     import pickle
     pickle.dumps(cb)  # Tune saves its callbacks with the experiment state
 

@@ -15,6 +15,7 @@ from typing import Optional
 from ray.tune import Callback
 
 from medvl.track.console import display_mode, sweep_line
+from medvl.tune.spec import trial_horizon
 
 
 class SweepProgress(Callback):
@@ -34,7 +35,8 @@ class SweepProgress(Callback):
             last = dict(t.last_result or {})
             if t.status == "TERMINATED":  # stopped early = ended before the horizon (as the summary table counts)
                 epoch = last.get("epoch")
-                early = (epoch < self.horizon) if self.horizon is not None and epoch is not None \
+                h = trial_horizon(self.horizon, t.config)
+                early = (epoch < h) if h is not None and epoch is not None \
                     else not last.get("done")
                 counts["stopped" if early else "done"] += 1
             elif t.status == "ERROR":

@@ -446,6 +446,15 @@ def _max_trial_epochs(recipe: Recipe, spec: SweepSpec) -> int:
     return trial_epochs(recipe)
 
 
+def trial_horizon(horizon: Optional[int], config: Optional[dict]) -> Optional[int]:
+    """The epochs this trial was to train: the sweep's horizon, or fewer when `train.epochs` is searched (a trial
+    that sampled 2 of up to 4 epochs and trained 2 was not stopped early)."""
+    v = (config or {}).get("train.epochs")
+    if horizon is None or not isinstance(v, (int, float)) or isinstance(v, bool):
+        return horizon
+    return min(horizon, int(v))
+
+
 def scheduler_horizon(recipe: Recipe, spec: SweepSpec) -> int:
     if is_pipeline_sweep(recipe):
         return 1  # one result per trial (the scheduler is `none`)
@@ -454,4 +463,4 @@ def scheduler_horizon(recipe: Recipe, spec: SweepSpec) -> int:
 
 __all__ = ["SweepSpec", "ParamSpec", "ObjectiveSpec", "TRIAL_WALL", "SchedulerSpec", "ResourcesSpec", "SweepError", "load_sweep",
            "validate_sweep", "reported_metrics", "base_recipe", "resolve_base", "spec_to_dict",
-           "scheduler_horizon", "to_dict", "is_pipeline_sweep"]
+           "scheduler_horizon", "trial_horizon", "to_dict", "is_pipeline_sweep"]

@@ -26,6 +26,7 @@ from ray.tune import Callback
 from medvl.config import Recipe
 from medvl.redact import redact_text, uri_secret
 from medvl.track import runs
+from medvl.tune.spec import trial_horizon
 from medvl.tune.trial import release_skip_counter, trial_run_name
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ def trials_table(trials: list, space_keys: list[str], metric: str | list[str], h
             "error": trial_state(trial) == "ERROR",
             **{k: cfg.get(k) for k in space_keys},
             **{k: m.get(k) for k in metrics}, "epoch": epoch, "step": m.get("step"),
-            "stopped_early": bool(trial_state(trial) == "TERMINATED" and epoch is not None and epoch < horizon),
+            "stopped_early": bool(trial_state(trial) == "TERMINATED" and epoch is not None
+                                  and epoch < trial_horizon(horizon, cfg)),
             "trial_start": t.get("start"), "trial_end": t.get("end"),
             "trial_wall_s": (t["end"] - t["start"]) if "start" in t and "end" in t else None,
             **_incidents(client, trial, child, int(t.get("recovered", 0))),
