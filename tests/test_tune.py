@@ -71,6 +71,7 @@ def test_every_sweep_spec_validates(path, digits_corpus):
     ("num_samples=0", r"num_samples must be >= 1"),
     ("bogus=1", r"unknown key bogus: neither a sweep key"),
     ("objectives=[{metric: trial/wall_s, mode: min}]", r"multi-objective sweep needs scheduler\.kind none"),
+    ("share_stages=false", r"share_stages: false applies to pipeline sweeps only"),
     ("resources.workers=3", r"data\.batch_size \(64\) must be divisible by train\.num_workers \(3\)"),
 ])
 def test_invalid_sweeps_fail_before_any_trial(digits_corpus, override, message):

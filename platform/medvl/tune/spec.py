@@ -130,6 +130,10 @@ class SweepSpec:
     (`optuna/pareto_front.png`, column `pareto` in results.csv). Needs `scheduler.kind: none` (ASHA and
     HyperBand stop trials on one metric)."""
     num_samples: int = 8
+    share_stages: bool = True
+    """Pipeline sweeps: trials share one stage cache, so stages with equal keys (the unsearched prefix) are built
+    once. `false` gives every trial its own cache (nothing reused across trials): the baseline that
+    `bench/sweep_reuse.py` measures sharing against."""
     seed: int = 0
     """Seed of Optuna's TPE sampler (the trials' own seed is `train.seed`)."""
     n_startup_trials: int = 10
@@ -391,6 +395,8 @@ def validate_sweep(spec: SweepSpec) -> Recipe:
     if is_pipeline_sweep(recipe):
         _validate_pipeline_sweep(spec, recipe)
         return recipe
+    if not spec.share_stages:
+        raise SweepError("share_stages: false applies to pipeline sweeps only (the base is a training recipe)")
     SearchSpace(spec.search_space).validate(to_dict(recipe))
 
     metrics = reported_metrics(recipe)

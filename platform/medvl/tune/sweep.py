@@ -212,7 +212,7 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     # carry a password, and every recipe key is logged as an MLflow param and saved with the run.
     env = {} if recipe.track.tracking_uri else {"MLFLOW_TRACKING_URI": uri}
     ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric, env=env,
-                       pipeline=pipeline)
+                       pipeline=pipeline, share_stages=spec.share_stages)
     # [3] each trial: 1 driver CPU here; its TorchTrainer reserves the workers' CPUs itself
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"CPU": spec.resources.driver_cpus})

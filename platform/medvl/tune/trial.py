@@ -42,6 +42,8 @@ class SweepContext:
     which is logged as MLflow params and saved with the run."""
     pipeline: bool = False
     """The base is a pipeline recipe (`base` is then `pipeline_to_dict`'s dict): a trial runs the pipeline."""
+    share_stages: bool = True
+    """Pipeline trials share the stage cache (false: each trial builds every stage in a cache of its own)."""
 
 
 class EpochReportCallback(TuneReportCallback):
@@ -121,6 +123,9 @@ def run_pipeline_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
     name = trial_run_name(ctx.sweep, trial_id)
     p = load_pipeline(data=ctx.base, overrides=dict(config))
+    if not ctx.share_stages:  # a cache of its own: nothing reused from (or built for) other trials
+        from medvl.pipelines.runner import cache_root
+        p = load_pipeline(data=ctx.base, overrides={**config, "cache.root": f"{cache_root(p)}/unshared/{trial_id}"})
     id_file = runs.run_root(p) / "jobs" / name / runs.RUN_ID_FILE  # where SweepCallback looks for the trial's run
     out = run_pipeline(p, parent_run_id=ctx.parent_run_id, run_name=name, run_id_file=id_file,
                        tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id},
