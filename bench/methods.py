@@ -57,7 +57,7 @@ def _overrides(a) -> list[str]:
 
 
 def part_medvl(a) -> dict:
-    from mlflow.tracking import MlflowClient
+    from throughput import mlflow_windows
 
     from medvl.config import load_recipe
     from medvl.train.launcher import run_training
@@ -69,14 +69,8 @@ def part_medvl(a) -> dict:
         f"name=bench-methods-{a.method}", "track.experiment=bench-methods",
         f"track.tracking_uri=sqlite:///{root / 'mlflow.db'}", f"runtime.run_root={root}"])
     job, _ = run_training(recipe)
-    hist = sorted(MlflowClient(job.tracking_uri).get_metric_history(job.mlflow_run_id, "train/samples_per_s"),
-                  key=lambda m: m.step)
-    windows, prev = [], 0
-    for m in hist:  # value = global batch x steps in window / window time; timestamp = end of window (ms)
-        n = m.step - prev
-        windows.append([n, a.batch_size * n / m.value, m.timestamp / 1000])
-        prev = m.step
-    return {"windows": windows, "steps_expected": job.total_steps}
+    return {"windows": mlflow_windows(job.tracking_uri, job.mlflow_run_id, a.batch_size),
+            "steps_expected": job.total_steps}
 
 
 def part_bare(a) -> dict:

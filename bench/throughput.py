@@ -278,6 +278,18 @@ def part_open_clip_train(a) -> dict:
             "cpu": cpu}
 
 
+def mlflow_windows(tracking_uri: str, run_id: str, batch: int) -> list[list[float]]:
+    """[steps, seconds, end time] per `train.log_every` window, from a run's `train/samples_per_s` history."""
+    from mlflow.tracking import MlflowClient
+    hist = sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "train/samples_per_s"), key=lambda m: m.step)
+    windows, prev = [], 0
+    for m in hist:  # value = global batch x steps in window / window time; timestamp = end of window (ms)
+        n = m.step - prev
+        windows.append([n, batch * n / m.value, m.timestamp / 1000])
+        prev = m.step
+    return windows
+
+
 def part_medvl(a) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -303,13 +315,7 @@ def part_medvl(a) -> dict:
     with CpuSampler() as cpu:
         job, _ = run_training(recipe)
     wall = time.perf_counter() - t0
-    hist = sorted(MlflowClient(job.tracking_uri).get_metric_history(job.mlflow_run_id, "train/samples_per_s"),
-                  key=lambda m: m.step)
-    windows, prev = [], 0
-    for m in hist:  # value = global batch x steps in window / window time; timestamp = end of window (ms)
-        n = m.step - prev
-        windows.append([n, a.batch_size * n / m.value, m.timestamp / 1000])
-        prev = m.step
+    windows = mlflow_windows(job.tracking_uri, job.mlflow_run_id, a.batch_size)
     wait = MlflowClient(job.tracking_uri).get_metric_history(job.mlflow_run_id, "train/data_wait_s")
     run = MlflowClient(job.tracking_uri).get_run(job.mlflow_run_id)
     startup = {k.split("/", 1)[1][:-2]: v for k, v in run.data.metrics.items()
