@@ -77,3 +77,22 @@ def test_max_steps_on_an_epoch_boundary_still_ends_the_epoch(ray_local, digits_c
     assert metrics["step"] == job.total_steps == per_epoch and metrics["epoch"] == 1
     assert "val/zero_shot_accuracy" in metrics
     assert [m.step for m in _metric(recipe, job.mlflow_run_id, "val/zero_shot_accuracy")] == [per_epoch]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_eval_at_end_only(ray_local, digits_corpus, run_root):
+    """`eval.every_epoch: false` + `eval.at_end: true`: no evaluation at epoch 1's end, one at the end of training
+    (here `train.max_steps`, mid-epoch 2); `every_epoch: false` alone evaluates never (the methods' declared
+    metrics follow)."""
+    from medvl.methods import resolve_method
+    per_epoch = 1437 // 64
+    recipe = _recipe(digits_corpus, "eval-at-end", data__batch_size=64, train__num_workers=1,
+                     train__max_steps=per_epoch + 6, train__ckpt_every=1000,
+                     eval__every_epoch=False, eval__at_end=True)
+    assert "val/zero_shot_accuracy" in resolve_method(recipe).metric_names()
+    job, metrics = run_training(recipe)
+    assert metrics["step"] == per_epoch + 6 and "val/zero_shot_accuracy" in metrics
+    assert [m.step for m in _metric(recipe, job.mlflow_run_id, "val/zero_shot_accuracy")] == [per_epoch + 6]
+    never = _recipe(digits_corpus, "eval-never", eval__every_epoch=False)
+    assert "val/zero_shot_accuracy" not in resolve_method(never).metric_names()

@@ -151,6 +151,9 @@ class TrainConfig:
 class EvalConfig:
     every_epoch: bool = True
     """Evaluate on `data.val` at the end of each epoch (rank 0)."""
+    at_end: bool = False
+    """With `every_epoch: false`: evaluate once, at the end of training (the last epoch, or `train.max_steps`), e.g.
+    when one pass over the val set costs as much as many steps (sliding-window 3D inference)."""
     classnames: list[str] = field(default_factory=list)
     """Class names for zero-shot classification (index = label id); empty = from the val manifest."""
     templates: list[str] = field(default_factory=lambda: ["a photo of {}."])
@@ -171,6 +174,11 @@ class EvalConfig:
     """Train-split rows whose frozen features train the linear probe."""
     probe_label_fraction: float = 1.0
     """Fraction of those rows whose labels the probe may use (label-efficiency studies: 0.01, 0.1, 1.0)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the trainer evaluates at all (each epoch, or once at the end)."""
+        return self.every_epoch or self.at_end
 
 
 @dataclass

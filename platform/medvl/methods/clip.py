@@ -94,7 +94,7 @@ def clip_evaluator(recipe: Recipe, encoders, image_decoder: RowDecoder, prompts=
     from medvl.eval.contrastive import ContrastiveEval
     from medvl.eval.heldout import load_heldout
     d, e = recipe.data, recipe.eval
-    if d.val_split is None or not e.every_epoch:
+    if d.val_split is None or not e.enabled:
         return None
     dec = image_decoder
     dec.setup()
@@ -131,7 +131,7 @@ def contrastive_metric_names(recipe: Recipe) -> set[str]:
     from medvl.eval.contrastive import ContrastiveEval
     from medvl.eval.heldout import has_labels
     d, e = recipe.data, recipe.eval
-    if d.val_split is None or not e.every_epoch:
+    if d.val_split is None or not e.enabled:
         return set()
     return ContrastiveEval.metric_names(e, has_labels(d.val_corpus or d.corpus, e.label_field, e.classnames))
 

@@ -315,7 +315,7 @@ class ClipItMethod(Method):
     def evaluator(self):
         from medvl.eval.heldout import load_heldout
         d, e = self.recipe.data, self.recipe.eval
-        if d.val_split is None or not e.every_epoch:
+        if d.val_split is None or not e.enabled:
             return None
         dec = self.decoder(train=False)
         dec.setup()
@@ -339,7 +339,7 @@ class ClipItMethod(Method):
 
     def metric_names(self) -> set[str]:
         d, e = self.recipe.data, self.recipe.eval
-        if d.val_split is None or not e.every_epoch:
+        if d.val_split is None or not e.enabled:
             return set()
         return {"val/accuracy", "val/balanced_accuracy", "val/auroc"}
 

@@ -414,7 +414,7 @@ class EvalPlan:
     def build(cls, recipe: Recipe) -> Optional["EvalPlan"]:
         from medvl.data.corpus import load_manifest
         d, e, c = recipe.data, recipe.eval, recipe.section("cxr_clip")
-        if d.val_split is None or not e.every_epoch:
+        if d.val_split is None or not e.enabled:
             return None
         corpus = d.val_corpus or d.corpus
         m = load_manifest(corpus)

@@ -168,7 +168,7 @@ class SliceClassifierMethod(Method):
     def evaluator(self):
         from medvl.eval.heldout import load_heldout
         d = self.recipe.data
-        if d.val_split is None or not self.recipe.eval.every_epoch:
+        if d.val_split is None or not self.recipe.eval.enabled:
             return None
         dec = self.decoder(train=False)
         val = load_heldout(d.val_corpus or d.corpus, d.val_split, dec.image, max_rows=self.recipe.eval.max_rows,
@@ -193,7 +193,7 @@ class SliceClassifierMethod(Method):
         return evaluate
 
     def metric_names(self) -> set[str]:
-        if self.recipe.data.val_split is None or not self.recipe.eval.every_epoch:
+        if self.recipe.data.val_split is None or not self.recipe.eval.enabled:
             return set()
         return {"val/accuracy", "val/balanced_accuracy"}
 

@@ -175,7 +175,7 @@ class Unet3dMethod(Method):
 
     def evaluator(self):
         d, e = self.recipe.data, self.recipe.eval
-        if d.val_split is None or not e.every_epoch:
+        if d.val_split is None or not e.enabled:
             return None
         from medvl.data.corpus import iter_rows, shard_paths
         cases = []
@@ -196,7 +196,7 @@ class Unet3dMethod(Method):
         return evaluate
 
     def metric_names(self) -> set[str]:
-        if self.recipe.data.val_split is None or not self.recipe.eval.every_epoch:
+        if self.recipe.data.val_split is None or not self.recipe.eval.enabled:
             return set()
         return {"val/label_dice"}
 

@@ -288,7 +288,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
         prog.window = prog.offset = 0
         sizes = _window_sizes(plan, prog.epoch, rank) if prog.epoch < t.epochs else []
         cursor = 0
-        eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics, pictures)
+        if recipe.eval.every_epoch or finished():  # eval.at_end: only after the last epoch
+            eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics, pictures)
         _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger, recipe,
                 plan, storage, done=finished())
         t_last = time.perf_counter()
