@@ -5,8 +5,10 @@
 Both decode the same encoded images with the model's own open_clip train transform and tokenise the captions;
 both use 2 parallel decoders (Ray Data decode tasks / DataLoader workers) and batch 64. For each corpus scale
 (the digits train split copied 1x and 10x) it prints rows/s (steady state, after the first batch) and the peak
-resident memory of the whole process tree (driver + Ray / DataLoader workers), then, as the last line,
-`ratio_ray_vs_dataloader=<x> rss_growth_10x_ray=<y> rss_growth_10x_dataloader=<z>`.
+memory of the whole process tree (driver + Ray / DataLoader workers) as RSS and as PSS (RSS counts Ray's shared-
+memory object store once per process that maps it; PSS divides shared pages among them), then, as the last line,
+`ratio_ray_vs_dataloader=<x> rss_growth_10x_ray=<y> rss_growth_10x_dataloader=<z> pss_growth_10x_ray=...
+pss_growth_10x_dataloader=...`.
 One invocation measures everything: compare numbers only within one run (the machine is shared).
 """
 from __future__ import annotations
@@ -24,17 +26,25 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-def tree_rss_mib(root_pid: int) -> float:
-    """Resident memory of root_pid and all its descendants (Ray's raylet/workers are descendants of the driver)."""
+def _pss_kib(pid: int) -> int:
+    """Proportional set size: shared pages (the object store's shared memory, libraries) divided among the
+    processes that map them, so a tree's sum counts each page once."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def tree_mem_mib(root_pid: int) -> tuple[float, float]:
+    """(RSS, PSS) of root_pid and all its descendants (Ray's raylet/workers are descendants of the driver). RSS
+    counts a shared page once per process that maps it (Ray's object store is shared memory); PSS does not."""
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             stat = (d / "stat").read_text()
             parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            rss[int(d.name)] = int((d / "statm").read_text().split()[1])
         except (OSError, ValueError, IndexError):
             continue
     keep, frontier = {root_pid}, [root_pid]
@@ -44,17 +54,26 @@ def tree_rss_mib(root_pid: int) -> float:
             if pp == p and c not in keep:
                 keep.add(c)
                 frontier.append(c)
-    return sum(rss.get(p, 0) for p in keep) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    rss = pss = 0
+    for pid in keep:
+        try:
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            pss += _pss_kib(pid) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return rss / 2**20, pss / 2**20
 
 
 class PeakSampler:
     def __init__(self):
-        self.peak, self._stop = 0.0, threading.Event()
+        self.peak = self.peak_pss = 0.0
+        self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_mib(os.getpid()))
+            rss, pss = tree_mem_mib(os.getpid())
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(0.2)
 
     def __enter__(self):
@@ -82,7 +101,7 @@ def scaled_corpus(src: str, dst: Path, scale: int) -> str:
     return str(dst)
 
 
-def run_ray(corpus: str, model: str, workers: int, batch: int) -> tuple[float, int, float]:
+def run_ray(corpus: str, model: str, workers: int, batch: int) -> tuple[float, int, float, float]:
     import ray
 
     from medvl.config import DataConfig, ModelConfig
@@ -104,7 +123,7 @@ def run_ray(corpus: str, model: str, workers: int, batch: int) -> tuple[float, i
             dt = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    return rows / dt, rows + n, ps.peak
+    return rows / dt, rows + n, ps.peak, ps.peak_pss
 
 
 class ShardStream(__import__("torch").utils.data.IterableDataset):
@@ -137,7 +156,7 @@ class ShardStream(__import__("torch").utils.data.IterableDataset):
                         yield tr(im.convert("RGB")), tok([texts[0]])[0]
 
 
-def run_dataloader(corpus: str, model: str, workers: int, batch: int) -> tuple[float, int, float]:
+def run_dataloader(corpus: str, model: str, workers: int, batch: int) -> tuple[float, int, float, float]:
     import torch
     dl = torch.utils.data.DataLoader(ShardStream(corpus, model), batch_size=batch, num_workers=workers,
                                      prefetch_factor=2, persistent_workers=False)
@@ -148,7 +167,7 @@ def run_dataloader(corpus: str, model: str, workers: int, batch: int) -> tuple[f
         for img, _ in it:
             rows += len(img)
         dt = time.perf_counter() - t0
-    return rows / dt, rows + n, ps.peak
+    return rows / dt, rows + n, ps.peak, ps.peak_pss
 
 
 def main() -> int:
@@ -162,7 +181,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.which:  # child process: one measurement in a fresh interpreter, so RSS peaks don't mix
         fn = run_ray if a.which == "ray" else run_dataloader
-        print(json.dumps(dict(zip(["rows_per_s", "rows", "peak_rss_mib"],
+        print(json.dumps(dict(zip(["rows_per_s", "rows", "peak_rss_mib", "peak_pss_mib"],
                                   fn(a.corpus, a.model, a.workers, a.batch_size)))))
         return 0
     import subprocess
@@ -181,13 +200,16 @@ def main() -> int:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[(which, scale)] = r
             print(f"{which:>10} x{scale:<3} rows={r['rows']:>6}  {r['rows_per_s']:8.1f} rows/s  "
-                  f"peak RSS (process tree) {r['peak_rss_mib']:7.0f} MiB", flush=True)
+                  f"peak RSS (process tree) {r['peak_rss_mib']:7.0f} MiB, PSS {r['peak_pss_mib']:7.0f} MiB", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     lo, hi = min(a.scale), max(a.scale)
     ratio = results[("ray", hi)]["rows_per_s"] / results[("dataloader", hi)]["rows_per_s"]
     g_ray = results[("ray", hi)]["peak_rss_mib"] / results[("ray", lo)]["peak_rss_mib"]
     g_dl = results[("dataloader", hi)]["peak_rss_mib"] / results[("dataloader", lo)]["peak_rss_mib"]
-    print(f"ratio_ray_vs_dataloader={ratio:.2f} rss_growth_{hi}x_ray={g_ray:.2f} rss_growth_{hi}x_dataloader={g_dl:.2f}")
+    p_ray = results[("ray", hi)]["peak_pss_mib"] / results[("ray", lo)]["peak_pss_mib"]
+    p_dl = results[("dataloader", hi)]["peak_pss_mib"] / results[("dataloader", lo)]["peak_pss_mib"]
+    print(f"ratio_ray_vs_dataloader={ratio:.2f} rss_growth_{hi}x_ray={g_ray:.2f} rss_growth_{hi}x_dataloader={g_dl:.2f} "
+          f"pss_growth_{hi}x_ray={p_ray:.2f} pss_growth_{hi}x_dataloader={p_dl:.2f}")
     return 0
 
 
