@@ -21,7 +21,8 @@ stages 4-6 are identical.
   `pseudo/<case>.npz` (cropped grid: label, brain), `corpus/` (a volume corpus for `unet3d`: train + val cases,
   npz inline), `prompts.json`, `pictures/` (prompt overlays).
 - `s3f` (driver; Ray Data over the training cases, actors holding the U-Net and the segmenter): the U-Net predicts
-  (sliding window, inside the brain, largest component), the segmenter is re-prompted from the prediction (box
+  (sliding window, inside the brain; its `component`: the largest 3D one as the reference, the most probable one
+  or all), the segmenter is re-prompted from the prediction (box
   with d = 0, the same point rules with the U-Net's foreground probability as the score), similarity =
   Dice(segmenter, U-Net); keep the top `keep` fraction (`mode: top`, default 0.8) or every case >= `keep`
   (`mode: threshold`). Output: `corpus/` (kept training cases labelled with the U-Net's own predictions + the val
@@ -169,7 +170,7 @@ class CaseSegmenter:
     Row out: the case's arrays (npz bytes), prompts (JSON), prompted / no_prompt counts, similarity, error."""
 
     def __init__(self, segmenter: dict, prompts: dict, threads: float, use_gpu: bool,
-                 unet_dir: Optional[str] = None, largest_component: bool = True):
+                 unet_dir: Optional[str] = None, component: str = "largest"):
         import torch
 
         from medvl.models.segmenters import build_segmenter
@@ -180,7 +181,7 @@ class CaseSegmenter:
                                    device=self.device, beta=cfg.beta)
         self.prompts = prompts
         self.unet = None
-        self.lcc = largest_component
+        self.component = component
         if unet_dir:
             self.unet, self.ucfg = load_unet(unet_dir)
             self.unet.to(self.device)
@@ -220,13 +221,12 @@ class CaseSegmenter:
                     "prompts": json.dumps(_prompts_json(used)), "prompted": done, "no_prompt": skipped,
                     "similarity": float("nan")}
         # s3f: the U-Net predicts, the segmenter is re-prompted from its prediction (box d = 0)
-        from medvl.data.clisc import clean_mask
-        from medvl.eval.s3f import similarity
+        from medvl.eval.s3f import choose_component, similarity
         vol = _npz(batch["volume"][i])
         brain = _npz(batch["brain"][i])["brain"].astype(bool)
         u = self.ucfg
         prob = unet_probability(self.unet, vol["image"], u.patch, u.overlap, u.sw_batch_size, self.device)
-        pred = clean_mask((prob > 0.5) & brain, opening=0, largest=self.lcc)
+        pred = choose_component((prob > 0.5) & brain, prob, self.component)
         zs = [int(z) for z in np.nonzero(pred.any(axis=(0, 1)))[0]]
         seg, done, skipped, used = segment_volume(self.seg, vol["image"], prob, pred, zs, dilation=0,
                                                   n_pos=p["n_pos"], n_neg=p["n_neg"],
@@ -437,8 +437,10 @@ class S3fConfig:
     with similarity >= `keep`."""
     keep: float = 0.8
     """The kept fraction (mode top; the reference: 0.8) or the similarity threshold (mode threshold)."""
-    largest_component: bool = True
-    """The U-Net's prediction reduced to its largest 3D component (the reference) before prompting."""
+    component: Literal["largest", "most_probable", "all"] = "largest"
+    """Which part of the U-Net's prediction (inside the brain) S3F prompts from, scores and retrains on:
+    `largest` 3D component (the reference), `most_probable` (the component with the highest mean U-Net
+    foreground probability) or `all` components (`medvl.eval.s3f.choose_component`)."""
     actors: int = 1
     cpus_per_actor: float = 1.0
     use_gpu: bool = False
@@ -450,6 +452,8 @@ class S3fConfig:
             raise ConfigError("keep: the similarity threshold must be in [0, 1] (mode threshold)")
         if self.actors < 1:
             raise ConfigError("actors must be >= 1")
+        if self.component not in ("largest", "most_probable", "all"):
+            raise ConfigError(f"component {self.component!r}: expected largest, most_probable or all")
 
 
 @register_stage
@@ -491,7 +495,7 @@ class S3fStage(Stage):
         seg = {"kind": segc.kind, "model_type": segc.model_type, "checkpoint": segc.checkpoint, "beta": segc.beta}
         results = _run_actor_pool(rows, {"segmenter": seg, "prompts": prompts, "threads": c.cpus_per_actor,
                                          "use_gpu": c.use_gpu, "unet_dir": str(ctx.inputs["unet"]),
-                                         "largest_component": c.largest_component},
+                                         "component": c.component},
                                   c.actors, c.cpus_per_actor, c.use_gpu)
         _raise_errors(results, "s3f")
         scores = {str(r["case_id"]): float(r["similarity"]) for r in results}
