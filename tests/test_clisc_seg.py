@@ -167,3 +167,16 @@ def test_s3f_component_is_validated_and_the_old_boolean_is_gone():
     with pytest.raises(ConfigError, match="component"):
         S3fConfig(component="biggest").validate()
     assert not hasattr(S3fConfig(), "largest_component")
+
+
+def test_seg_eval_component_is_validated_and_the_table_names_it():
+    from medvl.config import ConfigError
+    from medvl.pipelines.kinds.clisc_seg import SegEvalConfig, format_table
+    SegEvalConfig(cases="x", component="most_probable").validate()
+    with pytest.raises(ConfigError, match="component"):
+        SegEvalConfig(cases="x", component="biggest").validate()
+    row = {"dice": 0.5, "dice_std": 0.1, "hd95": 10.0, "hd95_std": 1.0, "hd95_failures": 0,
+           "hd95_worst_for_failures": 10.0}
+    md = format_table({"unet": row}, "test", 2, 100.0, {}, "most_probable", {"unet": 0.25})
+    assert "`most_probable` 3D component" in md and "unet 0.250" in md
+    assert "component" not in format_table({"unet": row}, "test", 2, 100.0, {})  # `all`: the table as before

@@ -34,7 +34,8 @@ stages 4-6 are identical.
 - `clisc_seg_eval` (a Ray task; reads ground truth): Dice (MONAI) and HD95 in mm (MONAI; an empty prediction on a
   case with tumour is a counted failure, never 0) per case and mean +- std on one split for: Otsu on FLAIR, the
   CAM, the segmenter prompted by the CAM box alone, the pseudo-labels, the U-Net, the U-Net after S3F, the U-Net
-  trained on ground truth; whether S3F works (Spearman between similarity and true Dice, mean true Dice of kept vs
+  trained on ground truth (the U-Net rows post-processed by `component`: all / largest / most_probable, label-free);
+  whether S3F works (Spearman between similarity and true Dice, mean true Dice of kept vs
   dropped cases); `table.md`, `eval.json`, overlay pictures.
 """
 from __future__ import annotations
@@ -612,6 +613,11 @@ class SegEvalConfig:
     """Also segment the split with the segmenter prompted by the CAM box alone (the "zero-shot" reference row)."""
     pictures: int = 3
     """Pseudo-label / U-Net / ground-truth overlays for this many cases (their largest lesion slice)."""
+    component: Literal["all", "largest", "most_probable"] = "all"
+    """Label-free post-processing of every U-Net row's prediction (inside the brain) before it is scored, as S3F's
+    `component` (`medvl.eval.s3f.choose_component`): `all` = the whole argmax mask (no post-processing),
+    `largest` 3D component, `most_probable` = the component with the highest mean foreground probability. With
+    anything but `all`, the table also lists each U-Net row's Dice without it."""
     cpus: float = 1.0
     use_gpu: bool = False
     """Run the U-Nets and the box-only segmenter (SAM) on a GPU."""
@@ -619,6 +625,8 @@ class SegEvalConfig:
     def validate(self) -> None:
         if not self.cases:
             raise ConfigError("cases: name the cases folder (with the segmentations) to evaluate against")
+        if self.component not in ("all", "largest", "most_probable"):
+            raise ConfigError(f"component {self.component!r}: expected all, largest or most_probable")
 
 
 ROWS = {"otsu": "Otsu on FLAIR inside the brain (intensity baseline)",
@@ -663,13 +671,14 @@ class SegEvalStage(Stage):
         for r in ROWS:
             names |= {f"{r}/{k}" for k in ("dice", "dice_std", "hd95", "hd95_std", "hd95_failures",
                                            "hd95_worst_for_failures")}
+        names |= {f"{r}/dice_all_components" for r in ("unet", "unet_s3f", "unet_gt")}
         return names
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         import torch
 
         from medvl.data.volumes import find_cases, load_case, preprocess
-        from medvl.eval.s3f import validity
+        from medvl.eval.s3f import choose_component, validity
         from medvl.eval.segmentation import dice, hd95, otsu_baseline
         from medvl.models.segmenters import build_segmenter
         c = self.config
@@ -693,6 +702,7 @@ class SegEvalStage(Stage):
                                   device=device, beta=segc.beta)
         per: dict[str, dict[str, list]] = {}
         per_case: dict[str, dict] = {}
+        raw_dice: dict[str, list[float]] = {}  # U-Net rows without the component post-processing
         pics = []
 
         def add(row, cid, pred, v):
@@ -722,10 +732,12 @@ class SegEvalStage(Stage):
             preds["pseudo"] = np.load(sam_dir / "pseudo" / f"{cid}.npz")["label"].astype(bool)
             add("pseudo", cid, preds["pseudo"], v)
             for r, (net, u) in nets.items():
-                from medvl.methods.unet3d import predict_volume
-                preds[r] = predict_volume(net, v.image, u.patch, u.overlap, u.sw_batch_size,
-                                          device).astype(bool) & v.brain
+                prob = unet_probability(net, v.image, u.patch, u.overlap, u.sw_batch_size, device)
+                whole = (prob > 0.5) & v.brain  # = the 2-class argmax (predict_volume) inside the brain
+                preds[r] = choose_component(whole, prob, c.component)
                 add(r, cid, preds[r], v)
+                raw_dice.setdefault(r, []).append(dice(whole, v.mask))
+                per_case[cid][r]["dice_all_components"] = raw_dice[r][-1]
             if v.mask.any():
                 z = int(v.mask.sum(axis=(0, 1)).argmax())
                 pics.append((int(v.mask[:, :, z].sum()), cid, z, v.image[:, :, z], v.mask[:, :, z],
@@ -756,7 +768,10 @@ class SegEvalStage(Stage):
         (ctx.out / "eval.json").write_text(json.dumps({"split": c.split, "cases": ids, "worst_hd95_mm": worst,
                                                         "table": table, "per_case": per_case, "s3f": s3f_check},
                                                        indent=1))
-        (ctx.out / "table.md").write_text(format_table(table, c.split, len(ids), worst, s3f_check))
+        raw = {r: float(np.mean(d)) for r, d in raw_dice.items()}
+        out.update({f"{r}/dice_all_components": d for r, d in raw.items()})
+        (ctx.out / "table.md").write_text(format_table(table, c.split, len(ids), worst, s3f_check,
+                                                       c.component, raw))
         ctx.log_artifact(ctx.out / "eval.json", "eval")
         ctx.log_artifact(ctx.out / "table.md", "eval")
         pics.sort(key=lambda t: (-t[0], t[1]))
@@ -767,7 +782,8 @@ class SegEvalStage(Stage):
         return out
 
 
-def format_table(table: dict, split: str, n: int, worst: float, s3f: dict) -> str:
+def format_table(table: dict, split: str, n: int, worst: float, s3f: dict, component: str = "all",
+                 raw: Optional[dict] = None) -> str:
     """The issue's table (markdown): Dice and HD95 mean +- std, HD95 failures, the mean with failures as worst."""
     lines = [f"Split `{split}`, {n} cases. HD95 mean +- std over cases with a prediction; failures = empty "
              f"prediction on a case with tumour (never 0 mm); last column: mean with each failure = {worst:.0f} mm "
@@ -778,6 +794,9 @@ def format_table(table: dict, split: str, n: int, worst: float, s3f: dict) -> st
             t = table[r]
             lines.append(f"| {label} | {t['dice']:.3f} +- {t['dice_std']:.3f} | {t['hd95']:.1f} +- "
                          f"{t['hd95_std']:.1f} | {int(t['hd95_failures'])} | {t['hd95_worst_for_failures']:.1f} |")
+    if component != "all" and raw:
+        lines += ["", f"U-Net rows: the `{component}` 3D component of each prediction (label-free post-processing); "
+                  "Dice of the whole prediction: " + ", ".join(f"{r} {d:.3f}" for r, d in raw.items())]
     if s3f:
         lines += ["", f"S3F check (training cases, {int(s3f.get('s3f_cases', 0))}): Spearman(similarity, true Dice) "
                   f"= {s3f.get('s3f_spearman', float('nan')):.3f}; mean true Dice kept "
