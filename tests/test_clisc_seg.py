@@ -136,3 +136,47 @@ def test_s3f_validity_against_known_truth():
     assert v["s3f_spearman"] == pytest.approx(1.0)
     assert v["s3f_kept_true_dice"] == pytest.approx((0.85 + 0.7 + 0.5) / 3)
     assert v["s3f_dropped_true_dice"] == pytest.approx(0.25)
+
+
+def test_s3f_component_choice_largest_most_probable_all():
+    """A U-Net prediction with a large low-probability blob (a false positive) and a small confident one."""
+    from medvl.eval.s3f import choose_component
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[1:9, 1:9, 1:9] = 0.6          # 512 voxels, mean 0.6 (summed 307: larger than the small blob's)
+    prob[14:18, 14:18, 14:18] = 0.95   # 64 voxels, mean 0.95 (summed 61)
+    mask = prob > 0.5
+    big, small = np.zeros_like(mask), np.zeros_like(mask)
+    big[1:9, 1:9, 1:9] = True
+    small[14:18, 14:18, 14:18] = True
+    np.testing.assert_array_equal(choose_component(mask, prob, "largest"), big)
+    np.testing.assert_array_equal(choose_component(mask, prob, "most_probable"), small)
+    np.testing.assert_array_equal(choose_component(mask, prob, "all"), mask)
+    np.testing.assert_array_equal(choose_component(mask, None, "largest"), big)  # largest needs no probability
+    empty = np.zeros_like(mask)
+    assert not choose_component(empty, prob, "most_probable").any()
+    with pytest.raises(ValueError, match="needs the foreground probability"):
+        choose_component(mask, None, "most_probable")
+    with pytest.raises(ValueError, match="expected one of"):
+        choose_component(mask, prob, "biggest")
+
+
+def test_s3f_component_is_validated_and_the_old_boolean_is_gone():
+    from medvl.config import ConfigError
+    from medvl.pipelines.kinds.clisc_seg import S3fConfig
+    S3fConfig(component="most_probable").validate()
+    with pytest.raises(ConfigError, match="component"):
+        S3fConfig(component="biggest").validate()
+    assert not hasattr(S3fConfig(), "largest_component")
+
+
+def test_seg_eval_component_is_validated_and_the_table_names_it():
+    from medvl.config import ConfigError
+    from medvl.pipelines.kinds.clisc_seg import SegEvalConfig, format_table
+    SegEvalConfig(cases="x", component="most_probable").validate()
+    with pytest.raises(ConfigError, match="component"):
+        SegEvalConfig(cases="x", component="biggest").validate()
+    row = {"dice": 0.5, "dice_std": 0.1, "hd95": 10.0, "hd95_std": 1.0, "hd95_failures": 0,
+           "hd95_worst_for_failures": 10.0}
+    md = format_table({"unet": row}, "test", 2, 100.0, {}, "most_probable", {"unet": 0.25})
+    assert "`most_probable` 3D component" in md and "unet 0.250" in md
+    assert "component" not in format_table({"unet": row}, "test", 2, 100.0, {})  # `all`: the table as before

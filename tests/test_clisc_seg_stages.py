@@ -105,10 +105,10 @@ def _stages(cases: Path, keep: float = 0.8, upto: str = "eval") -> dict:
         "toycam": {"kind": "test_toy_cam", "cases": str(cases)},
         "sam": {"kind": "sam_labels", "inputs": {"cam": "toycam", "slices": "toycam"}, "pictures": 2},
         "unet": unet("sam/corpus"),
-        "s3f": {"kind": "s3f", "inputs": {"unet": "unet", "sam": "sam"}, "keep": keep},
+        "s3f": {"kind": "s3f", "inputs": {"unet": "unet", "sam": "sam"}, "keep": keep, "component": "most_probable"},
         # the retraining on S3F's corpus (`unet_s3f` in jobs/clisc_phantom.yaml) is an ordinary `train` stage like
         # `unet`: left out here (~45 s of Ray Train start-up in CI); its corpus is decoded by the U-Net's own decoder
-        "eval": {"kind": "clisc_seg_eval", "cases": str(cases), "split": "test",
+        "eval": {"kind": "clisc_seg_eval", "cases": str(cases), "split": "test", "component": "most_probable",
                  "inputs": {"slices": "toycam", "cam": "toycam", "sam": "sam", "unet": "unet", "s3f": "s3f"}},
     }
     names = list(stages)

@@ -85,6 +85,8 @@ def test_config_errors_name_the_key():
         load_recipe(data={**base, "unet3d": {"channels": [8, 16, 32, 64], "patch": [48, 48, 44]}})
     with pytest.raises(ConfigError, match="unet3d.loss"):
         load_recipe(data={**base, "unet3d": {"loss": "focal"}})
+    with pytest.raises(ConfigError, match="pos_fraction"):
+        load_recipe(data={**base, "unet3d": {"pos_fraction": 1.5}})
 
 
 @pytest.mark.slow
@@ -135,3 +137,43 @@ def test_hd95_in_mm_and_empty_predictions_are_failures():
     assert hd95(np.zeros_like(truth), np.zeros_like(truth)) == 0.0
     s = hd95_summary([2.0, 4.0, float("nan")], worst_mm=60.0)
     assert s == {"hd95_mean": 3.0, "hd95_std": 1.0, "hd95_failures": 1.0, "hd95_mean_failures_as_worst": 22.0}
+
+
+def test_pos_fraction_one_centres_every_crop_on_the_label(tmp_path):
+    """Foreground-biased crops: with pos_fraction 1 every training crop holds label, deterministically from the
+    decoder's rng; uniform crops of the same small lesion often miss it; an empty label falls back to uniform."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(4):
+        img = rng.normal(0, 1, (56, 56, 40)).astype(np.float32)
+        lab = np.zeros(img.shape, np.uint8)
+        c = rng.integers(4, 36, 3)
+        lab[c[0]:c[0] + 3, c[1]:c[1] + 3, c[2]:c[2] + 3] = 1    # a 27-voxel lesion somewhere
+        cases.append((f"case{i}", "train", img, lab, np.eye(4)))
+    cases.append(("empty", "train", rng.normal(0, 1, (56, 56, 40)).astype(np.float32),
+                  np.zeros((56, 56, 40), np.uint8), np.eye(4)))
+    write_volume_corpus(tmp_path / "vols", cases)
+    batch = _rows(str(tmp_path / "vols"))
+    ids = list(batch["sample_id"])
+    pos = VolumePatchDecoder([16, 16, 16], rot_flip=True, train=True, pos_fraction=1.0)
+    uni = VolumePatchDecoder([16, 16, 16], rot_flip=True, train=True)
+    missed = 0
+    for epoch in range(10):
+        a = decode_rows(pos, batch, seed=7, epoch=epoch)
+        b = decode_rows(pos, batch, seed=7, epoch=epoch)
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
+        for i, cid in enumerate(ids):
+            if cid != "empty":
+                assert a["label"][i].sum() > 0, f"epoch {epoch} case {cid}: a pos_fraction=1 crop without label"
+            else:
+                assert a["label"][i].sum() == 0 and a["image"][i].shape == (1, 16, 16, 16)
+        u = decode_rows(uni, batch, seed=7, epoch=epoch)
+        missed += sum(int(u["label"][i].sum() == 0) for i, cid in enumerate(ids) if cid != "empty")
+    assert missed > 10  # of 40 uniform crops, most miss a 3^3 lesion in a 56x56x40 volume
+    # pos_fraction 0 draws nothing extra: the old uniform crops, bit for bit
+    img, lab = cases[0][2], cases[0][3]
+    old = random_patch(img, lab, (16, 16, 16), np.random.default_rng(5), True)
+    new = random_patch(img, lab, (16, 16, 16), np.random.default_rng(5), True, pos_fraction=0.0)
+    assert all(np.array_equal(x, y) for x, y in zip(old, new))
+    # the evaluation decoder never biases
+    assert VolumePatchDecoder([16, 16, 16], rot_flip=True, train=False, pos_fraction=1.0).pos_fraction == 0.0

@@ -9,15 +9,48 @@ kept and dropped cases. Nothing here reads ground truth except `validity`, which
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Optional
 
 import numpy as np
+
+COMPONENTS = ("largest", "most_probable", "all")
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two binary masks (`medvl.eval.segmentation.dice`): 1.0 when both are empty, 0.0 when one is."""
     from medvl.eval.segmentation import dice
     return dice(a, b)
+
+
+def choose_component(mask: np.ndarray, prob: Optional[np.ndarray] = None,
+                     component: Literal["largest", "most_probable", "all"] = "largest") -> np.ndarray:
+    """The part of a U-Net's binary prediction that S3F prompts from (3D components, 26-connectivity).
+
+    - `largest`: the largest connected component: the reference's choice (its post-processing before SAM).
+    - `most_probable`: the component with the highest MEAN foreground probability `prob` (ties: the larger one).
+      The mean, not the sum: every voxel of a component of `prob > 0.5` has p > 0.5, so the summed probability
+      grows with size (sum >= size / 2) and would rank components almost like `largest`, which is exactly the
+      failure it is meant to fix (an over-segmenting U-Net whose largest blob is a false positive). The mean is
+      the U-Net's confidence in the component, independent of its size.
+    - `all`: the whole prediction, every component.
+    An empty mask is returned as is."""
+    m = np.asarray(mask, bool)
+    if component not in COMPONENTS:
+        raise ValueError(f"component {component!r}: expected one of {', '.join(COMPONENTS)}")
+    if component == "all" or not m.any():
+        return m
+    from scipy.ndimage import mean as label_mean
+    from skimage.measure import label
+    lab = label(m, connectivity=m.ndim)
+    n = int(lab.max())
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.float64)
+    if component == "largest":
+        return lab == int(sizes.argmax()) + 1
+    if prob is None or np.shape(prob) != m.shape:
+        raise ValueError("component most_probable needs the foreground probability volume of the mask's shape")
+    means = np.asarray(label_mean(np.asarray(prob, np.float64), lab, np.arange(1, n + 1)), np.float64)
+    best = max(range(n), key=lambda i: (means[i], sizes[i], -i))
+    return lab == best + 1
 
 
 def select(scores: Mapping[str, float], mode: Literal["top", "threshold"] = "top",

@@ -7,13 +7,16 @@
       patch: [48, 48, 48]         # random crop per sample (the reference: 128^3 at 1 mm)
       loss: ce                    # ce (what the reference actually trains) | dice_ce (0.5 x (Dice + CE))
       rot_flip: true              # the reference's RandomRotFlip: rot90 in the axial plane + a flip, seeded
+      pos_fraction: 0.0           # probability that a training crop is centred on a labelled voxel (0 = uniform)
       overlap: 0.25               # sliding-window overlap at evaluation / prediction
 
 Corpus: one row per case (`volume_corpus` writes it): `sample_id` = case id, `image_uri` = an `.npz` holding the
 preprocessed FLAIR (`image`, float32, nibabel's (x, y, z) order) and the label to learn (`label`, uint8 0/1: a
 pseudo-label in CLISC, never ground truth), plus `affine`. The decoder loads it (local or any fsspec/zip path),
-crops a `patch` at a position drawn from (seed, epoch, case) (zero-padded when the volume is smaller), applies the
-seeded rotation/flip, and ships the image as float16 and the label as uint8 (half / an eighth of float32's bytes).
+crops a `patch` at a position drawn from (seed, epoch, case) (zero-padded when the volume is smaller; with
+`pos_fraction` > 0 that often centred on a random labelled voxel, MONAI's RandCropByPosNegLabel idea: the
+reference's 128^3 crop of the brain box holds the whole lesion, a uniform 48^3 crop at 2 mm often only its edge),
+applies the seeded rotation/flip, and ships the image as float16 and the label as uint8 (half / an eighth of float32's bytes).
 
 Evaluation at each epoch end (the model selection without ground truth that the CLISC issue asks for): MONAI
 sliding-window inference over the validation cases, Dice of the argmax against the stored labels,
@@ -51,6 +54,11 @@ class Unet3dConfig:
     """`ce`: cross-entropy (what the reference trains: its 0.5 x (Dice + CE) is overwritten); `dice_ce`: both."""
     rot_flip: bool = True
     """The reference's RandomRotFlip: a random number of 90-degree turns in the axial plane and a random flip."""
+    pos_fraction: float = 0.0
+    """Foreground-biased training crops: the probability that a crop is centred on a labelled voxel (one drawn at
+    random; MONAI's RandCropByPosNegLabel with pos / (pos + neg) = pos_fraction), else a uniform position as
+    before. Drawn from the decoder's per-sample rng, so crops stay deterministic and exact resume holds; a case
+    with an empty label always gets a uniform crop. 0 = the old uniform crops, bit for bit."""
     overlap: float = 0.25
     """Sliding-window overlap (MONAI sliding_window_inference)."""
     sw_batch_size: int = 2
@@ -67,6 +75,8 @@ class Unet3dConfig:
                               f"(2^(levels - 1) for {len(self.channels)} levels)")
         if not 0 <= self.overlap < 1:
             raise ConfigError("unet3d.overlap must be in [0, 1)")
+        if not 0 <= self.pos_fraction <= 1:
+            raise ConfigError("unet3d.pos_fraction must be in [0, 1]")
 
 
 def load_case_npz(row: dict) -> dict[str, np.ndarray]:
@@ -82,13 +92,23 @@ def load_case_npz(row: dict) -> dict[str, np.ndarray]:
 
 
 def random_patch(image: np.ndarray, label: np.ndarray, patch: tuple[int, int, int], rng: np.random.Generator,
-                 rot_flip: bool) -> tuple[np.ndarray, np.ndarray]:
+                 rot_flip: bool, pos_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """A `patch`-sized crop at a random position (zero-padded where the volume is smaller), then the reference's
-    RandomRotFlip (k x 90 degrees in the axial (x, y) plane, a flip along one axis). Deterministic given `rng`."""
+    RandomRotFlip (k x 90 degrees in the axial (x, y) plane, a flip along one axis). Deterministic given `rng`.
+    With probability `pos_fraction` (and a non-empty label) the crop is centred on a random labelled voxel (shifted
+    to stay inside the volume, so it always contains that voxel); `pos_fraction` 0 draws nothing extra from `rng`."""
     pads = [(0, max(0, p - s)) for p, s in zip(patch, image.shape)]
     if any(b for _, b in pads):
         image, label = np.pad(image, pads), np.pad(label, pads)
-    start = [int(rng.integers(0, s - p + 1)) for s, p in zip(image.shape, patch)]
+    centre = None
+    if pos_fraction > 0 and rng.random() < pos_fraction:
+        fg = np.flatnonzero(label)
+        if fg.size:
+            centre = np.unravel_index(int(fg[int(rng.integers(0, fg.size))]), label.shape)
+    if centre is None:
+        start = [int(rng.integers(0, s - p + 1)) for s, p in zip(image.shape, patch)]
+    else:
+        start = [int(min(max(int(c) - p // 2, 0), s - p)) for c, s, p in zip(centre, image.shape, patch)]
     sl = tuple(slice(a, a + p) for a, p in zip(start, patch))
     img, lab = image[sl], label[sl]
     if rot_flip:
@@ -103,8 +123,9 @@ def random_patch(image: np.ndarray, label: np.ndarray, patch: tuple[int, int, in
 class VolumePatchDecoder(RowDecoder):
     columns = ("sample_id", "image", "image_uri")
 
-    def __init__(self, patch: list[int], rot_flip: bool, train: bool):
+    def __init__(self, patch: list[int], rot_flip: bool, train: bool, pos_fraction: float = 0.0):
         self.patch, self.rot_flip, self.train = tuple(patch), rot_flip, train
+        self.pos_fraction = float(pos_fraction) if train else 0.0
 
     def output_dtypes(self):
         return {"image": "float16", "label": "uint8"}
@@ -112,7 +133,7 @@ class VolumePatchDecoder(RowDecoder):
     def decode(self, row, rng):
         arrays = load_case_npz(row)
         img, lab = random_patch(arrays["image"].astype(np.float32), (arrays["label"] > 0).astype(np.uint8),
-                                self.patch, rng, self.rot_flip and self.train)
+                                self.patch, rng, self.rot_flip and self.train, self.pos_fraction)
         return {"image": img[None].astype(np.float16), "label": lab}
 
 
@@ -152,7 +173,7 @@ class Unet3dMethod(Method):
     global_keys = ()
 
     def decoder(self, train: bool) -> VolumePatchDecoder:
-        return VolumePatchDecoder(self.cfg.patch, self.cfg.rot_flip, train)
+        return VolumePatchDecoder(self.cfg.patch, self.cfg.rot_flip, train, self.cfg.pos_fraction)
 
     def prepare_batch(self, batch, device):
         batch["image"] = batch["image"].float()

@@ -21,7 +21,8 @@ stages 4-6 are identical.
   `pseudo/<case>.npz` (cropped grid: label, brain), `corpus/` (a volume corpus for `unet3d`: train + val cases,
   npz inline), `prompts.json`, `pictures/` (prompt overlays).
 - `s3f` (driver; Ray Data over the training cases, actors holding the U-Net and the segmenter): the U-Net predicts
-  (sliding window, inside the brain, largest component), the segmenter is re-prompted from the prediction (box
+  (sliding window, inside the brain; its `component`: the largest 3D one as the reference, the most probable one
+  or all), the segmenter is re-prompted from the prediction (box
   with d = 0, the same point rules with the U-Net's foreground probability as the score), similarity =
   Dice(segmenter, U-Net); keep the top `keep` fraction (`mode: top`, default 0.8) or every case >= `keep`
   (`mode: threshold`). Output: `corpus/` (kept training cases labelled with the U-Net's own predictions + the val
@@ -33,7 +34,8 @@ stages 4-6 are identical.
 - `clisc_seg_eval` (a Ray task; reads ground truth): Dice (MONAI) and HD95 in mm (MONAI; an empty prediction on a
   case with tumour is a counted failure, never 0) per case and mean +- std on one split for: Otsu on FLAIR, the
   CAM, the segmenter prompted by the CAM box alone, the pseudo-labels, the U-Net, the U-Net after S3F, the U-Net
-  trained on ground truth; whether S3F works (Spearman between similarity and true Dice, mean true Dice of kept vs
+  trained on ground truth (the U-Net rows post-processed by `component`: all / largest / most_probable, label-free);
+  whether S3F works (Spearman between similarity and true Dice, mean true Dice of kept vs
   dropped cases); `table.md`, `eval.json`, overlay pictures.
 """
 from __future__ import annotations
@@ -169,7 +171,7 @@ class CaseSegmenter:
     Row out: the case's arrays (npz bytes), prompts (JSON), prompted / no_prompt counts, similarity, error."""
 
     def __init__(self, segmenter: dict, prompts: dict, threads: float, use_gpu: bool,
-                 unet_dir: Optional[str] = None, largest_component: bool = True):
+                 unet_dir: Optional[str] = None, component: str = "largest"):
         import torch
 
         from medvl.models.segmenters import build_segmenter
@@ -180,7 +182,7 @@ class CaseSegmenter:
                                    device=self.device, beta=cfg.beta)
         self.prompts = prompts
         self.unet = None
-        self.lcc = largest_component
+        self.component = component
         if unet_dir:
             self.unet, self.ucfg = load_unet(unet_dir)
             self.unet.to(self.device)
@@ -220,13 +222,12 @@ class CaseSegmenter:
                     "prompts": json.dumps(_prompts_json(used)), "prompted": done, "no_prompt": skipped,
                     "similarity": float("nan")}
         # s3f: the U-Net predicts, the segmenter is re-prompted from its prediction (box d = 0)
-        from medvl.data.clisc import clean_mask
-        from medvl.eval.s3f import similarity
+        from medvl.eval.s3f import choose_component, similarity
         vol = _npz(batch["volume"][i])
         brain = _npz(batch["brain"][i])["brain"].astype(bool)
         u = self.ucfg
         prob = unet_probability(self.unet, vol["image"], u.patch, u.overlap, u.sw_batch_size, self.device)
-        pred = clean_mask((prob > 0.5) & brain, opening=0, largest=self.lcc)
+        pred = choose_component((prob > 0.5) & brain, prob, self.component)
         zs = [int(z) for z in np.nonzero(pred.any(axis=(0, 1)))[0]]
         seg, done, skipped, used = segment_volume(self.seg, vol["image"], prob, pred, zs, dilation=0,
                                                   n_pos=p["n_pos"], n_neg=p["n_neg"],
@@ -437,8 +438,10 @@ class S3fConfig:
     with similarity >= `keep`."""
     keep: float = 0.8
     """The kept fraction (mode top; the reference: 0.8) or the similarity threshold (mode threshold)."""
-    largest_component: bool = True
-    """The U-Net's prediction reduced to its largest 3D component (the reference) before prompting."""
+    component: Literal["largest", "most_probable", "all"] = "largest"
+    """Which part of the U-Net's prediction (inside the brain) S3F prompts from, scores and retrains on:
+    `largest` 3D component (the reference), `most_probable` (the component with the highest mean U-Net
+    foreground probability) or `all` components (`medvl.eval.s3f.choose_component`)."""
     actors: int = 1
     cpus_per_actor: float = 1.0
     use_gpu: bool = False
@@ -450,6 +453,8 @@ class S3fConfig:
             raise ConfigError("keep: the similarity threshold must be in [0, 1] (mode threshold)")
         if self.actors < 1:
             raise ConfigError("actors must be >= 1")
+        if self.component not in ("largest", "most_probable", "all"):
+            raise ConfigError(f"component {self.component!r}: expected largest, most_probable or all")
 
 
 @register_stage
@@ -491,7 +496,7 @@ class S3fStage(Stage):
         seg = {"kind": segc.kind, "model_type": segc.model_type, "checkpoint": segc.checkpoint, "beta": segc.beta}
         results = _run_actor_pool(rows, {"segmenter": seg, "prompts": prompts, "threads": c.cpus_per_actor,
                                          "use_gpu": c.use_gpu, "unet_dir": str(ctx.inputs["unet"]),
-                                         "largest_component": c.largest_component},
+                                         "component": c.component},
                                   c.actors, c.cpus_per_actor, c.use_gpu)
         _raise_errors(results, "s3f")
         scores = {str(r["case_id"]): float(r["similarity"]) for r in results}
@@ -608,6 +613,11 @@ class SegEvalConfig:
     """Also segment the split with the segmenter prompted by the CAM box alone (the "zero-shot" reference row)."""
     pictures: int = 3
     """Pseudo-label / U-Net / ground-truth overlays for this many cases (their largest lesion slice)."""
+    component: Literal["all", "largest", "most_probable"] = "all"
+    """Label-free post-processing of every U-Net row's prediction (inside the brain) before it is scored, as S3F's
+    `component` (`medvl.eval.s3f.choose_component`): `all` = the whole argmax mask (no post-processing),
+    `largest` 3D component, `most_probable` = the component with the highest mean foreground probability. With
+    anything but `all`, the table also lists each U-Net row's Dice without it."""
     cpus: float = 1.0
     use_gpu: bool = False
     """Run the U-Nets and the box-only segmenter (SAM) on a GPU."""
@@ -615,6 +625,8 @@ class SegEvalConfig:
     def validate(self) -> None:
         if not self.cases:
             raise ConfigError("cases: name the cases folder (with the segmentations) to evaluate against")
+        if self.component not in ("all", "largest", "most_probable"):
+            raise ConfigError(f"component {self.component!r}: expected all, largest or most_probable")
 
 
 ROWS = {"otsu": "Otsu on FLAIR inside the brain (intensity baseline)",
@@ -659,13 +671,14 @@ class SegEvalStage(Stage):
         for r in ROWS:
             names |= {f"{r}/{k}" for k in ("dice", "dice_std", "hd95", "hd95_std", "hd95_failures",
                                            "hd95_worst_for_failures")}
+        names |= {f"{r}/dice_all_components" for r in ("unet", "unet_s3f", "unet_gt")}
         return names
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         import torch
 
         from medvl.data.volumes import find_cases, load_case, preprocess
-        from medvl.eval.s3f import validity
+        from medvl.eval.s3f import choose_component, validity
         from medvl.eval.segmentation import dice, hd95, otsu_baseline
         from medvl.models.segmenters import build_segmenter
         c = self.config
@@ -689,6 +702,7 @@ class SegEvalStage(Stage):
                                   device=device, beta=segc.beta)
         per: dict[str, dict[str, list]] = {}
         per_case: dict[str, dict] = {}
+        raw_dice: dict[str, list[float]] = {}  # U-Net rows without the component post-processing
         pics = []
 
         def add(row, cid, pred, v):
@@ -718,10 +732,12 @@ class SegEvalStage(Stage):
             preds["pseudo"] = np.load(sam_dir / "pseudo" / f"{cid}.npz")["label"].astype(bool)
             add("pseudo", cid, preds["pseudo"], v)
             for r, (net, u) in nets.items():
-                from medvl.methods.unet3d import predict_volume
-                preds[r] = predict_volume(net, v.image, u.patch, u.overlap, u.sw_batch_size,
-                                          device).astype(bool) & v.brain
+                prob = unet_probability(net, v.image, u.patch, u.overlap, u.sw_batch_size, device)
+                whole = (prob > 0.5) & v.brain  # = the 2-class argmax (predict_volume) inside the brain
+                preds[r] = choose_component(whole, prob, c.component)
                 add(r, cid, preds[r], v)
+                raw_dice.setdefault(r, []).append(dice(whole, v.mask))
+                per_case[cid][r]["dice_all_components"] = raw_dice[r][-1]
             if v.mask.any():
                 z = int(v.mask.sum(axis=(0, 1)).argmax())
                 pics.append((int(v.mask[:, :, z].sum()), cid, z, v.image[:, :, z], v.mask[:, :, z],
@@ -752,7 +768,10 @@ class SegEvalStage(Stage):
         (ctx.out / "eval.json").write_text(json.dumps({"split": c.split, "cases": ids, "worst_hd95_mm": worst,
                                                         "table": table, "per_case": per_case, "s3f": s3f_check},
                                                        indent=1))
-        (ctx.out / "table.md").write_text(format_table(table, c.split, len(ids), worst, s3f_check))
+        raw = {r: float(np.mean(d)) for r, d in raw_dice.items()}
+        out.update({f"{r}/dice_all_components": d for r, d in raw.items()})
+        (ctx.out / "table.md").write_text(format_table(table, c.split, len(ids), worst, s3f_check,
+                                                       c.component, raw))
         ctx.log_artifact(ctx.out / "eval.json", "eval")
         ctx.log_artifact(ctx.out / "table.md", "eval")
         pics.sort(key=lambda t: (-t[0], t[1]))
@@ -763,7 +782,8 @@ class SegEvalStage(Stage):
         return out
 
 
-def format_table(table: dict, split: str, n: int, worst: float, s3f: dict) -> str:
+def format_table(table: dict, split: str, n: int, worst: float, s3f: dict, component: str = "all",
+                 raw: Optional[dict] = None) -> str:
     """The issue's table (markdown): Dice and HD95 mean +- std, HD95 failures, the mean with failures as worst."""
     lines = [f"Split `{split}`, {n} cases. HD95 mean +- std over cases with a prediction; failures = empty "
              f"prediction on a case with tumour (never 0 mm); last column: mean with each failure = {worst:.0f} mm "
@@ -774,6 +794,9 @@ def format_table(table: dict, split: str, n: int, worst: float, s3f: dict) -> st
             t = table[r]
             lines.append(f"| {label} | {t['dice']:.3f} +- {t['dice_std']:.3f} | {t['hd95']:.1f} +- "
                          f"{t['hd95_std']:.1f} | {int(t['hd95_failures'])} | {t['hd95_worst_for_failures']:.1f} |")
+    if component != "all" and raw:
+        lines += ["", f"U-Net rows: the `{component}` 3D component of each prediction (label-free post-processing); "
+                  "Dice of the whole prediction: " + ", ".join(f"{r} {d:.3f}" for r, d in raw.items())]
     if s3f:
         lines += ["", f"S3F check (training cases, {int(s3f.get('s3f_cases', 0))}): Spearman(similarity, true Dice) "
                   f"= {s3f.get('s3f_spearman', float('nan')):.3f}; mean true Dice kept "
