@@ -39,13 +39,14 @@ def choose_component(mask: np.ndarray, prob: Optional[np.ndarray] = None,
         raise ValueError(f"component {component!r}: expected one of {', '.join(COMPONENTS)}")
     if component == "all" or not m.any():
         return m
+    if component == "largest":
+        from medvl.data.clisc import clean_mask
+        return clean_mask(m, opening=0, largest=True)  # the CAM stage's clean-up, without the opening
     from scipy.ndimage import mean as label_mean
     from skimage.measure import label
     lab = label(m, connectivity=m.ndim)
     n = int(lab.max())
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.float64)
-    if component == "largest":
-        return lab == int(sizes.argmax()) + 1
     if prob is None or np.shape(prob) != m.shape:
         raise ValueError("component most_probable needs the foreground probability volume of the mask's shape")
     means = np.asarray(label_mean(np.asarray(prob, np.float64), lab, np.arange(1, n + 1)), np.float64)

@@ -437,8 +437,6 @@ def _validate_objectives(spec: SweepSpec, metrics: set[str]) -> None:
         if o.metric != TRIAL_WALL and o.metric not in metrics:
             raise SweepError(f"objectives[{i}].metric: trials never report {o.metric!r}; they report "
                              f"{TRIAL_WALL} and: {', '.join(sorted(metrics))}")
-        if o.mode not in ("max", "min"):
-            raise SweepError(f"objectives[{i}].mode: expected max or min, got {o.mode!r}")
     if spec.objectives and spec.scheduler.kind != "none":
         raise SweepError(f"objectives: a multi-objective sweep needs scheduler.kind none (the {spec.scheduler.kind} "
                          f"scheduler stops trials on {spec.metric!r} alone)")
