@@ -177,3 +177,36 @@ def test_pos_fraction_one_centres_every_crop_on_the_label(tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(old, new))
     # the evaluation decoder never biases
     assert VolumePatchDecoder([16, 16, 16], rot_flip=True, train=False, pos_fraction=1.0).pos_fraction == 0.0
+
+
+def test_init_starts_from_another_unet_and_bad_files_are_named(tmp_path):
+    """`unet3d.init` (S3F's retraining from the filtered U-Net): the weights of a stage output / state file are
+    loaded; a missing file, another architecture and a file needing arbitrary unpickling are ConfigErrors naming
+    the path."""
+    from medvl.config import ConfigError, load_recipe
+    from medvl.methods import resolve_method
+
+    def method(**unet):
+        return resolve_method(load_recipe(data={
+            "method": "unet3d", "data": {"corpus": "x"}, "model": {"name": "test-vit-micro"},
+            "unet3d": {"channels": [4, 8], "patch": [16, 16, 16], **unet}}))
+    torch.manual_seed(1)
+    src = method().build_model()
+    (tmp_path / "stage" / "model").mkdir(parents=True)
+    torch.save({"model": src.state_dict(), "step": 7}, tmp_path / "stage" / "model" / "state.pt")
+    torch.manual_seed(2)
+    fresh = method().build_model()
+    assert not all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), fresh.state_dict().values()))
+    for init in (tmp_path / "stage", tmp_path / "stage" / "model" / "state.pt"):
+        torch.manual_seed(2)
+        got = method(init=str(init)).build_model()
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), got.state_dict().values()))
+    with pytest.raises(ConfigError, match=r"unet3d.init: .*nowhere.*not found"):
+        method(init=str(tmp_path / "nowhere")).build_model()
+    with pytest.raises(ConfigError, match=r"unet3d.init: .*state.pt does not fit this unet3d"):
+        resolve_method(load_recipe(data={
+            "method": "unet3d", "data": {"corpus": "x"}, "model": {"name": "test-vit-micro"},
+            "unet3d": {"channels": [4, 8, 16], "patch": [16, 16, 16], "init": str(tmp_path / "stage")}})).build_model()
+    torch.save({"model": src.state_dict(), "bad": np.random.default_rng(0)}, tmp_path / "unsafe.pt")
+    with pytest.raises(ConfigError, match=r"unet3d.init: .*unsafe.pt: refusing to load"):
+        method(init=str(tmp_path / "unsafe.pt")).build_model()

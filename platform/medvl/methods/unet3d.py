@@ -9,6 +9,7 @@
       rot_flip: true              # the reference's RandomRotFlip: rot90 in the axial plane + a flip, seeded
       pos_fraction: 0.0           # probability that a training crop is centred on a labelled voxel (0 = uniform)
       overlap: 0.25               # sliding-window overlap at evaluation / prediction
+      init: ""                    # start from another unet3d model (S3F's retraining: bind `unet3d.init: unet`)
 
 Corpus: one row per case (`volume_corpus` writes it): `sample_id` = case id, `image_uri` = an `.npz` holding the
 preprocessed FLAIR (`image`, float32, nibabel's (x, y, z) order) and the label to learn (`label`, uint8 0/1: a
@@ -40,6 +41,7 @@ from medvl.data.decode import RowDecoder, load_image_bytes
 from medvl.data.volumes import write_volume_corpus  # noqa: F401  (re-exported: the corpus this method reads)
 from medvl.eval.segmentation import dice as mask_dice  # noqa: F401  (binary Dice; 1.0 when both are empty)
 from medvl.methods.base import Method, register_method
+from medvl.models.factory import UnsafeFileError, load_tensors
 
 
 @dataclass
@@ -63,6 +65,13 @@ class Unet3dConfig:
     """Sliding-window overlap (MONAI sliding_window_inference)."""
     sw_batch_size: int = 2
     """Windows per forward pass at inference."""
+    init: str = field(default="", metadata={"path": True})
+    """Start from these weights instead of a random initialisation: a unet3d `train` stage's output directory (its
+    `model/state.pt`; bind it in a pipeline: `inputs: {unet3d.init: unet}`), a checkpoint directory or a state
+    file. Empty = random init
+    (the reference retrains S3F's U-Net from scratch; fine-tuning the filtered U-Net on its own kept predictions is
+    the alternative `jobs/clisc_phantom.yaml` measures). The architecture must match (`channels`,
+    `num_res_units`)."""
 
     def validate(self) -> None:
         if len(self.channels) < 2:
@@ -150,6 +159,30 @@ class Unet3dModule(nn.Module):
         return {"logits": self.net(batch["image"]), "label": batch["label"]}
 
 
+def load_init(module: Unet3dModule, init: str) -> None:
+    """Load `unet3d.init` (a unet3d train stage's output directory or a state file) into `module`; a missing file,
+    an unsafe file or another architecture is a ConfigError naming the path."""
+    from pathlib import Path
+    p = Path(init)
+    f = p
+    if p.is_dir():  # a train stage's output (model/state.pt) or a checkpoint directory (state.pt)
+        f = p / "model" / "state.pt" if (p / "model" / "state.pt").is_file() else p / "state.pt"
+    if not f.is_file():
+        raise ConfigError(f"unet3d.init: {f} not found (a unet3d train stage's output directory or a state file)")
+    try:
+        state = load_tensors(f, map_location="cpu")
+    except UnsafeFileError as e:
+        raise ConfigError(f"unet3d.init: {e}") from None
+    sd = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise ConfigError(f"unet3d.init: {f} holds no model state dict")
+    try:
+        module.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ConfigError(f"unet3d.init: {f} does not fit this unet3d (channels / num_res_units): "
+                          f"{str(e).splitlines()[0][:300]}") from None
+
+
 def predict_volume(net: nn.Module, image: np.ndarray, patch, overlap: float = 0.25, sw_batch_size: int = 2,
                    device="cpu") -> np.ndarray:
     """Sliding-window inference (MONAI) over a whole preprocessed volume -> uint8 argmax mask (x, y, z)."""
@@ -180,7 +213,10 @@ class Unet3dMethod(Method):
         return batch
 
     def build_model(self) -> Unet3dModule:
-        return Unet3dModule(self.cfg)
+        module = Unet3dModule(self.cfg)
+        if self.cfg.init:
+            load_init(module, self.cfg.init)
+        return module
 
     def loss_terms(self) -> tuple[str, ...]:
         return ("ce", "dice") if self.cfg.loss == "dice_ce" else ("ce",)
