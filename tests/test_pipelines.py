@@ -245,6 +245,21 @@ def test_pipeline_sweeps_are_validated_before_any_trial(digits_corpus, override,
     assert ok.stages["clip"].stage.config.optim.lr == 3e-4 and "probe/accuracy" in ok.metric_names()
 
 
+
+@pytest.mark.timeout(60)
+def test_a_sweep_trials_pipeline_has_the_keys_of_medvl_pipeline(digits_corpus, tmp_path):
+    """A pipeline sweep's trial runs the base pipeline round-tripped through a dict (`pipeline_to_dict`), where a
+    float field's default written as an int (`shuffle_buffer_mb: float = 256`) comes back as 256.0: the keys must
+    not change, or a sweep rebuilds every stage `medvl pipeline` already built (found on the CLISC sweep)."""
+    from medvl.pipelines import pipeline_to_dict
+    from medvl.pipelines.fingerprint import canonical
+    path = ROOT / "jobs" / "pipeline_digits_probe.yaml"
+    p = load_pipeline(path, [f"clip.data.corpus={digits_corpus}", f"cache.root={tmp_path / 'store'}"])
+    trial = load_pipeline(data=pipeline_to_dict(p))
+    one, two = plan_pipeline(p), plan_pipeline(trial)
+    assert one["clip"].key and one["clip"].key == two["clip"].key
+    assert canonical({"a": 256, "b": [1.0, 0.5]}) == canonical({"a": 256.0, "b": [1, 0.5]})
+
 # --------------------------------------------------------------------------- running, reusing, --only/--force/--dry-run
 
 
@@ -520,6 +535,7 @@ def test_pipeline_sweep_trials_share_their_first_stage(tmp_path, env, tracking, 
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
         "name": "psweep", "base": "pipe.yaml", "search_space": {"b.value": {"type": "uniform", "low": 0, "high": 1}},
         "metric": "b/value", "mode": "max", "num_samples": 3, "scheduler": {"kind": "none"},
+        "truth": "b/files",  # the proxy check's plumbing (CLISC: seg_eval/unet_s3f/dice beside agreement)
         "resources": {"driver_cpus": 1}}))
     out = run_sweep(load_sweep(tmp_path / "sweep.yaml"), verbose=0)
     assert out.complete and out.max_concurrent_trials == 2  # 4 CPUs, 2 per trial (driver + a's task)
@@ -536,6 +552,11 @@ def test_pipeline_sweep_trials_share_their_first_stage(tmp_path, env, tracking, 
     stage_runs = c.search_runs([c.get_run(out.parent_run_id).info.experiment_id],
                                filter_string="tags.`medvl.stage` = 'a'")
     assert sorted(r.data.tags["medvl.reused"] for r in stage_runs) == ["false", "true", "true"]
+    # `truth`: a column of the trials table, the proxy check and its scatter on the parent run
+    parent = c.get_run(out.parent_run_id)
+    assert "b/files" in df and parent.data.metrics["proxy/trials"] == 3
+    assert parent.data.metrics["proxy/truth_of_best"] == df.loc[df["b/value"].idxmax(), "b/files"]
+    assert "sweep/proxy_vs_truth.png" in {a.path for a in c.list_artifacts(out.parent_run_id, "sweep")}
 
 
 @pytest.mark.timeout(120)

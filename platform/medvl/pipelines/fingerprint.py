@@ -30,9 +30,21 @@ KEY_LEN = 20
 _FILE_MEMO: dict[tuple, str] = {}
 
 
+def _numbers(obj: Any) -> Any:
+    """A whole float as an int (256.0 -> 256): a float field's default written as `256` in a dataclass and the same
+    value read back from a YAML/JSON dict as 256.0 (a sweep trial's pipeline) must give one key."""
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)
+    if isinstance(obj, dict):
+        return {k: _numbers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_numbers(v) for v in obj]
+    return obj
+
+
 def canonical(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, no whitespace); non-JSON values by their str()."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=True)
+    """Deterministic JSON (sorted keys, no whitespace, whole floats as ints); non-JSON values by their str()."""
+    return json.dumps(_numbers(obj), sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=True)
 
 
 def stage_key(stage: str, code_version: str, config: dict, upstream: dict[str, str],
