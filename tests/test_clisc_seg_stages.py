@@ -108,6 +108,8 @@ def _stages(cases: Path, keep: float = 0.8, upto: str = "eval") -> dict:
         "s3f": {"kind": "s3f", "inputs": {"unet": "unet", "sam": "sam"}, "keep": keep, "component": "most_probable"},
         # the retraining on S3F's corpus (`unet_s3f` in jobs/clisc_phantom.yaml) is an ordinary `train` stage like
         # `unet`: left out here (~45 s of Ray Train start-up in CI); its corpus is decoded by the U-Net's own decoder
+        # the ground-truth-free score of a U-Net (the CLISC sweep's objective): S3F's similarity on the val case
+        "agreement": {"kind": "clisc_agreement", "inputs": {"unet": "unet", "sam": "sam"}},
         "eval": {"kind": "clisc_seg_eval", "cases": str(cases), "split": "test", "component": "most_probable",
                  "inputs": {"slices": "toycam", "cam": "toycam", "sam": "sam", "unet": "unet", "s3f": "s3f"}},
     }
@@ -193,13 +195,19 @@ def test_reduced_part2_pipeline_reuse_and_keep_ratio_rebuild(runs, phantoms):
                                  for g in got)
     print("[measured] reduced table (2 training steps per U-Net: plumbing, not quality):\n" + table)
     assert 0 <= m["unet/val/label_dice"] <= 1  # model selection without ground truth: agreement with pseudo-labels
+    agree = json.loads((where["agreement"] / "agreement.json").read_text())
+    assert m["agreement/cases"] == 1 and list(agree["cases"]) == sorted(sim_val := [
+        r["sample_id"] for r in iter_rows(shard_paths(where["sam"] / "corpus", "val"), ["sample_id"])])
+    assert 0 <= m["agreement/agreement"] <= 1 and agree["split"] == "val" and len(sim_val) == 1
+    assert m["agreement/agreement"] == pytest.approx(np.mean([c["similarity"] for c in agree["cases"].values()]))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_without_ground_truth_files_stages_4_to_6_are_identical(runs, phantoms, tmp_path):
-    """Every *_seg file removed, stage 4 rebuilt into a fresh store and stage 6 (S3F) run by its own code on it with
-    the first run's U-Net: identical pseudo-labels, U-Net corpus, similarities and retraining corpus. (The U-Net
+    """Every *_seg file removed, stage 4 rebuilt into a fresh store and stage 6 (S3F) and the agreement score run by
+    their own code on it with the first run's U-Net: identical pseudo-labels, U-Net corpus, similarities, retraining
+    corpus and agreement. (The U-Net
     trainings are `train` stages that read nothing but these corpora; not repeated here, to keep CI time down.)"""
     from medvl.data.corpus import iter_rows, shard_paths
     from medvl.pipelines import load_pipeline, run_pipeline
@@ -239,6 +247,13 @@ def test_without_ground_truth_files_stages_4_to_6_are_identical(runs, phantoms, 
     first_rows = {r[0]: r for r in rows(where["s3f"])}
     assert rows(tmp_path / "s3f") == sorted(first_rows[k] for k in sim2["kept"] + [
         r[0] for r in rows(where["s3f"], "val")])
+    # the agreement score (the CLISC sweep's objective) without ground truth files: the same per-case scores
+    from medvl.pipelines.kinds.clisc_seg import AgreementConfig, AgreementStage
+    a = AgreementStage("agreement", AgreementConfig()).run(_ctx(tmp_path, "agreement", {"sam": sam_marker},
+                                                                unet=where["unet"], sam=w2["sam"]))
+    assert json.loads((tmp_path / "agreement" / "agreement.json").read_text()) == \
+        json.loads((where["agreement"] / "agreement.json").read_text())
+    assert a["agreement"] == first.metrics["agreement/agreement"]
     # the evaluation stage needs the ground truth: it names the case that lacks it
     stages = _stages(cases, upto="sam")
     stages["eval"] = {"kind": "clisc_seg_eval", "cases": str(cases), "inputs": {"slices": "toycam", "sam": "sam"}}

@@ -29,6 +29,10 @@ stages 4-6 are identical.
   cases with their pseudo-labels) for the retraining `train` stage, `similarity.json` (per case, kept or not),
   `predictions/<case>.npz`, `pictures/similarity.png`. More rounds = another `s3f` + `train` pair in the recipe
   (its `unet` input the previous retraining).
+- `clisc_agreement` (driver; S3F's scoring on held-out cases): the `val` cases of the sam corpus (never trained on)
+  predicted by a U-Net (the one after S3F), the segmenter re-prompted from each prediction, `agreement` = mean
+  Dice(segmenter, U-Net) (an empty prediction counts 0): a ground-truth-free score of the final model, the
+  objective of `jobs/sweep_clisc_amda_s3f.yaml`.
 - `clisc_gt_volumes` (a Ray task; EVALUATION ONLY): the same cases and splits with their ground truth, a volume
   corpus for the supervised upper bound (`train` a `unet3d` on it). Outside the label-free chain.
 - `clisc_seg_eval` (a Ray task; reads ground truth): Dice (MONAI) and HD95 in mm (MONAI; an empty prediction on a
@@ -477,28 +481,11 @@ class S3fStage(Stage):
                 "similarity_max", "kept_min_similarity", "cases_per_s"}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-        from medvl.data.corpus import iter_rows, shard_paths
         from medvl.data.volumes import write_volume_corpus
         from medvl.eval.s3f import select
         c = self.config
         t0 = time.perf_counter()
-        sam_dir = ctx.inputs["sam"]
-        flat = (ctx.upstream.get("sam") or {}).get("config") or {}
-        segc = _segmenter_config(flat)
-        segc.check_files()
-        prompts = {"n_pos": int(flat.get("n_pos", 5)), "n_neg": int(flat.get("n_neg", 4)),
-                   "top_fraction": float(flat.get("top_fraction", 0.5))}
-        vols = {str(r["sample_id"]): (str(r["split"]), bytes(r["image"]))
-                for r in iter_rows(shard_paths(sam_dir / "corpus", None), ["sample_id", "split", "image"])}
-        train = sorted(k for k, (s, _) in vols.items() if s == "train")
-        rows = [{"case_id": cid, "volume": vols[cid][1],
-                 "brain": _npz_bytes(brain=np.load(sam_dir / "pseudo" / f"{cid}.npz")["brain"])} for cid in train]
-        seg = {"kind": segc.kind, "model_type": segc.model_type, "checkpoint": segc.checkpoint, "beta": segc.beta}
-        results = _run_actor_pool(rows, {"segmenter": seg, "prompts": prompts, "threads": c.cpus_per_actor,
-                                         "use_gpu": c.use_gpu, "unet_dir": str(ctx.inputs["unet"]),
-                                         "component": c.component},
-                                  c.actors, c.cpus_per_actor, c.use_gpu)
-        _raise_errors(results, "s3f")
+        vols, results = _rescore(ctx, "train", c.component, c.actors, c.cpus_per_actor, c.use_gpu, "s3f")
         scores = {str(r["case_id"]): float(r["similarity"]) for r in results}
         try:
             kept = select(scores, c.mode, c.keep)
@@ -536,6 +523,90 @@ class S3fStage(Stage):
                 "similarity_max": float(np.max(ok)) if ok else 0.0,
                 "kept_min_similarity": float(min(scores[k] for k in kept)),
                 "cases_per_s": len(scores) / max(time.perf_counter() - t0, 1e-9)}
+
+
+# =========================================================================== clisc_agreement
+
+@dataclass
+class AgreementConfig:
+    split: str = "val"
+    """The cases of the `sam` input's corpus scored: `val` = held out from every U-Net's training (the U-Nets train
+    on `train`; `val` only feeds their `val/label_dice`)."""
+    component: Literal["largest", "most_probable", "all"] = "most_probable"
+    """As `s3f.component`: the part of the U-Net's prediction prompted from and scored."""
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False
+
+    def validate(self) -> None:
+        if self.actors < 1:
+            raise ConfigError("actors must be >= 1")
+        if self.component not in ("largest", "most_probable", "all"):
+            raise ConfigError(f"component {self.component!r}: expected largest, most_probable or all")
+
+
+@register_stage
+class AgreementStage(Stage):
+    """A ground-truth-free score of a U-Net (the objective of `jobs/sweep_clisc_amda_s3f.yaml`): S3F's similarity
+    on held-out cases. Each `split` case is predicted by the `unet` input, the segmenter of the `sam` input is
+    re-prompted from the prediction (box d = 0, the same point rules) and the case scores Dice(segmenter, U-Net).
+    `agreement` = the mean over cases, an empty prediction counting 0 (the model found nothing; every phantom and
+    every BraTS case has a tumour). Output: `agreement.json` (per case)."""
+    kind = "clisc_agreement"
+    version = "1"
+    config_cls = AgreementConfig
+    executor = "driver"  # a Ray Data job: actors holding the U-Net and the segmenter
+    inputs = {"unet": Input("the unet3d train stage scored (e.g. the U-Net after S3F)", kinds=("train",)),
+              "sam": Input("the sam_labels stage (its segmenter, prompt rules and held-out cases)",
+                           kinds=("sam_labels",))}
+    ignore_keys = ("actors", "cpus_per_actor", "use_gpu")
+
+    def resources(self) -> dict[str, float]:
+        c = self.config
+        return {"CPU": float(c.actors * c.cpus_per_actor + 1), "GPU": float(c.actors if c.use_gpu else 0)}
+
+    def metric_names(self) -> set[str]:
+        return {"agreement", "agreement_std", "cases", "empty_predictions"}
+
+    def run(self, ctx: StageContext) -> dict[str, float]:
+        c = self.config
+        _, results = _rescore(ctx, c.split, c.component, c.actors, c.cpus_per_actor, c.use_gpu, "clisc_agreement")
+        raw = {str(r["case_id"]): float(r["similarity"]) for r in results}
+        scores = {k: 0.0 if math.isnan(v) else v for k, v in raw.items()}
+        doc = {"split": c.split, "component": c.component,
+               "cases": {k: {"similarity": scores[k], "empty_prediction": math.isnan(raw[k])} for k in sorted(raw)}}
+        (ctx.out / "agreement.json").write_text(json.dumps(doc, indent=1))
+        ctx.log_artifact(ctx.out / "agreement.json", "agreement")
+        v = list(scores.values())
+        return {"agreement": float(np.mean(v)), "agreement_std": float(np.std(v)), "cases": float(len(v)),
+                "empty_predictions": float(sum(math.isnan(x) for x in raw.values()))}
+
+
+def _rescore(ctx: StageContext, split: str, component: str, actors: int, cpus: float, use_gpu: bool,
+             what: str) -> tuple[dict, list[dict]]:
+    """S3F's scoring of the `split` cases of the `sam` input's corpus by the `unet` input: (case id -> (split, npz
+    bytes) of the whole corpus, the actors' rows sorted by case: prediction, re-prompted segmenter mask,
+    similarity). Used by `s3f` (training cases) and `clisc_agreement` (held-out cases)."""
+    from medvl.data.corpus import iter_rows, shard_paths
+    sam_dir = ctx.inputs["sam"]
+    flat = (ctx.upstream.get("sam") or {}).get("config") or {}
+    segc = _segmenter_config(flat)
+    segc.check_files()
+    prompts = {"n_pos": int(flat.get("n_pos", 5)), "n_neg": int(flat.get("n_neg", 4)),
+               "top_fraction": float(flat.get("top_fraction", 0.5))}
+    vols = {str(r["sample_id"]): (str(r["split"]), bytes(r["image"]))
+            for r in iter_rows(shard_paths(sam_dir / "corpus", None), ["sample_id", "split", "image"])}
+    ids = sorted(k for k, (s, _) in vols.items() if s == split)
+    if not ids:
+        raise ConfigError(f"{what}: no {split} case in {sam_dir / 'corpus'}")
+    rows = [{"case_id": cid, "volume": vols[cid][1],
+             "brain": _npz_bytes(brain=np.load(sam_dir / "pseudo" / f"{cid}.npz")["brain"])} for cid in ids]
+    seg = {"kind": segc.kind, "model_type": segc.model_type, "checkpoint": segc.checkpoint, "beta": segc.beta}
+    results = _run_actor_pool(rows, {"segmenter": seg, "prompts": prompts, "threads": cpus, "use_gpu": use_gpu,
+                                     "unet_dir": str(ctx.inputs["unet"]), "component": component},
+                              actors, cpus, use_gpu)
+    _raise_errors(results, what)
+    return vols, results
 
 
 def _similarity_picture(path: Path, scores: dict[str, float], kept: list[str]) -> None:
