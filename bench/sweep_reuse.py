@@ -11,7 +11,10 @@ once with `share_stages=false` (every trial builds every stage in a cache of its
 Each sweep is `medvl tune <sweep> <sets> share_stages=<...> runtime.run_root=<fresh>` in its own process (its own
 embedded Ray). Printed per sweep: wall-clock (process start to exit), stage builds per stage (output folders in
 its cache), the best objective; last line: `reuse_wall_ratio=<shared / unshared wall-clock>` and the stage builds
-saved. The digits corpus is ingested into the bench folder first (the sweeps' `data.corpus` is set to it).
+saved. The digits corpus is ingested into the bench folder first where a train stage reads a corpus of its own
+(its `data.corpus` is set to it); CLISC's stages read the phantoms (set-up steps of jobs/clisc_phantom.yaml):
+
+  ./dev bench sweep_reuse --sweep jobs/sweep_clisc_amda_s3f.yaml --set num_samples=2 ... (short trainings)
 """
 from __future__ import annotations
 
@@ -76,13 +79,16 @@ def main() -> int:
     work = Path(a.out).resolve() / time.strftime("sweep_reuse-%Y%m%d-%H%M%S")
     work.mkdir(parents=True)
     corpus = work / "digits"
-    ingest_digits(str(corpus))
-    # the sweep's corpus keys: a training base's data.corpus, or every train stage's of a pipeline
+    # the sweep's corpus keys: every train stage's of the pipeline whose data.corpus is not bound to an upstream
+    # output (CLISC's are all bound: its data are the phantoms its own stages read)
     spec = load_sweep(a.sweep, a.set)
     from medvl.pipelines import load_pipeline
     from medvl.tune.spec import resolve_base
     p = load_pipeline(resolve_base(spec))
-    corpus_sets = [f"{n}.data.corpus={corpus}" for n, node in p.stages.items() if node.kind == "train"]
+    corpus_sets = [f"{n}.data.corpus={corpus}" for n, node in p.stages.items()
+                   if node.kind == "train" and "data.corpus" not in node.bound_keys]
+    if corpus_sets:
+        ingest_digits(str(corpus))
     print(f"sweep {a.sweep} {' '.join(a.set)}; corpus {corpus}; order {a.order}", flush=True)
     res = {}
     for label in a.order.split(","):

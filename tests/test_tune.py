@@ -119,6 +119,30 @@ def test_multi_objective_spec_pareto_front_and_plots(digits_corpus, tmp_path):
         assert Path(plots[name]).stat().st_size > 5_000
 
 
+
+@pytest.mark.timeout(60)
+def test_truth_metric_beside_a_label_free_objective(digits_corpus, tmp_path):
+    """`truth` (CLISC's ground-truth Dice beside the agreement objective): validated (reported, not an objective);
+    the proxy check ranks the finished trials by it (Spearman), names the truth of the trial the objective picked
+    and draws the scatter."""
+    import pandas as pd
+
+    from medvl.tune.tracking import proxy_check, proxy_picture
+    validate_sweep(_spec(digits_corpus, "truth=val/i2t_r1"))
+    for ov, msg in [("truth=val/nope", r"truth: trials never report 'val/nope'"),
+                    ("truth=val/zero_shot_accuracy", r"truth: .* is an objective")]:
+        with pytest.raises(SweepError, match=msg):
+            validate_sweep(_spec(digits_corpus, ov))
+    df = pd.DataFrame([{"trial_id": t, "proxy": p, "truth": g} for t, p, g in
+                       [("a", 0.9, 0.5), ("b", 0.8, 0.7), ("c", 0.5, 0.3), ("d", 0.4, 0.2), ("e", None, 0.9)]])
+    got = proxy_check(df, "proxy", "max", "truth", "max")
+    assert got["proxy/trials"] == 4  # e has no objective value
+    assert got["proxy/spearman"] == pytest.approx(0.8)  # ranks 1 2 3 4 vs 2 1 3 4
+    assert got["proxy/truth_of_best"] == 0.5 and got["proxy/best_truth"] == 0.7
+    assert proxy_check(df, "proxy", "min", "truth", "min")["proxy/truth_of_best"] == 0.2
+    proxy_picture(df, "proxy", "truth", tmp_path / "p.png", got)
+    assert (tmp_path / "p.png").stat().st_size > 5_000
+
 @pytest.mark.timeout(60)
 def test_val_metric_needs_a_val_split(digits_corpus):
     with pytest.raises(SweepError, match=r"data\.val_split is null"):

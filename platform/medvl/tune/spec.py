@@ -129,6 +129,14 @@ class SweepSpec:
     objective (the progress line, `best/...` on the parent run); the parent run also gets the Pareto front
     (`optuna/pareto_front.png`, column `pareto` in results.csv). Needs `scheduler.kind: none` (ASHA and
     HyperBand stop trials on one metric)."""
+    truth: Optional[str] = None
+    """A ground-truth metric recorded beside a label-free objective, never optimised (e.g. CLISC's
+    `seg_eval/unet_s3f/dice` next to the objective `agreement/agreement`): it is a column of the trials table, and
+    the parent run gets how well the objective ranks the trials by it (`proxy/spearman` over the finished trials,
+    `proxy/truth_of_best`: the truth of the trial the objective picked, `proxy/best_truth`: the best truth of any
+    trial) and the scatter `sweep/proxy_vs_truth.png`."""
+    truth_mode: Literal["max", "min"] = "max"
+    """Whether a higher `truth` is better (Dice) or a lower one (HD95)."""
     num_samples: int = 8
     share_stages: bool = True
     """Pipeline sweeps: trials share one stage cache, so stages with equal keys (the unsearched prefix) are built
@@ -430,6 +438,11 @@ def validate_sweep(spec: SweepSpec) -> Recipe:
 def _validate_objectives(spec: SweepSpec, metrics: set[str]) -> None:
     """The extra objectives of a multi-objective sweep: reported (or `trial/wall_s`), distinct, no scheduler."""
     seen = {spec.metric}
+    if spec.truth is not None:
+        if spec.truth == spec.metric or spec.truth in {o.metric for o in spec.objectives}:
+            raise SweepError(f"truth: {spec.truth!r} is an objective; the truth metric is recorded, never optimised")
+        if spec.truth not in metrics:
+            raise SweepError(f"truth: trials never report {spec.truth!r}; they report: {', '.join(sorted(metrics))}")
     for i, o in enumerate(spec.objectives):
         if o.metric in seen:
             raise SweepError(f"objectives[{i}].metric: {o.metric!r} is already an objective")

@@ -251,9 +251,11 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     complete = done >= spec.num_samples
     tracking.close_dangling_children(uri, parent, "KILLED", "sweep ended" if complete else "sweep interrupted")
     metrics, modes = objectives(spec)
-    table = tracking.trials_table(trials, list(space.params), metrics, horizon, uri, parent, sweep_dir)
+    table = tracking.trials_table(trials, list(space.params), metrics + ([spec.truth] if spec.truth else []),
+                                  horizon, uri, parent, sweep_dir)
     best = tracking.best_row(table, spec.metric, spec.mode)
-    plots = tracking.log_summary(uri, parent, table, best, space, metrics, modes, sweep_dir, complete)
+    plots = tracking.log_summary(uri, parent, table, best, space, metrics, modes, sweep_dir, complete,
+                                 truth=(spec.truth, spec.truth_mode) if spec.truth else None)
     if complete:
         status = "FINISHED" if best is not None else "FAILED"
     else:

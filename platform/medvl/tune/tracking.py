@@ -352,10 +352,50 @@ def _log_param_once(client, run_id: str, key: str, value: Any) -> None:
         client.set_tag(run_id, key, str(value))
 
 
+def proxy_check(df, metric: str, mode: str, truth: str, truth_mode: str) -> dict[str, float]:
+    """How well a label-free objective ranks the finished trials by a ground-truth metric (evaluation only):
+    Spearman over the trials with both values, the truth of the trial the objective picks, the best truth."""
+    from scipy.stats import spearmanr
+    ok = df[[metric, truth]].apply(lambda c: c.map(lambda v: not _missing(v))).all(axis=1) if len(df) else []
+    d = df[ok] if len(df) else df
+    out = {"proxy/trials": float(len(d))}
+    if not len(d):
+        return out
+    x, y = d[metric].astype(float), d[truth].astype(float)
+    pick = int(x.values.argmax() if mode == "max" else x.values.argmin())
+    out["proxy/truth_of_best"] = float(y.values[pick])
+    out["proxy/best_truth"] = float(y.max() if truth_mode == "max" else y.min())
+    if len(d) >= 3 and x.nunique() > 1 and y.nunique() > 1:
+        out["proxy/spearman"] = float(spearmanr(x, y).statistic)
+    return out
+
+
+def proxy_picture(df, metric: str, truth: str, path: Path, stats: dict[str, float]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = df[[metric, truth, "trial_id"]].dropna()
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    ax.scatter(d[metric].astype(float), d[truth].astype(float), s=18)
+    for _, r in d.iterrows():
+        ax.annotate(str(r["trial_id"])[-5:], (float(r[metric]), float(r[truth])), fontsize=5)
+    rho = stats.get("proxy/spearman")
+    ax.set_title(f"objective vs ground truth over {len(d)} trials"
+                 + (f" (Spearman {rho:.2f})" if rho is not None else ""), fontsize=7)
+    ax.set_xlabel(f"{metric} (the objective, label-free)", fontsize=7)
+    ax.set_ylabel(f"{truth} (ground truth, evaluation only)", fontsize=7)
+    ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, metric: str | list[str],
-                mode: str | list[str], sweep_dir: Path, complete: bool) -> dict[str, str]:
+                mode: str | list[str], sweep_dir: Path, complete: bool,
+                truth: Optional[tuple[str, str]] = None) -> dict[str, str]:
     """Write results.csv and log table, best params/metric (the first objective's) and the Optuna plots to the
-    parent run; with several objectives also the Pareto front (plot, `pareto` column, tag)."""
+    parent run; with several objectives also the Pareto front (plot, `pareto` column, tag); with a `truth`
+    (metric, mode) the proxy check (`proxy_check`, `sweep/proxy_vs_truth.png`)."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
     modes = [mode] if isinstance(mode, str) else list(mode)
     metric = metrics[0]
@@ -392,6 +432,15 @@ def log_summary(uri: str, parent_run_id: str, df, best: Optional[dict], space, m
                     client.log_artifact(parent_run_id, p, artifact_path="optuna")
                 else:
                     client.set_tag(parent_run_id, f"medvl.plot.{name}", p[:5000])
+    if truth is not None and len(df):
+        done_ = df[~df["error"]]
+        stats = proxy_check(done_, metric, modes[0], truth[0], truth[1])
+        for k, v in stats.items():
+            client.log_metric(parent_run_id, k, v)
+        pic = sweep_dir / "proxy_vs_truth.png"
+        proxy_picture(done_, metric, truth[0], pic, stats)
+        client.log_artifact(parent_run_id, str(pic), artifact_path="sweep")
+        plots["proxy_vs_truth"] = str(pic)
     incidents = [f"trial {r['trial_id']}: {r['incidents']}" for r in df.to_dict("records") if r.get("incidents")] \
         if len(df) and "incidents" in df else []
     client.set_tag(parent_run_id, "medvl.incidents", redact_text("\n".join(incidents) or "none")[:5000])
