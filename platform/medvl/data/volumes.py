@@ -155,8 +155,13 @@ def preprocess(v: Volume, clip_percentile: float = 99.9, margin: int = 0) -> Vol
 
 def uncrop(v: Volume, arr: np.ndarray, fill=0) -> np.ndarray:
     """An array on the cropped grid put back on the original grid (e.g. a prediction, to save next to the FLAIR)."""
-    out = np.full(v.shape_before_crop, fill, dtype=arr.dtype)
-    out[tuple(slice(a, b) for a, b in v.crop)] = arr
+    return uncrop_array(arr, v.shape_before_crop, v.crop, fill)
+
+
+def uncrop_array(arr: np.ndarray, shape_before_crop, crop, fill=0) -> np.ndarray:
+    """`uncrop` from the stored meta alone (`shape_before_crop`, `crop` = [(start, stop)] per axis)."""
+    out = np.full(tuple(shape_before_crop), fill, dtype=arr.dtype)
+    out[tuple(slice(a, b) for a, b in crop)] = arr
     return out
 
 

@@ -183,19 +183,32 @@ def load_init(module: Unet3dModule, init: str) -> None:
                           f"{str(e).splitlines()[0][:300]}") from None
 
 
-def predict_volume(net: nn.Module, image: np.ndarray, patch, overlap: float = 0.25, sw_batch_size: int = 2,
-                   device="cpu") -> np.ndarray:
-    """Sliding-window inference (MONAI) over a whole preprocessed volume -> uint8 argmax mask (x, y, z)."""
+def predict_logits(net: nn.Module, image: np.ndarray, patch, overlap: float = 0.25, sw_batch_size: int = 2,
+                   device="cpu") -> torch.Tensor:
+    """Sliding-window inference (MONAI) over a whole preprocessed volume -> logits (1, classes, x, y, z); the net's
+    train/eval mode is restored afterwards."""
     from monai.inferers import sliding_window_inference
     was = net.training
     net.eval()
     try:
         x = torch.as_tensor(np.asarray(image, np.float32))[None, None].to(device)
         with torch.no_grad():
-            logits = sliding_window_inference(x, tuple(patch), sw_batch_size, net, overlap=overlap)
-        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            return sliding_window_inference(x, tuple(patch), sw_batch_size, net, overlap=overlap)
     finally:
         net.train(was)
+
+
+def predict_volume(net: nn.Module, image: np.ndarray, patch, overlap: float = 0.25, sw_batch_size: int = 2,
+                   device="cpu") -> np.ndarray:
+    """`predict_logits` -> uint8 argmax mask (x, y, z)."""
+    return predict_logits(net, image, patch, overlap, sw_batch_size, device).argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+def predict_probability(net: nn.Module, image: np.ndarray, patch, overlap: float = 0.25, sw_batch_size: int = 2,
+                        device="cpu") -> np.ndarray:
+    """`predict_logits` -> foreground probability (softmax, class 1), float32 (x, y, z); > 0.5 = the argmax."""
+    logits = predict_logits(net, image, patch, overlap, sw_batch_size, device)
+    return torch.softmax(logits.float(), 1)[0, 1].cpu().numpy()
 
 
 @register_method

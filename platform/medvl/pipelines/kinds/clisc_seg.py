@@ -149,13 +149,8 @@ def _prompts_json(used: dict) -> dict:
 def unet_probability(net, image: np.ndarray, patch, overlap: float = 0.25, sw_batch_size: int = 2,
                      device="cpu") -> np.ndarray:
     """The U-Net's foreground probability over a whole volume (MONAI sliding window, softmax), float32 (x, y, z)."""
-    import torch
-    from monai.inferers import sliding_window_inference
-    net.eval()
-    x = torch.as_tensor(np.asarray(image, np.float32))[None, None].to(device)
-    with torch.no_grad():
-        logits = sliding_window_inference(x, tuple(patch), sw_batch_size, net, overlap=overlap)
-    return torch.softmax(logits.float(), 1)[0, 1].cpu().numpy()
+    from medvl.methods.unet3d import predict_probability
+    return predict_probability(net, image, patch, overlap, sw_batch_size, device)
 
 
 def load_unet(model_dir: str | Path):
@@ -267,12 +262,11 @@ def _raise_errors(results: list[dict], what: str) -> None:
 
 def _original_grid(meta: dict, arr: np.ndarray):
     """A cropped-grid array on the case's original grid, with the original affine (part 1's cases.json meta)."""
+    from medvl.data.volumes import uncrop_array
     affine = np.asarray(meta["affine"])
     full_affine = affine.copy()
     full_affine[:3, 3] = affine[:3, 3] - affine[:3, :3] @ np.array([a for a, _ in meta["crop"]], float)
-    full = np.zeros(meta["shape_before_crop"], arr.dtype)
-    full[tuple(slice(a, b) for a, b in meta["crop"])] = arr
-    return full, full_affine
+    return uncrop_array(arr, meta["shape_before_crop"], meta["crop"]), full_affine
 
 
 # =========================================================================== sam_labels
