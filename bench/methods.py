@@ -25,8 +25,13 @@ Printed per method: medvl and bare samples/s, over all steady-state steps and as
 whole overhead for that method: Ray, streaming, logging) and `cost_vs_clip` (the method's bare samples/s / plain
 CLIP's bare samples/s: what the method's extra terms and branches cost on the same towers and batch). Last line:
 `methods_ratio_vs_bare=<min over methods> <method>_ratio_vs_bare=... <method>_cost_vs_clip=...`.
-Not covered here (yet): CLIP-IT's distillation (it needs a paired corpus and a teacher from its pipeline),
-CLISC's slice classifier and 3D U-Net (volume corpora); their CPU bf16 steps are tested in tests/.
+CLISC's two trained models run on data made here from brain phantoms (`--phantoms` cases at 2 mm, seed 0):
+`slice_classifier` (`jobs/clisc_classifier.yaml`: resnet18 widths 16-128, 128 px, batch 32) on the phantoms'
+brain-slices corpus with its `tumour` labels, `unet3d` (`jobs/clisc_unet.yaml`: MONAI UNet, 48^3 patches, batch 2)
+on a volume corpus of the same phantoms (preprocessed FLAIR + ground-truth mask: the labels' source does not change
+the step); their train splits are repeated so that each run has at least `--min-steps` steps. Their
+`cost_vs_clip` is not printed (other models, other inputs). Not covered here (yet): CLIP-IT's distillation (it
+needs a paired corpus and a teacher from its pipeline); its CPU bf16 step is tested in tests/.
 """
 from __future__ import annotations
 
@@ -46,7 +51,53 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 RECIPES = {"clip": "digits_clip.yaml", "cxr_clip": "cxr_clip_digits.yaml", "pmc_clip": "pmc_clip_digits.yaml",
-           "clipin": "clipin_digits.yaml"}
+           "clipin": "clipin_digits.yaml", "slice_classifier": "clisc_classifier.yaml", "unet3d": "clisc_unet.yaml"}
+CLIP_FAMILY = ("clip", "cxr_clip", "pmc_clip", "clipin")   # the same digits towers: cost_vs_clip is meaningful
+RECIPE_BATCH = {"slice_classifier": 32, "unet3d": 2}        # the CLISC recipes' own global batch
+
+
+def repeat_train(base: Path, out: Path, k: int) -> str:
+    """A corpus whose train split is `base`'s repeated k times (the shards copied; other splits dropped)."""
+    import dataclasses
+
+    from medvl.data.corpus import Shard, load_manifest, write_manifest
+    if k <= 1:
+        return str(base)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    m, shards = load_manifest(base), []
+    for i in range(k):
+        for sh in m.shards:
+            if sh.split == "train":
+                rel = f"shards/train-{i:03d}-{Path(sh.path).name}"
+                shutil.copy(base / sh.path, out / rel)
+                shards.append(Shard(rel, "train", sh.rows))
+    write_manifest(out, dataclasses.replace(m, source=f"{base} x{k}", shards=shards))
+    return str(out)
+
+
+def jobs_name(m: str) -> str:
+    return f"jobs/{RECIPES[m]}"
+
+
+def train_rows(corpus: str) -> int:
+    from medvl.data.corpus import load_manifest
+    return sum(sh.rows for sh in load_manifest(corpus).shards if sh.split == "train")
+
+
+def make_clisc_data(work: Path, cases: int) -> dict[str, str]:
+    """Brain phantoms -> the slice corpus (slice_classifier) and the volume corpus (unet3d)."""
+    from medvl.data.ingest_brain import ingest_brain_slices
+    from medvl.data.phantom import make_phantoms
+    from medvl.data.volumes import find_cases, load_case, preprocess, write_volume_corpus
+    ph = work / "phantoms"
+    make_phantoms(ph, cases=cases, seed=0, resolution=2)
+    ingest_brain_slices(str(ph), str(work / "brain-slices"))
+    vols = []
+    for f in find_cases(ph):
+        v = preprocess(load_case(f, with_mask=True))
+        vols.append((f.case_id, "train", v.image, v.mask.astype("uint8"), v.affine))
+    write_volume_corpus(work / "volumes", vols)
+    return {"slice_classifier": str(work / "brain-slices"), "unet3d": str(work / "volumes")}
 
 
 def _overrides(a) -> list[str]:
@@ -107,9 +158,10 @@ def run_part(name: str, method: str, a) -> dict:
         print(f"      (waited {waited:.0f} s for the machine to go quiet)", flush=True)
     a.seq = getattr(a, "seq", 0) + 1
     res = Path(a.work) / f"part{a.seq:02d}-{name}-{method}.json"
-    args = [sys.executable, __file__, "--part", name, "--method", method, "--work", a.work, "--corpus", a.corpus,
-            "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--log-every", str(a.log_every),
-            "--warmup", str(a.warmup), "--steps-total", str(a.steps_total), "--cpus", str(a.cpus),
+    d = a.per[method]  # this method's corpus, global batch and planned steps
+    args = [sys.executable, __file__, "--part", name, "--method", method, "--work", a.work, "--corpus", d["corpus"],
+            "--batch-size", str(d["batch"]), "--epochs", str(a.epochs), "--log-every", str(a.log_every),
+            "--warmup", str(a.warmup), "--steps-total", str(d["steps_total"]), "--cpus", str(a.cpus),
             "--result", str(res)]
     t0 = time.perf_counter()
     p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "platform")})
@@ -124,7 +176,11 @@ def run_part(name: str, method: str, a) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(RECIPES), help="comma-separated, from: " + ", ".join(RECIPES))
-    ap.add_argument("--batch-size", type=int, default=64, help="global batch")
+    ap.add_argument("--batch-size", type=int, default=64, help="global batch of the digits (CLIP-family) recipes; "
+                    "slice_classifier and unet3d use their recipes' own (32, 2)")
+    ap.add_argument("--phantoms", type=int, default=8, help="brain phantoms for slice_classifier and unet3d")
+    ap.add_argument("--min-steps", type=int, default=300, help="slice_classifier / unet3d: repeat the train split "
+                    "until a run has at least this many steps")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2, help="repeat the digits train split k times (longer epochs)")
     ap.add_argument("--log-every", type=int, default=5)
@@ -158,11 +214,20 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     a.work = str(work)
     corpus, _, rows = make_data(work, a.repeat)
-    a.corpus = corpus
-    a.steps_total = (rows // a.batch_size) * a.epochs
+    a.per = {m: {"corpus": corpus, "batch": a.batch_size, "steps_total": (rows // a.batch_size) * a.epochs}
+             for m in methods if m in CLIP_FAMILY}
     print(f"digits-vit-tiny recipes, global batch {a.batch_size}, {rows} train images x {a.epochs} epochs = "
-          f"{a.steps_total} steps (warm-up {a.warmup} excluded), {a.cpus} cores, fp32, 1 worker; methods "
-          f"{', '.join(methods)}; {a.rounds} round(s)", flush=True)
+          f"{a.per['clip']['steps_total']} steps (warm-up {a.warmup} excluded), {a.cpus} cores, fp32, 1 worker; "
+          f"methods {', '.join(methods)}; {a.rounds} round(s)", flush=True)
+    if any(m not in CLIP_FAMILY for m in methods):
+        base = make_clisc_data(work, a.phantoms)
+        for m in (m for m in methods if m not in CLIP_FAMILY):
+            b, n = RECIPE_BATCH[m], train_rows(base[m])
+            k = max(1, -(-a.min_steps * b // max(n * a.epochs, 1)))  # ceil: at least --min-steps steps
+            c = repeat_train(Path(base[m]), work / f"{m}-x{k}", k)
+            a.per[m] = {"corpus": c, "batch": b, "steps_total": (n * k // b) * a.epochs}
+            print(f"{m}: {jobs_name(m)}, {a.phantoms} phantoms -> {n} train rows x {k}, global batch {b}, "
+                  f"{a.per[m]['steps_total']} steps", flush=True)
     got: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
     win: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
     for rnd in range(a.rounds):
@@ -173,21 +238,22 @@ def main() -> int:
                 got[m][part].append(sps)
                 win[m][part].append(r["steady"]["median_window_samples_per_s"])
                 extra = f", terms {', '.join(r['terms'])}" if part == "bare" else ""
-                print(f"  round {rnd + 1} {m:9s} {part:5s} {sps:8.1f} samples/s (median window "
+                print(f"  round {rnd + 1} {m:16s} {part:5s} {sps:8.1f} samples/s (median window "
                       f"{r['steady']['median_window_samples_per_s']:.1f}; process {r['process_wall_s']:.0f} s"
                       f"{extra})", flush=True)
     med = {m: {p: statistics.median(v) for p, v in d.items()} for m, d in got.items()}
     wmed = {m: {p: statistics.median(v) for p, v in d.items()} for m, d in win.items()}
     print("\nsamples/s: over all steady-state steps [median of 5-step windows, robust to bursts of other jobs]")
-    print("method     medvl            bare             ratio_vs_bare  cost_vs_clip (bare / clip's bare)")
+    print("method            medvl            bare             ratio_vs_bare  cost_vs_clip (bare / clip's bare)")
     ratios, tail = {}, []
     for m in methods:  # the ratios use the median windows; the all-steps figures are shown beside them
         rv, rv_all = wmed[m]["medvl"] / wmed[m]["bare"], med[m]["medvl"] / med[m]["bare"]
         cost, cost_all = wmed[m]["bare"] / wmed["clip"]["bare"], med[m]["bare"] / med["clip"]["bare"]
         ratios[m] = rv
-        print(f"{m:10s} {med[m]['medvl']:6.1f} [{wmed[m]['medvl']:6.1f}]  {med[m]['bare']:6.1f} "
-              f"[{wmed[m]['bare']:6.1f}]  {rv:5.2f} [all {rv_all:4.2f}]   {cost:5.2f} [all {cost_all:4.2f}]")
-        tail += [f"{m}_ratio_vs_bare={rv:.2f}", f"{m}_cost_vs_clip={cost:.2f}"]
+        cost_s = f"{cost:5.2f} [all {cost_all:4.2f}]" if m in CLIP_FAMILY else "  n/a (another model)"
+        print(f"{m:17s} {med[m]['medvl']:6.1f} [{wmed[m]['medvl']:6.1f}]  {med[m]['bare']:6.1f} "
+              f"[{wmed[m]['bare']:6.1f}]  {rv:5.2f} [all {rv_all:4.2f}]   {cost_s}")
+        tail += [f"{m}_ratio_vs_bare={rv:.2f}"] + ([f"{m}_cost_vs_clip={cost:.2f}"] if m in CLIP_FAMILY else [])
     (work / "results.json").write_text(json.dumps({"samples_per_s": got, "median_window_samples_per_s": win,
                                                    "median": med, "median_window": wmed}, indent=1))
     print(f"(results: {work})")
