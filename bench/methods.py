@@ -56,25 +56,6 @@ CLIP_FAMILY = ("clip", "cxr_clip", "pmc_clip", "clipin")   # the same digits tow
 RECIPE_BATCH = {"slice_classifier": 32, "unet3d": 2}        # the CLISC recipes' own global batch
 
 
-def repeat_train(base: Path, out: Path, k: int) -> str:
-    """A corpus whose train split is `base`'s repeated k times (the shards copied; other splits dropped)."""
-    import dataclasses
-
-    from medvl.data.corpus import Shard, load_manifest, write_manifest
-    if k <= 1:
-        return str(base)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    m, shards = load_manifest(base), []
-    for i in range(k):
-        for sh in m.shards:
-            if sh.split == "train":
-                rel = f"shards/train-{i:03d}-{Path(sh.path).name}"
-                shutil.copy(base / sh.path, out / rel)
-                shards.append(Shard(rel, "train", sh.rows))
-    write_manifest(out, dataclasses.replace(m, source=f"{base} x{k}", shards=shards))
-    return str(out)
-
-
 def jobs_name(m: str) -> str:
     return f"jobs/{RECIPES[m]}"
 
@@ -196,7 +177,7 @@ def main() -> int:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    from throughput import make_data, steady
+    from throughput import make_data, repeat_train, steady
 
     if a.part:
         r = {"medvl": part_medvl, "bare": part_bare}[a.part](a)

@@ -183,26 +183,33 @@ def wait_quiet(max_wait: float, cores: int, threshold: float = 0.25, span: float
 # --------------------------------------------------------------------------- data
 
 
+def repeat_train(base: Path, out: Path, k: int) -> str:
+    """A corpus whose train split is `base`'s repeated k times (the shards copied; other splits dropped; the
+    manifest's classes kept); k <= 1: `base` itself."""
+    from medvl.data.corpus import Shard, load_manifest, write_manifest
+    if k <= 1:
+        return str(base)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    m, shards = load_manifest(base), []
+    for i in range(k):
+        for sh in m.shards:
+            if sh.split == "train":
+                rel = f"shards/train-{i:03d}-{Path(sh.path).name}"
+                shutil.copy(base / sh.path, out / rel)
+                shards.append(Shard(rel, "train", sh.rows))
+    write_manifest(out, dataclasses.replace(m, source=f"{base} x{k}", shards=shards))
+    return str(out)
+
+
 def make_data(tmp: Path, repeat: int) -> tuple[str, Path, int]:
     """The digits corpus (medvl format; its train split repeated `repeat` times) and a TSV listing the same
     train images (the PNGs it was ingested from), in the same multiplicity, with the first caption."""
-    from medvl.data.corpus import Shard, iter_rows, load_manifest, shard_paths, write_manifest
+    from medvl.data.corpus import iter_rows, shard_paths
     from medvl.data.ingest import ingest_digits
     base = tmp / "digits"
     ingest_digits(str(base))
     rows = list(iter_rows(shard_paths(base, "train"), columns=["sample_id", "texts"]))
-    corpus = base
-    if repeat > 1:
-        corpus = tmp / f"digits-x{repeat}"
-        (corpus / "shards").mkdir(parents=True, exist_ok=True)
-        m, shards = load_manifest(base), []
-        for k in range(repeat):
-            for s in m.shards:
-                if s.split == "train":
-                    rel = f"shards/train-{k:03d}-{Path(s.path).name}"
-                    shutil.copy(base / s.path, corpus / rel)
-                    shards.append(Shard(rel, "train", s.rows))
-        write_manifest(corpus, dataclasses.replace(m, source=f"{base} x{repeat}", shards=shards))  # classes kept
+    corpus = repeat_train(base, tmp / f"digits-x{repeat}", repeat)
     tsv = tmp / "train.tsv"
     with open(tsv, "w") as f:
         f.write("filepath\ttitle\n")
