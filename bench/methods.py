@@ -53,11 +53,6 @@ sys.path.insert(0, str(HERE))
 RECIPES = {"clip": "digits_clip.yaml", "cxr_clip": "cxr_clip_digits.yaml", "pmc_clip": "pmc_clip_digits.yaml",
            "clipin": "clipin_digits.yaml", "slice_classifier": "clisc_classifier.yaml", "unet3d": "clisc_unet.yaml"}
 CLIP_FAMILY = ("clip", "cxr_clip", "pmc_clip", "clipin")   # the same digits towers: cost_vs_clip is meaningful
-RECIPE_BATCH = {"slice_classifier": 32, "unet3d": 2}        # the CLISC recipes' own global batch
-
-
-def jobs_name(m: str) -> str:
-    return f"jobs/{RECIPES[m]}"
 
 
 def train_rows(corpus: str) -> int:
@@ -201,13 +196,14 @@ def main() -> int:
           f"{a.per['clip']['steps_total']} steps (warm-up {a.warmup} excluded), {a.cpus} cores, fp32, 1 worker; "
           f"methods {', '.join(methods)}; {a.rounds} round(s)", flush=True)
     if any(m not in CLIP_FAMILY for m in methods):
+        from medvl.config import load_recipe
         base = make_clisc_data(work, a.phantoms)
-        for m in (m for m in methods if m not in CLIP_FAMILY):
-            b, n = RECIPE_BATCH[m], train_rows(base[m])
+        for m in (m for m in methods if m not in CLIP_FAMILY):  # the recipe's own global batch
+            b, n = load_recipe(ROOT / "jobs" / RECIPES[m]).data.batch_size, train_rows(base[m])
             k = max(1, -(-a.min_steps * b // max(n * a.epochs, 1)))  # ceil: at least --min-steps steps
             c = repeat_train(Path(base[m]), work / f"{m}-x{k}", k)
             a.per[m] = {"corpus": c, "batch": b, "steps_total": (n * k // b) * a.epochs}
-            print(f"{m}: {jobs_name(m)}, {a.phantoms} phantoms -> {n} train rows x {k}, global batch {b}, "
+            print(f"{m}: jobs/{RECIPES[m]}, {a.phantoms} phantoms -> {n} train rows x {k}, global batch {b}, "
                   f"{a.per[m]['steps_total']} steps", flush=True)
     got: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
     win: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
