@@ -2,13 +2,18 @@
 
     ./dev bench data [--model cxr-vit-small] [--scale 1 10] [--workers 2]
 
-Both decode the same encoded images with the model's own open_clip train transform and tokenise the captions;
-both use 2 parallel decoders (Ray Data decode tasks / DataLoader workers) and batch 64. For each corpus scale
-(the digits train split copied 1x and 10x) it prints rows/s (steady state, after the first batch) and the peak
-memory of the whole process tree (driver + Ray / DataLoader workers) as RSS and as PSS (RSS counts Ray's shared-
-memory object store once per process that maps it; PSS divides shared pages among them), then, as the last line,
-`ratio_ray_vs_dataloader=<x> rss_growth_10x_ray=<y> rss_growth_10x_dataloader=<z> pss_growth_10x_ray=...
-pss_growth_10x_dataloader=...`.
+Both decode the same encoded images with the model's own open_clip train transform, tokenise the captions and end
+with the same normalised float32 image tensors (the Ray side ships uint8 and normalises in the consumer, as the
+training worker does; the DataLoader's transform normalises in its workers); both use 2 parallel decoders (Ray
+Data decode tasks / DataLoader workers) and batch 64. Sides (`--variants`): `ray`, `dataloader`, `ray-f32` (the
+Ray stream shipping float32 normalised in the decode tasks, as before the method seam: the uint8 transport's gain,
+reported on its own) and `ray-b256` (the Ray stream with `data.decoded_buffer_mb=256`: an object-store budget that
+trades decode speed for memory). For each corpus scale (the digits train split copied 1x and 10x) it prints rows/s
+(steady state, after the first batch), the bytes per row the consumer receives, and the peak memory of the whole
+process tree (driver + Ray / DataLoader workers) as RSS and as PSS (RSS counts Ray's shared-memory object store
+once per process that maps it; PSS divides shared pages among them), then, as the last line,
+`ratio_ray_vs_dataloader=<x> rss_growth_10x_<side>=... pss_growth_10x_<side>=... uint8_vs_float32_rows_per_s=...
+uint8_vs_float32_bytes=...` (the ratio and the uint8 figures at the largest scale).
 One invocation measures everything: compare numbers only within one run (the machine is shared).
 """
 from __future__ import annotations
@@ -101,29 +106,63 @@ def scaled_corpus(src: str, dst: Path, scale: int) -> str:
     return str(dst)
 
 
-def run_ray(corpus: str, model: str, workers: int, batch: int) -> tuple[float, int, float, float]:
+class Float32Decoder(__import__("medvl.methods.clip", fromlist=["ClipDecoder"]).ClipDecoder):
+    """The transport before the method seam: images normalised to float32 inside the decode task (4x the bytes
+    of uint8 through the object store)."""
+
+    def output_dtypes(self):
+        return {"image": "float32", "text": "int64"}
+
+    def collate(self, rows):
+        import torch
+
+        from medvl.config import ModelConfig, from_dict
+        from medvl.data.decode import normalize_images
+        from medvl.models.factory import image_norm
+        out = super().collate(rows)
+        out["image"] = normalize_images(torch.from_numpy(out["image"]),
+                                        *image_norm(from_dict(ModelConfig, self.model_cfg))).numpy()
+        return out
+
+
+def run_ray(corpus: str, model: str, workers: int, batch: int, variant: str = "ray"
+            ) -> tuple[float, int, float, float, float]:
+    """`variant`: ray (uint8 transport, normalised by the consumer, as in training; data.decoded_buffer_mb's
+    default), ray-f32 (float32 transport, normalised in the decode tasks: the path before the method seam),
+    ray-b<MB> (ray with data.decoded_buffer_mb=<MB>, the object-store budget of the decode pipeline)."""
     import ray
+    import torch
 
     from medvl.config import DataConfig, ModelConfig
+    from medvl.data.decode import normalize_images
     from medvl.data.stream import build_dataset
+    from medvl.models.factory import image_norm
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         from dataclasses import asdict
 
         from medvl.methods.clip import ClipDecoder
-        ds = build_dataset(DataConfig(corpus=corpus, decode_tasks=workers, decode_batch_size=batch),
-                           ClipDecoder(asdict(ModelConfig(name=model)), train=True), "train")
+        mc = ModelConfig(name=model)
+        dec = (Float32Decoder if variant == "ray-f32" else ClipDecoder)(asdict(mc), train=True)
+        data = DataConfig(corpus=corpus, decode_tasks=workers, decode_batch_size=batch)
+        if variant.startswith("ray-b"):  # ray-b<MB>: another decoded_buffer_mb
+            data.decoded_buffer_mb = float(variant[len("ray-b"):])
+        ds = build_dataset(data, dec, "train")
+        norm = image_norm(mc)
         with PeakSampler() as ps:
             it = iter(ds.iter_torch_batches(batch_size=batch, prefetch_batches=2))
             n = len(next(it)["image"])
-            t0, rows = time.perf_counter(), 0
+            t0, rows, nbytes = time.perf_counter(), 0, 0
             for b in it:
                 rows += len(b["image"])
+                nbytes += sum(v.nbytes for v in b.values() if isinstance(v, torch.Tensor))
+                if b["image"].dtype == torch.uint8:  # the same float32 tensors as the other sides
+                    b["image"] = normalize_images(b["image"], *norm)
             dt = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    return rows / dt, rows + n, ps.peak, ps.peak_pss
+    return rows / dt, rows + n, ps.peak, ps.peak_pss, nbytes / max(1, rows)
 
 
 class ShardStream(__import__("torch").utils.data.IterableDataset):
@@ -156,18 +195,23 @@ class ShardStream(__import__("torch").utils.data.IterableDataset):
                         yield tr(im.convert("RGB")), tok([texts[0]])[0]
 
 
-def run_dataloader(corpus: str, model: str, workers: int, batch: int) -> tuple[float, int, float, float]:
+def run_dataloader(corpus: str, model: str, workers: int, batch: int, variant: str = "dataloader"
+                   ) -> tuple[float, int, float, float, float]:
     import torch
     dl = torch.utils.data.DataLoader(ShardStream(corpus, model), batch_size=batch, num_workers=workers,
                                      prefetch_factor=2, persistent_workers=False)
     with PeakSampler() as ps:
         it = iter(dl)
         n = len(next(it)[0])
-        t0, rows = time.perf_counter(), 0
-        for img, _ in it:
+        t0, rows, nbytes = time.perf_counter(), 0, 0
+        for img, tok in it:
             rows += len(img)
+            nbytes += img.nbytes + tok.nbytes
         dt = time.perf_counter() - t0
-    return rows / dt, rows + n, ps.peak, ps.peak_pss
+    return rows / dt, rows + n, ps.peak, ps.peak_pss, nbytes / max(1, rows)
+
+
+VARIANTS = ("ray", "dataloader", "ray-f32", "ray-b256")
 
 
 def main() -> int:
@@ -176,40 +220,50 @@ def main() -> int:
     ap.add_argument("--scale", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--which", choices=["ray", "dataloader"], help=argparse.SUPPRESS)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="which sides to run (ray and dataloader are needed for the ratios; ray-b<MB>: the Ray side "
+                         "with data.decoded_buffer_mb=<MB>)")
+    ap.add_argument("--which", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.which:  # child process: one measurement in a fresh interpreter, so RSS peaks don't mix
-        fn = run_ray if a.which == "ray" else run_dataloader
-        print(json.dumps(dict(zip(["rows_per_s", "rows", "peak_rss_mib", "peak_pss_mib"],
-                                  fn(a.corpus, a.model, a.workers, a.batch_size)))))
+        fn = run_dataloader if a.which == "dataloader" else run_ray
+        print(json.dumps(dict(zip(["rows_per_s", "rows", "peak_rss_mib", "peak_pss_mib", "bytes_per_row"],
+                                  fn(a.corpus, a.model, a.workers, a.batch_size, a.which)))))
         return 0
     import subprocess
 
     from medvl.data.ingest import ingest_digits
+    variants = [v for v in a.variants.split(",") if v]
     tmp = Path(tempfile.mkdtemp(prefix="medvl-bench-data-"))
     base = str(tmp / "digits")
     ingest_digits(base)
     results: dict[tuple[str, int], dict] = {}
     for scale in a.scale:
         corpus = scaled_corpus(base, tmp / f"x{scale}", scale)
-        for which in ("ray", "dataloader"):
+        for which in variants:
             out = subprocess.run([sys.executable, __file__, "--which", which, "--corpus", corpus, "--model", a.model,
                                   "--workers", str(a.workers), "--batch-size", str(a.batch_size)],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[(which, scale)] = r
-            print(f"{which:>10} x{scale:<3} rows={r['rows']:>6}  {r['rows_per_s']:8.1f} rows/s  "
-                  f"peak RSS (process tree) {r['peak_rss_mib']:7.0f} MiB, PSS {r['peak_pss_mib']:7.0f} MiB", flush=True)
+            print(f"{which:>12} x{scale:<3} rows={r['rows']:>6}  {r['rows_per_s']:8.1f} rows/s  "
+                  f"{r['bytes_per_row'] / 1024:6.1f} KiB/row delivered  peak RSS (process tree) "
+                  f"{r['peak_rss_mib']:7.0f} MiB, PSS {r['peak_pss_mib']:7.0f} MiB", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     lo, hi = min(a.scale), max(a.scale)
-    ratio = results[("ray", hi)]["rows_per_s"] / results[("dataloader", hi)]["rows_per_s"]
-    g_ray = results[("ray", hi)]["peak_rss_mib"] / results[("ray", lo)]["peak_rss_mib"]
-    g_dl = results[("dataloader", hi)]["peak_rss_mib"] / results[("dataloader", lo)]["peak_rss_mib"]
-    p_ray = results[("ray", hi)]["peak_pss_mib"] / results[("ray", lo)]["peak_pss_mib"]
-    p_dl = results[("dataloader", hi)]["peak_pss_mib"] / results[("dataloader", lo)]["peak_pss_mib"]
-    print(f"ratio_ray_vs_dataloader={ratio:.2f} rss_growth_{hi}x_ray={g_ray:.2f} rss_growth_{hi}x_dataloader={g_dl:.2f} "
-          f"pss_growth_{hi}x_ray={p_ray:.2f} pss_growth_{hi}x_dataloader={p_dl:.2f}")
+    parts = []
+    if "ray" in variants and "dataloader" in variants:
+        parts.append(f"ratio_ray_vs_dataloader={results[('ray', hi)]['rows_per_s'] / results[('dataloader', hi)]['rows_per_s']:.2f}")
+    for v in variants:
+        if lo != hi:
+            key = v.replace("-", "_")
+            parts.append(f"rss_growth_{hi}x_{key}={results[(v, hi)]['peak_rss_mib'] / results[(v, lo)]['peak_rss_mib']:.2f}")
+            parts.append(f"pss_growth_{hi}x_{key}={results[(v, hi)]['peak_pss_mib'] / results[(v, lo)]['peak_pss_mib']:.2f}")
+    if "ray" in variants and "ray-f32" in variants:  # the uint8 transport's gain, reported on its own
+        parts.append(f"uint8_vs_float32_rows_per_s={results[('ray', hi)]['rows_per_s'] / results[('ray-f32', hi)]['rows_per_s']:.2f}")
+        parts.append(f"uint8_vs_float32_bytes={results[('ray', hi)]['bytes_per_row'] / results[('ray-f32', hi)]['bytes_per_row']:.2f}")
+    print(" ".join(parts))
     return 0
 
 

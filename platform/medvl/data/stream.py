@@ -332,9 +332,10 @@ class StreamStart:
 
 
 def rank_stream(plan: StreamPlan, decoder: RowDecoder, *, rank: int, start: StreamStart, epochs: int,
-                decode_tasks: int, decode_batch_size: int, counter: Optional[tuple[str, Optional[str]]] = None
-                ) -> "ray.data.Dataset":
-    """One rank's streaming dataset over epochs [start.epoch, epochs), starting at `start`."""
+                decode_tasks: int, decode_batch_size: int, counter: Optional[tuple[str, Optional[str]]] = None,
+                buffer_mb: float = 0) -> "ray.data.Dataset":
+    """One rank's streaming dataset over epochs [start.epoch, epochs), starting at `start`; `buffer_mb` > 0 bounds
+    the decoded batches it holds in the object store (`data.decoded_buffer_mb`)."""
     items = []
     for e in range(start.epoch, epochs):
         for w in plan.windows(e, rank):
@@ -349,8 +350,10 @@ def rank_stream(plan: StreamPlan, decoder: RowDecoder, *, rank: int, start: Stre
                           "spec": json.dumps({"slices": slices,
                                               "order": order.tolist() if order is not None else None})})
     ctx = ray.data.DataContext.get_current()
-    old = ctx.execution_options.preserve_order
+    old = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits
     ctx.execution_options.preserve_order = True  # the window order is the data order; datasets copy the context
+    if buffer_mb > 0:
+        ctx.execution_options.resource_limits = old[1].copy(object_store_memory=int(buffer_mb * 2**20))
     try:
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         return ds.map_batches(
@@ -362,7 +365,7 @@ def rank_stream(plan: StreamPlan, decoder: RowDecoder, *, rank: int, start: Stre
             num_cpus=1,
         )
     finally:
-        ctx.execution_options.preserve_order = old
+        ctx.execution_options.preserve_order, ctx.execution_options.resource_limits = old
 
 
 # --------------------------------------------------------------------------- per-rank batches
@@ -504,7 +507,8 @@ def build_dataset(data: DataConfig, decoder: RowDecoder, split: str, *, train: b
                       window_bytes=int(data.shuffle_buffer_mb * 2**20))
     return rank_stream(plan, decoder, rank=0, start=StreamStart(epochs.start, 0, 0), epochs=epochs.stop,
                        decode_tasks=data.decode_tasks, decode_batch_size=data.decode_batch_size,
-                       counter=(counter_name, namespace) if counter_name else None)
+                       counter=(counter_name, namespace) if counter_name else None,
+                       buffer_mb=data.decoded_buffer_mb)
 
 
 def meta_and_batch(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
