@@ -2,7 +2,8 @@
 and what each method costs over plain CLIP, in ONE invocation (the machine is shared: compare only figures from
 one run).
 
-    ./dev bench methods [--methods clip,cxr_clip,pmc_clip,clipin] [--epochs 2] [--repeat 2] [--rounds 1]
+    ./dev bench methods [--methods clip,cxr_clip,pmc_clip,clipin,clip_it,slice_classifier,unet3d] [--epochs 2]
+                        [--repeat 2] [--rounds 1]
                         [--batch-size 64] [--warmup 10] [--log-every 5] [--out bench/out]
 
 For each method, its shipped digits recipe (`jobs/digits_clip.yaml`, `jobs/cxr_clip_digits.yaml`,
@@ -30,8 +31,12 @@ CLISC's two trained models run on data made here from brain phantoms (`--phantom
 brain-slices corpus with its `tumour` labels, `unet3d` (`jobs/clisc_unet.yaml`: MONAI UNet, 48^3 patches, batch 2)
 on a volume corpus of the same phantoms (preprocessed FLAIR + ground-truth mask: the labels' source does not change
 the step); their train splits are repeated so that each run has at least `--min-steps` steps. Their
-`cost_vs_clip` is not printed (other models, other inputs). Not covered here (yet): CLIP-IT's distillation (it
-needs a paired corpus and a teacher from its pipeline); its CPU bf16 step is tested in tests/.
+`cost_vs_clip` is not printed (other models, other inputs). `clip_it` (CLIP-IT's distillation: the `distill`
+stage of `jobs/clip_it_digits.yaml`, the digits-vit-tiny image tower + classifier, distilling the frozen text
+teacher's embeddings of the paired reports, batch 64) first runs that pipeline up to `pair` (its pairing CLIP for
+`--clip-it-epochs` epochs: the step's cost does not depend on how good the pairs are), then trains on the paired
+half of the digits, repeated for at least `--min-steps` steps; its `cost_vs_clip` compares with plain CLIP on the
+same image tower.
 """
 from __future__ import annotations
 
@@ -51,8 +56,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 RECIPES = {"clip": "digits_clip.yaml", "cxr_clip": "cxr_clip_digits.yaml", "pmc_clip": "pmc_clip_digits.yaml",
-           "clipin": "clipin_digits.yaml", "slice_classifier": "clisc_classifier.yaml", "unet3d": "clisc_unet.yaml"}
+           "clipin": "clipin_digits.yaml", "slice_classifier": "clisc_classifier.yaml", "unet3d": "clisc_unet.yaml",
+           "clip_it": "clip_it_digits.yaml"}  # clip_it: the `distill` stage of that pipeline
 CLIP_FAMILY = ("clip", "cxr_clip", "pmc_clip", "clipin")   # the same digits towers: cost_vs_clip is meaningful
+COSTED = CLIP_FAMILY + ("clip_it",)  # clip_it: the same image tower, its frozen text teacher, batch 64
 
 
 def train_rows(corpus: str) -> int:
@@ -76,6 +83,35 @@ def make_clisc_data(work: Path, cases: int) -> dict[str, str]:
     return {"slice_classifier": str(work / "brain-slices"), "unet3d": str(work / "volumes")}
 
 
+def clip_it_data(a) -> dict:
+    """CLIP-IT's distillation needs its pipeline's paired corpus and teacher: run `jobs/clip_it_digits.yaml` up to
+    `pair` (the pairing CLIP for `--clip-it-epochs` epochs) and write the `distill` stage's recipe with those
+    outputs bound."""
+    import yaml
+
+    from medvl.config import set_path, to_dict
+    from medvl.pipelines import load_pipeline, run_pipeline
+    root = Path(a.work) / "clip-it-pipeline"
+    digits = str(Path(a.work) / "digits")
+    p = load_pipeline(ROOT / "jobs" / RECIPES["clip_it"], [
+        f"clip_part.corpus={digits}", f"image_part.corpus={digits}", f"clip.train.epochs={a.clip_it_epochs}",
+        f"runtime.run_root={root}", f"track.tracking_uri=sqlite:///{root / 'mlflow.db'}"])
+    out = run_pipeline(p, only=["clip_part", "image_part", "clip", "pair"], say=lambda line: print(line, flush=True))
+    where = {row["stage"]: Path(row["location"]) for row in out.table if row.get("location")}
+    node = p.stages["distill"]
+    recipe = to_dict(node.stage.config)
+    for key, (stage, sub) in node.refs().items():
+        set_path(recipe, key, str(where[stage] / sub if sub else where[stage]))
+    path = Path(a.work) / "clip_it_distill.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return {"recipe": str(path), "corpus": recipe["data"]["corpus"], "batch": recipe["data"]["batch_size"],
+            "pair_accuracy": out.metrics.get("pair/accuracy")}
+
+
+def recipe_path(a) -> Path:
+    return Path(a.recipe) if getattr(a, "recipe", None) else ROOT / "jobs" / RECIPES[a.method]
+
+
 def _overrides(a) -> list[str]:
     return [f"data.corpus={a.corpus}", f"data.batch_size={a.batch_size}", "data.val_split=null",
             f"train.epochs={a.epochs}", "train.num_workers=1", f"train.cpus_per_worker={a.cpus}",
@@ -92,7 +128,7 @@ def part_medvl(a) -> dict:
     root = Path(a.work) / f"medvl-{a.method}"
     shutil.rmtree(root, ignore_errors=True)
     os.environ["MEDVL_RUN_ROOT"] = str(root)
-    recipe = load_recipe(ROOT / "jobs" / RECIPES[a.method], _overrides(a) + [
+    recipe = load_recipe(recipe_path(a), _overrides(a) + [
         f"name=bench-methods-{a.method}", "track.experiment=bench-methods",
         f"track.tracking_uri=sqlite:///{root / 'mlflow.db'}", f"runtime.run_root={root}"])
     job, _ = run_training(recipe)
@@ -110,7 +146,7 @@ def part_bare(a) -> dict:
     from medvl.train.step import StepSettings, train_step
     torch.set_num_threads(a.cpus)
     torch.manual_seed(0)
-    recipe = load_recipe(ROOT / "jobs" / RECIPES[a.method], _overrides(a))
+    recipe = load_recipe(recipe_path(a), _overrides(a))
     m = resolve_method(recipe)
     m.bind(m.dist, torch.device("cpu"))
     model = m.build_model().train()
@@ -138,7 +174,7 @@ def run_part(name: str, method: str, a) -> dict:
     args = [sys.executable, __file__, "--part", name, "--method", method, "--work", a.work, "--corpus", d["corpus"],
             "--batch-size", str(d["batch"]), "--epochs", str(a.epochs), "--log-every", str(a.log_every),
             "--warmup", str(a.warmup), "--steps-total", str(d["steps_total"]), "--cpus", str(a.cpus),
-            "--result", str(res)]
+            "--result", str(res)] + (["--recipe", d["recipe"]] if d.get("recipe") else [])
     t0 = time.perf_counter()
     p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "platform")})
     res.with_suffix(".log").write_text(p.stdout + p.stderr)
@@ -164,16 +200,22 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--wait-quiet", type=float, default=60)
     ap.add_argument("--out", default=str(HERE / "out"))
-    ap.add_argument("--part", choices=["medvl", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=["medvl", "bare", "clip_it_data"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--steps-total", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--recipe", help=argparse.SUPPRESS)
+    ap.add_argument("--clip-it-epochs", type=int, default=3, help="clip_it: epochs of its pipeline's pairing CLIP "
+                    "(the distillation's throughput does not depend on how good the pairs are)")
     a = ap.parse_args()
     from throughput import make_data, repeat_train, steady
 
+    if a.part == "clip_it_data":
+        Path(a.result).write_text(json.dumps(clip_it_data(a)))
+        return 0
     if a.part:
         r = {"medvl": part_medvl, "bare": part_bare}[a.part](a)
         r["steady"] = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
@@ -195,10 +237,28 @@ def main() -> int:
     print(f"digits-vit-tiny recipes, global batch {a.batch_size}, {rows} train images x {a.epochs} epochs = "
           f"{a.per['clip']['steps_total']} steps (warm-up {a.warmup} excluded), {a.cpus} cores, fp32, 1 worker; "
           f"methods {', '.join(methods)}; {a.rounds} round(s)", flush=True)
-    if any(m not in CLIP_FAMILY for m in methods):
+    if "clip_it" in methods:  # its pipeline's pairs and teacher, in a fresh interpreter (its own embedded Ray)
+        res = work / "clip_it_data.json"
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, __file__, "--part", "clip_it_data", "--work", str(work), "--result",
+                            str(res), "--clip-it-epochs", str(a.clip_it_epochs)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT / "platform")})
+        (work / "clip_it_data.log").write_text(p.stdout + p.stderr)
+        if p.returncode != 0 or not res.exists():
+            raise RuntimeError(f"clip_it's pipeline failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
+        ci = json.loads(res.read_text())
+        n = train_rows(ci["corpus"])
+        k = max(1, -(-a.min_steps * ci["batch"] // max(n * a.epochs, 1)))
+        c = repeat_train(Path(ci["corpus"]), work / f"clip_it-x{k}", k)
+        a.per["clip_it"] = {"corpus": c, "batch": ci["batch"], "steps_total": (n * k // ci["batch"]) * a.epochs,
+                            "recipe": ci["recipe"]}
+        print(f"clip_it: the distill stage of jobs/{RECIPES['clip_it']} (pairs from a {a.clip_it_epochs}-epoch "
+              f"pairing CLIP, pair accuracy {ci['pair_accuracy'] or float('nan'):.3f}; {time.perf_counter() - t0:.0f} s) -> {n} train "
+              f"rows x {k}, global batch {ci['batch']}, {a.per['clip_it']['steps_total']} steps", flush=True)
+    if any(m not in CLIP_FAMILY + ("clip_it",) for m in methods):
         from medvl.config import load_recipe
         base = make_clisc_data(work, a.phantoms)
-        for m in (m for m in methods if m not in CLIP_FAMILY):  # the recipe's own global batch
+        for m in (m for m in methods if m not in CLIP_FAMILY + ("clip_it",)):  # the recipe's own global batch
             b, n = load_recipe(ROOT / "jobs" / RECIPES[m]).data.batch_size, train_rows(base[m])
             k = max(1, -(-a.min_steps * b // max(n * a.epochs, 1)))  # ceil: at least --min-steps steps
             c = repeat_train(Path(base[m]), work / f"{m}-x{k}", k)
@@ -227,10 +287,10 @@ def main() -> int:
         rv, rv_all = wmed[m]["medvl"] / wmed[m]["bare"], med[m]["medvl"] / med[m]["bare"]
         cost, cost_all = wmed[m]["bare"] / wmed["clip"]["bare"], med[m]["bare"] / med["clip"]["bare"]
         ratios[m] = rv
-        cost_s = f"{cost:5.2f} [all {cost_all:4.2f}]" if m in CLIP_FAMILY else "  n/a (another model)"
+        cost_s = f"{cost:5.2f} [all {cost_all:4.2f}]" if m in COSTED else "  n/a (another model)"
         print(f"{m:17s} {med[m]['medvl']:6.1f} [{wmed[m]['medvl']:6.1f}]  {med[m]['bare']:6.1f} "
               f"[{wmed[m]['bare']:6.1f}]  {rv:5.2f} [all {rv_all:4.2f}]   {cost_s}")
-        tail += [f"{m}_ratio_vs_bare={rv:.2f}"] + ([f"{m}_cost_vs_clip={cost:.2f}"] if m in CLIP_FAMILY else [])
+        tail += [f"{m}_ratio_vs_bare={rv:.2f}"] + ([f"{m}_cost_vs_clip={cost:.2f}"] if m in COSTED else [])
     (work / "results.json").write_text(json.dumps({"samples_per_s": got, "median_window_samples_per_s": win,
                                                    "median": med, "median_window": wmed}, indent=1))
     print(f"(results: {work})")
