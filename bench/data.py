@@ -30,6 +30,8 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+from medvl.methods.clip import ClipDecoder  # noqa: E402 (after RAY_AUTH_MODE)
+
 
 def _pss_kib(pid: int) -> int:
     """Proportional set size: shared pages (the object store's shared memory, libraries) divided among the
@@ -106,7 +108,7 @@ def scaled_corpus(src: str, dst: Path, scale: int) -> str:
     return str(dst)
 
 
-class Float32Decoder(__import__("medvl.methods.clip", fromlist=["ClipDecoder"]).ClipDecoder):
+class Float32Decoder(ClipDecoder):
     """The transport before the method seam: images normalised to float32 inside the decode task (4x the bytes
     of uint8 through the object store)."""
 
@@ -142,7 +144,6 @@ def run_ray(corpus: str, model: str, workers: int, batch: int, variant: str = "r
     try:
         from dataclasses import asdict
 
-        from medvl.methods.clip import ClipDecoder
         mc = ModelConfig(name=model)
         dec = (Float32Decoder if variant == "ray-f32" else ClipDecoder)(asdict(mc), train=True)
         data = DataConfig(corpus=corpus, decode_tasks=workers, decode_batch_size=batch)
