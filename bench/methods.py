@@ -83,6 +83,15 @@ def make_clisc_data(work: Path, cases: int) -> dict[str, str]:
     return {"slice_classifier": str(work / "brain-slices"), "unet3d": str(work / "volumes")}
 
 
+def repeated_for_steps(a, corpus: str, batch: int, name: str) -> dict:
+    """A method's corpus with its train split repeated until a run has at least `--min-steps` steps."""
+    from throughput import repeat_train
+    n = train_rows(corpus)
+    k = max(1, -(-a.min_steps * batch // max(n * a.epochs, 1)))  # ceil
+    c = repeat_train(Path(corpus), Path(a.work) / f"{name}-x{k}", k)
+    return {"corpus": c, "batch": batch, "steps_total": (n * k // batch) * a.epochs, "rows": n, "k": k}
+
+
 def clip_it_data(a) -> dict:
     """CLIP-IT's distillation needs its pipeline's paired corpus and teacher: run `jobs/clip_it_digits.yaml` up to
     `pair` (the pairing CLIP for `--clip-it-epochs` epochs) and write the `distill` stage's recipe with those
@@ -211,7 +220,7 @@ def main() -> int:
     ap.add_argument("--clip-it-epochs", type=int, default=3, help="clip_it: epochs of its pipeline's pairing CLIP "
                     "(the distillation's throughput does not depend on how good the pairs are)")
     a = ap.parse_args()
-    from throughput import make_data, repeat_train, steady
+    from throughput import make_data, steady
 
     if a.part == "clip_it_data":
         Path(a.result).write_text(json.dumps(clip_it_data(a)))
@@ -247,24 +256,18 @@ def main() -> int:
         if p.returncode != 0 or not res.exists():
             raise RuntimeError(f"clip_it's pipeline failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
         ci = json.loads(res.read_text())
-        n = train_rows(ci["corpus"])
-        k = max(1, -(-a.min_steps * ci["batch"] // max(n * a.epochs, 1)))
-        c = repeat_train(Path(ci["corpus"]), work / f"clip_it-x{k}", k)
-        a.per["clip_it"] = {"corpus": c, "batch": ci["batch"], "steps_total": (n * k // ci["batch"]) * a.epochs,
-                            "recipe": ci["recipe"]}
+        d = a.per["clip_it"] = {**repeated_for_steps(a, ci["corpus"], ci["batch"], "clip_it"), "recipe": ci["recipe"]}
         print(f"clip_it: the distill stage of jobs/{RECIPES['clip_it']} (pairs from a {a.clip_it_epochs}-epoch "
-              f"pairing CLIP, pair accuracy {ci['pair_accuracy'] or float('nan'):.3f}; {time.perf_counter() - t0:.0f} s) -> {n} train "
-              f"rows x {k}, global batch {ci['batch']}, {a.per['clip_it']['steps_total']} steps", flush=True)
-    if any(m not in CLIP_FAMILY + ("clip_it",) for m in methods):
+              f"pairing CLIP, pair accuracy {ci['pair_accuracy'] or float('nan'):.3f}; "
+              f"{time.perf_counter() - t0:.0f} s) -> {d['rows']} train rows x {d['k']}, global batch {d['batch']}, "
+              f"{d['steps_total']} steps", flush=True)
+    if any(m not in COSTED for m in methods):
         from medvl.config import load_recipe
         base = make_clisc_data(work, a.phantoms)
-        for m in (m for m in methods if m not in CLIP_FAMILY + ("clip_it",)):  # the recipe's own global batch
-            b, n = load_recipe(ROOT / "jobs" / RECIPES[m]).data.batch_size, train_rows(base[m])
-            k = max(1, -(-a.min_steps * b // max(n * a.epochs, 1)))  # ceil: at least --min-steps steps
-            c = repeat_train(Path(base[m]), work / f"{m}-x{k}", k)
-            a.per[m] = {"corpus": c, "batch": b, "steps_total": (n * k // b) * a.epochs}
-            print(f"{m}: jobs/{RECIPES[m]}, {a.phantoms} phantoms -> {n} train rows x {k}, global batch {b}, "
-                  f"{a.per[m]['steps_total']} steps", flush=True)
+        for m in (m for m in methods if m not in COSTED):  # CLISC's models: the recipe's own global batch
+            d = a.per[m] = repeated_for_steps(a, base[m], load_recipe(ROOT / "jobs" / RECIPES[m]).data.batch_size, m)
+            print(f"{m}: jobs/{RECIPES[m]}, {a.phantoms} phantoms -> {d['rows']} train rows x {d['k']}, global batch "
+                  f"{d['batch']}, {d['steps_total']} steps", flush=True)
     got: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
     win: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
     for rnd in range(a.rounds):
