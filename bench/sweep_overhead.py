@@ -5,7 +5,10 @@
 
 Both sweeps run `jobs/sweep_digits_small.yaml` (1 worker per trial, up to 2 trials at a time) with the same seed
 and `n_startup_trials = samples`, so Optuna proposes the same configurations to both: the first with ASHA
-(grace 1 epoch, reduction factor 2), the second with `scheduler.kind=none` (every trial to the end).
+(grace 1 epoch, reduction factor 2), the second with `scheduler.kind=none` (every trial to the end). Both reuse
+finished trials' Tune actors (`resources.reuse_actors`, the default); `--no-reuse-sweep` adds a third sweep, every
+trial to the end in a new actor each (`resources.reuse_actors=false`), so the reuse's effect on the per-trial
+overhead is measured in the same invocation (`overhead_ratio_reuse_vs_new`).
 
 Per-trial overhead = the trial's start (Tune `on_trial_start`, recorded by `SweepCallback`) -> its first training
 step done (timestamp of the child run's first `train/loss`, logged every step here), split into trial start ->
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--corpus", default=None, help="digits corpus (default: runs/corpora/digits, else ingest one)")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "sweep_overhead"))
+    p.add_argument("--no-reuse-sweep", action="store_true",
+                   help="also run the full sweep with a new Tune actor per trial (resources.reuse_actors=false)")
     a = p.parse_args(argv)
 
     from medvl.tune.spec import load_sweep
@@ -81,9 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data.corpus={corpus}", f"runtime.run_root={run_root}", f"num_samples={a.samples}",
               f"train.epochs={a.epochs}", f"n_startup_trials={a.samples}", "train.log_every=1"]
     results = {}
-    for label, sched in (("asha", "asha"), ("full", "none")):
-        spec = load_sweep(SWEEP, [*common, f"name=bench-{label}", f"scheduler.kind={sched}"])
-        print(f"[bench] sweep {label}: {a.samples} trials × {a.epochs} epochs, scheduler={sched}", flush=True)
+    variants = [("asha", "asha", True), ("full", "none", True)]
+    if a.no_reuse_sweep:
+        variants.append(("full-new-actors", "none", False))
+    for label, sched, reuse in variants:
+        spec = load_sweep(SWEEP, [*common, f"name=bench-{label}", f"scheduler.kind={sched}",
+                                  f"resources.reuse_actors={str(reuse).lower()}"])
+        print(f"[bench] sweep {label}: {a.samples} trials × {a.epochs} epochs, scheduler={sched}, "
+              f"reuse_actors={reuse}", flush=True)
         t0 = time.time()
         out = run_sweep(spec, verbose=0)
         results[label] = {"out": out, "wall_s": time.time() - t0, "trials": _timings(out, spec.metric)}
@@ -111,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             "best": max(t["objective"] for t in res["trials"]),
             "overhead_s": [t["overhead_s"] for t in res["trials"]],
             "trials": res["trials"]}
+    if "full-new-actors" in summary:
+        new = summary["full-new-actors"]["overhead_s"]
+        reused = summary["full"]["overhead_s"]
+        summary["overhead_median_new_actors_s"] = statistics.median(new)
+        summary["overhead_median_reused_s"] = statistics.median(reused)
+        summary["overhead_ratio_reuse_vs_new"] = statistics.median(reused) / statistics.median(new)
     overheads = summary["asha"]["overhead_s"] + summary["full"]["overhead_s"]
     summary["overhead_median_s"] = statistics.median(overheads)
     summary["overhead_mean_s"] = statistics.fmean(overheads)
@@ -125,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v:.1f}" for k, v in summary["phase_median_s"].items()))
     print(f"\nper-trial overhead (trial start -> first step): median {summary['overhead_median_s']:.1f}s, "
           f"mean {summary['overhead_mean_s']:.1f}s over {len(overheads)} trials")
+    if "overhead_ratio_reuse_vs_new" in summary:
+        print(f"every trial to the end, reused vs new Tune actors: median overhead "
+              f"{summary['overhead_median_reused_s']:.1f}s vs {summary['overhead_median_new_actors_s']:.1f}s; "
+              f"sweep wall {summary['full']['sweep_wall_s']:.0f}s vs {summary['full-new-actors']['sweep_wall_s']:.0f}s")
+        print(f"overhead_ratio_reuse_vs_new={summary['overhead_ratio_reuse_vs_new']:.2f}")
     print(f"epochs trained: ASHA {A['epochs_trained']} vs full {F['epochs_trained']} "
           f"(ratio {summary['asha_over_full_epochs_trained']:.2f}; {A['stopped_early']} trial(s) stopped early)")
     print(f"trial-seconds:  ASHA {A['trial_seconds']:.0f}s vs full {F['trial_seconds']:.0f}s "

@@ -542,6 +542,8 @@ def test_pipeline_sweep_trials_share_their_first_stage(tmp_path, env, tracking, 
     assert count(Path(log)) == {"a": 1, "b": 3}
     df = out.table
     assert list(df["tune_status"]) == ["TERMINATED"] * 3
+    # resources.reuse_actors (default): 3 trials, 2 at a time: the third ran in a finished trial's Tune actor
+    assert df["trial_pid"].notna().all() and df["trial_pid"].nunique() == 2, list(df["trial_pid"])
     assert all(abs(v - (1 + x)) < 1e-9 for v, x in zip(df["b/value"], df["b.value"]))
     assert out.best["b/value"] == df["b/value"].max()
     c = MlflowClient(tracking)

@@ -109,6 +109,11 @@ class ResourcesSpec:
     trial_max_failures: int = 1
     """How often Tune restarts a trial whose driver died (its node was lost): the restart resumes from the trial's
     last checkpoint in the same MLflow run. Worker losses are retried inside the trial (`train.max_failures`)."""
+    reuse_actors: bool = True
+    """Run the next trial in a finished trial's Tune actor (Tune's `reuse_actors`): its process has Python, torch,
+    open_clip and MLflow loaded already. A trial that a scheduler stopped, or one whose function is still busy
+    after Tune's 2 s grace, gets a new actor as before. Each trial's own Ray Train controller and workers are new
+    processes either way. False: a new actor per trial."""
 
 
 @dataclass

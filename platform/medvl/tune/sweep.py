@@ -227,7 +227,7 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                 search_alg=build_searcher(spec, space), scheduler=build_scheduler(spec, horizon),
-                max_concurrent_trials=k, reuse_actors=False),
+                max_concurrent_trials=k, reuse_actors=spec.resources.reuse_actors),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweeps_root), verbose=verbose,
                 # a trial whose driver died (node lost) restarts and resumes from its checkpoint; worker losses are

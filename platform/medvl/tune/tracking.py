@@ -195,7 +195,8 @@ def trial_state(trial) -> str:
 def trials_table(trials: list, space_keys: list[str], metric: str | list[str], horizon: int, uri: str,
                  parent_run_id: str, sweep_dir: Path):
     """One row per Tune trial (`ResultGrid`'s trials): id, MLflow child run, statuses, sampled params,
-    objective(s), epochs trained, whether the scheduler stopped it, trial start/end times."""
+    objective(s), epochs trained, whether the scheduler stopped it, trial start/end times, and the process id of
+    the Tune actor that ran it (`trial_pid`: trials that share one ran in a reused actor, `resources.reuse_actors`)."""
     metrics = [metric] if isinstance(metric, str) else list(metric)
     import pandas as pd
     children = child_runs(uri, parent_run_id)
@@ -220,6 +221,7 @@ def trials_table(trials: list, space_keys: list[str], metric: str | list[str], h
                                   and epoch < trial_horizon(horizon, cfg)),
             "trial_start": t.get("start"), "trial_end": t.get("end"),
             "trial_wall_s": (t["end"] - t["start"]) if "start" in t and "end" in t else None,
+            "trial_pid": m.get("pid"),
             **_incidents(client, trial, child, int(t.get("recovered", 0))),
         })
     return pd.DataFrame(rows)
