@@ -5,10 +5,11 @@
 
 Both sweeps run `jobs/sweep_digits_small.yaml` (1 worker per trial, up to 2 trials at a time) with the same seed
 and `n_startup_trials = samples`, so Optuna proposes the same configurations to both: the first with ASHA
-(grace 1 epoch, reduction factor 2), the second with `scheduler.kind=none` (every trial to the end). Both reuse
-finished trials' Tune actors (`resources.reuse_actors`, the default); `--no-reuse-sweep` adds a third sweep, every
-trial to the end in a new actor each (`resources.reuse_actors=false`), so the reuse's effect on the per-trial
-overhead is measured in the same invocation (`overhead_ratio_reuse_vs_new`).
+(grace 1 epoch, reduction factor 2), the second with `scheduler.kind=none` (every trial to the end). The second
+reuses finished trials' Tune actors (`resources.reuse_actors`, the default; never with ASHA, see
+`medvl.tune.spec.ResourcesSpec`); `--no-reuse-sweep` adds a third sweep, every trial to the end in a new actor each
+(`resources.reuse_actors=false`), so the reuse's effect on the per-trial overhead is measured in the same
+invocation (`overhead_ratio_reuse_vs_new`).
 
 Per-trial overhead = the trial's start (Tune `on_trial_start`, recorded by `SweepCallback`) -> its first training
 step done (timestamp of the child run's first `train/loss`, logged every step here), split into trial start ->
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from medvl.tune.spec import load_sweep
-    from medvl.tune.sweep import run_sweep
+    from medvl.tune.sweep import reuses_actors, run_sweep
 
     corpus = _corpus(a.corpus)
     out_dir = Path(a.out)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep(SWEEP, [*common, f"name=bench-{label}", f"scheduler.kind={sched}",
                                   f"resources.reuse_actors={str(reuse).lower()}"])
         print(f"[bench] sweep {label}: {a.samples} trials × {a.epochs} epochs, scheduler={sched}, "
-              f"reuse_actors={reuse}", flush=True)
+              f"trial actors reused: {reuses_actors(spec)}", flush=True)
         t0 = time.time()
         out = run_sweep(spec, verbose=0)
         results[label] = {"out": out, "wall_s": time.time() - t0, "trials": _timings(out, spec.metric)}

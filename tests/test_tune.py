@@ -226,6 +226,19 @@ def test_concurrency_is_derived_from_cluster_cpus(digits_corpus):
 
 
 @pytest.mark.timeout(60)
+def test_trial_actors_are_reused_only_when_no_trial_is_stopped_early(digits_corpus):
+    """`resources.reuse_actors` (default true) holds only for `scheduler.kind: none`: Tune hands a stopped trial's
+    actor to the next trial while the stopped trial's fit() still runs (its workers train on), so with ASHA each
+    trial gets a new actor and Tune kills the stopped one's. The reuse itself is checked by the pipeline-sweep test
+    (3 trials, 2 actors: tests/test_pipelines.py)."""
+    from medvl.tune.sweep import reuses_actors
+    assert not reuses_actors(_spec(digits_corpus))  # the file's ASHA
+    assert not reuses_actors(_spec(digits_corpus, "scheduler.kind=hyperband"))
+    assert reuses_actors(_spec(digits_corpus, "scheduler.kind=none"))
+    assert not reuses_actors(_spec(digits_corpus, "scheduler.kind=none", "resources.reuse_actors=false"))
+
+
+@pytest.mark.timeout(60)
 def test_epoch_report_callback_forwards_one_result_per_epoch(monkeypatch):
     from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -110,10 +110,12 @@ class ResourcesSpec:
     """How often Tune restarts a trial whose driver died (its node was lost): the restart resumes from the trial's
     last checkpoint in the same MLflow run. Worker losses are retried inside the trial (`train.max_failures`)."""
     reuse_actors: bool = True
-    """Run the next trial in a finished trial's Tune actor (Tune's `reuse_actors`): its process has Python, torch,
-    open_clip and MLflow loaded already. A trial that a scheduler stopped, or one whose function is still busy
-    after Tune's 2 s grace, gets a new actor as before. Each trial's own Ray Train controller and workers are new
-    processes either way. False: a new actor per trial."""
+    """With `scheduler.kind: none`, run the next trial in a finished trial's Tune actor (Tune's `reuse_actors`): its
+    process has torch, open_clip and MLflow loaded already; the trial still gets its own MLflow child run, Ray Train
+    controller and workers. Never with an early-stopping scheduler: Tune would hand the actor of a stopped trial
+    to the next one while the stopped trial's `fit()` still runs (its controller and workers go on training until
+    they are done; when they are not done within Tune's wait, the next trial errors), whereas without reuse Tune
+    kills the stopped trial's actor and its workers with it. False: a new actor per trial."""
 
 
 @dataclass

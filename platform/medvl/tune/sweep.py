@@ -160,6 +160,12 @@ def build_scheduler(spec: SweepSpec, horizon: int):
                          stop_last_trials=False)
 
 
+def reuses_actors(spec: SweepSpec) -> bool:
+    """Whether trials run in the Tune actors of finished trials (`resources.reuse_actors`; only when no scheduler
+    stops trials early: see `ResourcesSpec.reuse_actors`)."""
+    return bool(spec.resources.reuse_actors) and spec.scheduler.kind == "none"
+
+
 # --------------------------------------------------------------------------- the sweep
 
 
@@ -227,7 +233,7 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                 search_alg=build_searcher(spec, space), scheduler=build_scheduler(spec, horizon),
-                max_concurrent_trials=k, reuse_actors=spec.resources.reuse_actors),
+                max_concurrent_trials=k, reuse_actors=reuses_actors(spec)),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweeps_root), verbose=verbose,
                 # a trial whose driver died (node lost) restarts and resumes from its checkpoint; worker losses are

@@ -24,12 +24,6 @@ from medvl.config import apply_overrides, recipe_from_dict
 from medvl.tune.spec import TRIAL_WALL
 
 
-REUSE_WAIT_ENV, REUSE_WAIT_S = "TUNE_FUNCTION_THREAD_TIMEOUT_S", "120"
-"""`resources.reuse_actors`: before Tune runs the next trial in this actor, it waits this long for the previous
-trial's function to end (Tune's default, 2 s, is shorter than a scheduler-stopped trial takes to leave `fit()`,
-and Tune then errors the next trial instead of starting a new actor)."""
-
-
 def trial_run_name(sweep: str, trial_id: str) -> str:
     return f"{sweep}-{trial_id}"
 
@@ -95,7 +89,6 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     timeline = Timeline({"start": t_start}, uuid.uuid4().hex)  # the trial's own phases (its actor is up)
     trial_id = ray.tune.get_context().get_trial_id()
     os.environ.update(ctx.env)  # the sweep's tracking URI, wherever this trial actor runs
-    os.environ.setdefault(REUSE_WAIT_ENV, REUSE_WAIT_S)  # read by this actor when Tune reuses it (see below)
     recipe = trial_recipe(ctx, config, trial_id)
     job = prepare_job(recipe, parent_run_id=ctx.parent_run_id,  # [2] MLflow child run of the sweep's parent
                       tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id})
