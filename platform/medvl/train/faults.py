@@ -111,7 +111,7 @@ class _tmpdir:
 # --------------------------------------------------------------------------- cluster size (driver)
 
 
-def _started_here() -> Optional[bool]:
+def started_here() -> Optional[bool]:
     """True when this process created the Ray cluster with ray.init() (fixed size: no autoscaler can add nodes);
     False when it connected to one; None when unknown."""
     try:
@@ -146,7 +146,7 @@ def check_cluster_fits(recipe) -> None:
     if not problems:
         return
     what = "; ".join(problems)
-    if _started_here():
+    if started_here():
         raise ConfigError(f"{what}: this Ray cluster was started by this process and cannot grow; lower "
                           f"train.num_workers / train.cpus_per_worker (or raise runtime.num_cpus)")
     print(f"medvl: {what} right now; waiting for nodes (an autoscaler may add them; Ray Train gives up after "

@@ -39,6 +39,14 @@ def _omp_env() -> dict[str, str]:
     return {"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT") or "20000"}
 
 
+def _one_machine_env() -> dict[str, str]:
+    """Ray Train settings for an embedded Ray, whose only node is this machine. Ray Train starts a
+    `PreemptionWatcher` actor (one more Python process) with every worker group, to act on a cloud node's drain
+    notice; an embedded Ray has no such notices, and on a small machine the watcher's process start competes with
+    the train worker's own imports for the cores. A user's RAY_TRAIN_ENABLE_PREEMPTION_WATCHER wins."""
+    return {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") or "0"}
+
+
 def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None:
     """Connect to `runtime.ray_address` / $RAY_ADDRESS, or start an embedded local Ray (with the dashboard
     only when `dashboard`; see below)."""
@@ -71,7 +79,7 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
                                                "RAY_DATA_DISABLE_PROGRESS_BARS":
                                                    os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
                                                "PYTHONWARNINGS": "ignore::DeprecationWarning",
-                                               **_omp_env()}})
+                                               **_omp_env(), **_one_machine_env()}})
             return
         except Exception as e:  # noqa: BLE001
             # [faults] Ray gives a new node's raylet a fixed 30 s to register; an overloaded machine can miss it

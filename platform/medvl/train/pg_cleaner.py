@@ -69,10 +69,19 @@ except ImportError:  # another Ray: keep its own cleaner
 
 
 class MedvlTorchTrainer(TorchTrainer):
-    """TorchTrainer with `GcsPlacementGroupCleanerCallback` in place of Ray's placement-group cleaner callback."""
+    """TorchTrainer with `GcsPlacementGroupCleanerCallback` in place of Ray's placement-group cleaner callback.
+
+    No cleaner at all when `fit()` runs in the very process that started an embedded Ray (`medvl train`, a
+    pipeline's train stage, `medvl compare`): nothing else can kill that run's controller, and when this process
+    ends, the embedded cluster and its placement groups end with it. The cleaner is a detached actor, one more
+    Python process per job. Sweep trials (their `fit()` runs in a Tune actor) and jobs on a cluster keep it."""
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
+        from medvl.train.faults import started_here
+        if started_here():
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)] if _AVAILABLE \
+                else callbacks
         if not _AVAILABLE:
             log.warning("medvl: this Ray has no PlacementGroupCleanerCallback where Ray 2.60 has it; using Ray's "
                         "own placement-group cleaner")
