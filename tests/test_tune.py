@@ -403,6 +403,19 @@ def _trial_with_trainer(cfg):
                                                 callbacks=[TuneReportCallback()])).fit()
 
 
+def _cleaner_callbacks() -> list[str]:
+    """The placement-group cleaner callbacks of the trainer medvl builds, in the calling process."""
+    import ray.train
+
+    from medvl.train.pg_cleaner import MedvlTorchTrainer
+    t = MedvlTorchTrainer(_forever_worker, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    return [type(c).__name__ for c in t._create_default_callbacks() if "PlacementGroupCleaner" in type(c).__name__]
+
+
+def _env(name: str):
+    return os.environ.get(name)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_stopped_trials_release_their_train_workers(tmp_path, fresh_ray, monkeypatch):
@@ -421,6 +434,12 @@ def test_stopped_trials_release_their_train_workers(tmp_path, fresh_ray, monkeyp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.path.dirname(__file__),
                                                                    os.environ.get("PYTHONPATH")])))
     ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}))
+    # a fit() in the process that started the embedded Ray needs no cleaner (its cluster ends with it); one in any
+    # other process (a trial's actor, a job on a cluster) gets the GCS cleaner; an embedded Ray's Train runs start
+    # no PreemptionWatcher
+    assert _cleaner_callbacks() == []
+    assert ray.get(ray.remote(_cleaner_callbacks).remote()) == ["GcsPlacementGroupCleanerCallback"]
+    assert ray.get(ray.remote(_env).remote("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")) == "0"
     from ray.util.state import list_nodes
     with pytest.raises(Exception):  # really without the dashboard's State API (what Ray's own cleaner polls)
         list_nodes(timeout=5)
