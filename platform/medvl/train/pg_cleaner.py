@@ -78,14 +78,13 @@ class MedvlTorchTrainer(TorchTrainer):
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
-        from medvl.train.faults import started_here
-        if started_here():
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)] if _AVAILABLE \
-                else callbacks
         if not _AVAILABLE:
             log.warning("medvl: this Ray has no PlacementGroupCleanerCallback where Ray 2.60 has it; using Ray's "
                         "own placement-group cleaner")
             return callbacks
+        from medvl.train.faults import started_here
+        if started_here():
+            return [c for c in callbacks if type(c) is not PlacementGroupCleanerCallback]
         return [GcsPlacementGroupCleanerCallback() if type(c) is PlacementGroupCleanerCallback else c
                 for c in callbacks]
 
