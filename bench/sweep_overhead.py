@@ -9,7 +9,9 @@ and `n_startup_trials = samples`, so Optuna proposes the same configurations to 
 reuses finished trials' Tune actors (`resources.reuse_actors`, the default; never with ASHA, see
 `medvl.tune.spec.ResourcesSpec`); `--no-reuse-sweep` adds a third sweep, every trial to the end in a new actor each
 (`resources.reuse_actors=false`), so the reuse's effect on the per-trial overhead is measured in the same
-invocation (`overhead_ratio_reuse_vs_new`).
+invocation (`overhead_ratio_reuse_vs_new`); `--in-process` adds the full sweep with `train.launch=in_process` (each
+trial trains inside its Tune actor: no Train controller or worker group per trial), printed as
+`overhead_ratio_in_process_vs_workers`.
 
 Per-trial overhead = the trial's start (Tune `on_trial_start`, recorded by `SweepCallback`) -> its first training
 step done (timestamp of the child run's first `train/loss`, logged every step here), split into trial start ->
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "sweep_overhead"))
     p.add_argument("--no-reuse-sweep", action="store_true",
                    help="also run the full sweep with a new Tune actor per trial (resources.reuse_actors=false)")
+    p.add_argument("--in-process", action="store_true",
+                   help="also run the full sweep with train.launch=in_process (each trial trains in its Tune actor, "
+                        "Ray Train's local mode) and print overhead_ratio_in_process_vs_workers")
     a = p.parse_args(argv)
 
     from medvl.tune.spec import load_sweep
@@ -87,14 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data.corpus={corpus}", f"runtime.run_root={run_root}", f"num_samples={a.samples}",
               f"train.epochs={a.epochs}", f"n_startup_trials={a.samples}", "train.log_every=1"]
     results = {}
-    variants = [("asha", "asha", True), ("full", "none", True)]
+    variants = [("asha", "asha", True, []), ("full", "none", True, [])]
     if a.no_reuse_sweep:
-        variants.append(("full-new-actors", "none", False))
-    for label, sched, reuse in variants:
+        variants.append(("full-new-actors", "none", False, []))
+    if a.in_process:
+        variants.append(("full-in-process", "none", True, ["train.launch=in_process"]))
+    for label, sched, reuse, extra in variants:
         spec = load_sweep(SWEEP, [*common, f"name=bench-{label}", f"scheduler.kind={sched}",
-                                  f"resources.reuse_actors={str(reuse).lower()}"])
+                                  f"resources.reuse_actors={str(reuse).lower()}", *extra])
         print(f"[bench] sweep {label}: {a.samples} trials × {a.epochs} epochs, scheduler={sched}, "
-              f"trial actors reused: {reuses_actors(spec)}", flush=True)
+              f"trial actors reused: {reuses_actors(spec)}{' ' + ' '.join(extra) if extra else ''}", flush=True)
         t0 = time.time()
         out = run_sweep(spec, verbose=0)
         results[label] = {"out": out, "wall_s": time.time() - t0, "trials": _timings(out, spec.metric)}
@@ -128,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         summary["overhead_median_new_actors_s"] = statistics.median(new)
         summary["overhead_median_reused_s"] = statistics.median(reused)
         summary["overhead_ratio_reuse_vs_new"] = statistics.median(reused) / statistics.median(new)
+    if "full-in-process" in summary:
+        ip, wk = summary["full-in-process"]["overhead_s"], summary["full"]["overhead_s"]
+        summary["overhead_median_in_process_s"] = statistics.median(ip)
+        summary["overhead_median_workers_s"] = statistics.median(wk)
+        summary["overhead_ratio_in_process_vs_workers"] = statistics.median(ip) / statistics.median(wk)
     overheads = summary["asha"]["overhead_s"] + summary["full"]["overhead_s"]
     summary["overhead_median_s"] = statistics.median(overheads)
     summary["overhead_mean_s"] = statistics.fmean(overheads)
@@ -147,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['overhead_median_reused_s']:.1f}s vs {summary['overhead_median_new_actors_s']:.1f}s; "
               f"sweep wall {summary['full']['sweep_wall_s']:.0f}s vs {summary['full-new-actors']['sweep_wall_s']:.0f}s")
         print(f"overhead_ratio_reuse_vs_new={summary['overhead_ratio_reuse_vs_new']:.2f}")
+    if "overhead_ratio_in_process_vs_workers" in summary:
+        print(f"every trial to the end, train.launch in_process vs workers: median overhead "
+              f"{summary['overhead_median_in_process_s']:.1f}s vs {summary['overhead_median_workers_s']:.1f}s; "
+              f"sweep wall {summary['full-in-process']['sweep_wall_s']:.0f}s vs {F['sweep_wall_s']:.0f}s")
+        print(f"overhead_ratio_in_process_vs_workers={summary['overhead_ratio_in_process_vs_workers']:.2f}")
     print(f"epochs trained: ASHA {A['epochs_trained']} vs full {F['epochs_trained']} "
           f"(ratio {summary['asha_over_full_epochs_trained']:.2f}; {A['stopped_early']} trial(s) stopped early)")
     print(f"trial-seconds:  ASHA {A['trial_seconds']:.0f}s vs full {F['trial_seconds']:.0f}s "

@@ -44,7 +44,8 @@ first step), from the run's `startup/*` metrics.
 
 Last line: `ratio_vs_open_clip_train=<medvl 1 worker / a> ratio_vs_bare=<medvl 1 worker / c>
 ratio_wall_vs_open_clip_train=<whole-run wall-clock of medvl's part / a's>` (each part's process, from
-interpreter start to exit), then `ratio_vs_<rev or label>=<medvl 1 worker / that part>` for each --ref / --variant.
+interpreter start to exit; the median over rounds), then `ratio_vs_<rev or label>=<medvl 1 worker / that part>` for
+each --ref / --variant. The line before it gives each --ref / --variant part's own three ratios.
 Results (JSON), open_clip_train's log and the medvl run roots are kept under `--out/<timestamp>/`.
 """
 from __future__ import annotations
@@ -499,11 +500,16 @@ def main() -> int:
         label, _, kv = v.partition(":")
         variants[label] = dict(x.split("=", 1) for x in kv.split(",") if x)
 
+    walls: dict[str, list[float]] = {}
+
     def show(key: str, label: str, r: dict) -> None:
         st = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
         r.update(st)
         rounds.setdefault(key, []).append(st["samples_per_s"])
         r["rounds_samples_per_s"] = rounds[key]
+        if "process_wall_s" in r:
+            walls.setdefault(key, []).append(r["process_wall_s"])
+            r["rounds_process_wall_s"] = walls[key]
         res[key] = r
         wall = f", whole run {r['process_wall_s']:.0f} s wall" if "process_wall_s" in r else ""
         print(f"{label:<36} {st['samples_per_s']:7.1f} samples/s steady state  (median window "
@@ -575,8 +581,14 @@ def main() -> int:
     print(f"results: {work / 'results.json'} (total {summary['wall_s']:.0f} s)", flush=True)
     extra = "".join(f" ratio_vs_{k.split('@', 1)[1] if '@' in k else k.split('[', 1)[1].rstrip(']')}="
                     f"{ours / r['samples_per_s']:.2f}" for k, r in res.items() if "@" in k or "[" in k)
-    wall_ours = res.get("medvl_1w", {}).get("process_wall_s", float("nan"))
-    wall_oc = res.get("open_clip_train", {}).get("process_wall_s", float("nan"))
+    def wall(key: str) -> float:  # median whole-run wall-clock over rounds
+        return statistics.median(walls[key]) if walls.get(key) else float("nan")
+    wall_ours, wall_oc = wall("medvl_1w"), wall("open_clip_train")
+    for k, r in res.items():  # each --ref / --variant part against the same references
+        if "@" in k or "[" in k:
+            print(f"{k}: ratio_vs_open_clip_train={r['samples_per_s'] / oc:.2f} "
+                  f"ratio_vs_bare={r['samples_per_s'] / bare:.2f} "
+                  f"ratio_wall_vs_open_clip_train={wall(k) / wall_oc:.2f}", flush=True)
     print(f"ratio_vs_open_clip_train={ours / oc:.2f} ratio_vs_bare={ours / bare:.2f} "
           f"ratio_wall_vs_open_clip_train={wall_ours / wall_oc:.2f}{extra}")
     return 0

@@ -43,6 +43,11 @@ def test_overrides_parse_and_validate(tmp_path):
         load_recipe(p, ["optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="divisible"):
         load_recipe(p, ["data.batch_size=63"])
+    assert load_recipe(p, ["train.num_workers=1", "train.launch=in_process"]).train.launch == "in_process"
+    with pytest.raises(ConfigError, match=r"train\.launch: in_process .* needs train\.num_workers: 1 \(got 2\)"):
+        load_recipe(p, ["train.launch=in_process"])
+    with pytest.raises(ConfigError, match=r"train\.launch: must be one of"):
+        load_recipe(p, ["train.launch=local"])
 
 
 def test_round_trip_dict_flat():

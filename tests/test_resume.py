@@ -471,6 +471,87 @@ def test_one_worker_killed_resumes_exactly_and_a_corrupt_latest_checkpoint_falls
     assert "plots/loss_curve.png" in {a.path for a in client.list_artifacts(job3.mlflow_run_id, "plots")}
 
 
+def _fail_steps(monkeypatch, at: set[int], seen: list) -> None:
+    """In-process runs train in this process: make `train_step` raise at the given (1-based) calls."""
+    import medvl.train.worker as worker
+    from medvl.train.step import train_step as real
+
+    def flaky(*a, **kw):
+        seen.append(1)
+        if len(seen) in at:
+            raise RuntimeError(f"injected failure at call {len(seen)}")
+        return real(*a, **kw)
+    monkeypatch.setattr(worker, "train_step", flaky)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_in_process_run_retries_exactly_and_keeps_ray_trains_checkpoint_registry(
+        ray_local, digits_corpus, run_root, tmp_path, monkeypatch, capsys):
+    """`train.launch: in_process` (Ray Train's local mode): an attempt that fails is retried from the last
+    registered checkpoint and ends bit for bit where an uninterrupted run ends; its checkpoints are persisted,
+    registered and rotated so that Ray Train's own checkpoint manager takes them over (`launch: workers`)."""
+    import ray.train.v2._internal.execution.checkpoint.checkpoint_manager as cm
+
+    from medvl.train.launcher import run_training
+    scratch = tmp_path / "scratch"
+    kw = dict(train__num_workers=1, train__launch="in_process", data__val_split=None)
+
+    # (1) uninterrupted reference, in process
+    monkeypatch.setenv(AUDIT, str(tmp_path / "audit-ref"))
+    job_ref, m_ref = run_training(_recipe(digits_corpus, "inproc-ref", scratch, **kw))
+    assert m_ref["step"] == job_ref.total_steps == 44
+
+    # (2) the same run, its 9th step raising: the retry resumes at the step-5 checkpoint, nothing else changes
+    monkeypatch.setenv(AUDIT, str(tmp_path / "audit-fail"))
+    calls: list = []
+    _fail_steps(monkeypatch, {9}, calls)
+    rf = _recipe(digits_corpus, "inproc-fail", scratch, **kw)
+    job, m = run_training(rf)
+    assert m["step"] == 44 and m["epoch"] == 2
+    said = capsys.readouterr().out
+    assert "in-process training attempt failed (RuntimeError: injected failure at call 9); retrying from the " \
+           "last registered checkpoint (retry 1 of 3)" in said
+    assert [p.value for p in _metric(rf, job.mlflow_run_id, "train/resumed_from_step")] == [5]
+    assert len(_attempts(tmp_path / "audit-fail", 0)) == 2
+    _same_samples(_audit(tmp_path / "audit-ref"), _audit(tmp_path / "audit-fail"))
+    w_ref, w_fail = _final_weights(run_root, "inproc-ref"), _final_weights(run_root, "inproc-fail")
+    assert all(torch.equal(w_ref[k], w_fail[k]) for k in w_ref)  # bit for bit
+    _no_scratch_left(scratch, "inproc-fail")
+    storage = Path(run_root) / "ray" / "inproc-fail"
+    snap = json.loads((storage / ck.SNAPSHOT_FILE).read_text())
+    state = cm._CheckpointManagerState
+    getattr(state, "model_validate", state.parse_obj)(snap)  # Ray's own schema
+    kept = [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]]
+    assert kept == ["checkpoint_step=0000040", "checkpoint_step=0000044"]  # train.keep_checkpoints: 2, rotated
+    assert sorted(p.name for p in storage.glob("checkpoint_step=*")) == kept
+    assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] == "checkpoint_step=0000044"
+
+    # (3) one more epoch with Ray Train's workers: its checkpoint manager loads medvl's registry and rotates it
+    more = _recipe(digits_corpus, "inproc-fail", scratch, train__num_workers=1, train__launch="workers",
+                   train__epochs=3, data__val_split=None, runtime__allow_recipe_change=True)
+    job3, m3 = run_training(more)
+    assert job3.mlflow_run_id == job.mlflow_run_id and m3["step"] == 66
+    assert [p.value for p in _metric(more, job.mlflow_run_id, "train/resumed_from_step")] == [5, 44]
+    assert sorted(p.name for p in storage.glob("checkpoint_step=*")) == ["checkpoint_step=0000065",
+                                                                   "checkpoint_step=0000066"]
+
+    # (4) every attempt failing: max_failures retries, then the error, and the MLflow run is FAILED
+    calls.clear()
+    _fail_steps(monkeypatch, set(range(1, 100)), calls)
+    rx = _recipe(digits_corpus, "inproc-broken", scratch, **kw, train__max_failures=1)
+    with pytest.raises(RuntimeError, match="injected failure at call 2"):
+        run_training(rx)
+    assert len(calls) == 2
+    from mlflow.tracking import MlflowClient
+
+    from medvl.track import runs
+    client = MlflowClient(runs.tracking_uri(rx))
+    found = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                               filter_string="tags.mlflow.runName = 'inproc-broken'")
+    assert len(found) == 1 and found[0].info.status == "FAILED"
+
+
 def _simulate(plan: StreamPlan, ids: dict, bad: set[int], epochs: int, per_rank: int) -> tuple[dict, int, list]:
     """What training must do on a corpus with corrupt rows, from the plan alone: rank -> step -> sample ids, the
     skipped rows the ranks passed, and the steps of each epoch."""

@@ -246,7 +246,7 @@ def test_epoch_report_callback_forwards_one_result_per_epoch(monkeypatch):
     sent = []
     monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, ctx, m, ck: sent.append(m[0]))
     cb = EpochReportCallback.__new__(EpochReportCallback)  # (its __init__ needs a live Tune session)
-    cb.metric, cb.total_steps, cb.last_epoch, cb.t_start = "val/zero_shot_accuracy", 66, -1, None
+    cb.metric, cb.total_steps, cb.last_epoch, cb.t_start, cb.direct = "val/zero_shot_accuracy", 66, -1, None, False
     for m in [{"step": 10, "epoch": 0, "train/loss": 4.0},                                  # mid-epoch, no eval
               {"step": 22, "epoch": 1, "val/zero_shot_accuracy": 0.2},                      # epoch 1
               {"step": 30, "epoch": 1, "val/zero_shot_accuracy": 0.2},                      # mid-epoch repeat
@@ -285,6 +285,39 @@ def _artifacts(client, run_id: str, path: str = "") -> list[str]:
     for a in client.list_artifacts(run_id, path):
         out.extend(_artifacts(client, run_id, a.path) if a.is_dir else [a.path])
     return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_in_process_trials_train_in_their_actors_report_every_epoch_and_close_their_runs(
+        digits_corpus, run_root, fresh_ray):
+    """`train.launch: in_process`: each trial trains inside its Tune actor (no Train controller or worker group is
+    ever created), reports every epoch to the scheduler (ASHA may stop one) and ends with a closed MLflow child run
+    whose checkpoints medvl registered in Ray Train's format."""
+    import ray
+    import ray._private.state as ray_state
+
+    from medvl.tune.sweep import run_sweep
+    out = run_sweep(_spec(digits_corpus, f"runtime.run_root={run_root}", "name=t-inproc", "num_samples=3",
+                          "train.epochs=2", "n_startup_trials=3", "eval.max_rows=120", "train.launch=in_process"),
+                    verbose=0)
+    assert out.complete and len(out.table) == 3
+    classes = {a.get("ActorClassName", "") for a in ray_state.actors().values()}
+    assert not [c for c in classes if "TrainController" in c or "RayTrainWorker" in c], classes
+    assert ray.is_initialized()
+    client, children = _children(out.tracking_uri, out.parent_run_id)
+    assert len(children) == 3
+    for row in out.table.to_dict("records"):
+        child = next(c for c in children if c.info.run_id == row["mlflow_run_id"])
+        hist = client.get_metric_history(child.info.run_id, "val/zero_shot_accuracy")
+        if row["stopped_early"]:  # ASHA stopped it after epoch 1: its run is KILLED, not left RUNNING
+            assert child.info.status == "KILLED" and row["epoch"] == 1
+        else:
+            assert child.info.status == "FINISHED" and row["epoch"] == 2 and len(hist) == 2
+            snap = Path(run_root) / "ray" / child.data.tags["mlflow.runName"] / "checkpoint_manager_snapshot.json"
+            assert json.loads(snap.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] == 2
+        assert row["val/zero_shot_accuracy"] == pytest.approx(hist[-1].value)
+    assert out.best is not None
 
 
 def _tune_cmd(corpus: str, run_root: str) -> list[str]:

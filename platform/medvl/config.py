@@ -134,6 +134,14 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     """Ray Train workers (data-parallel ranks)."""
+    launch: Literal["workers", "in_process"] = "workers"
+    """`workers`: Ray Train starts a controller and `num_workers` worker processes per run, and restarts them after
+    a crash (`max_failures`). `in_process` (1 worker only): the training function runs in the process that calls
+    `fit()` (`medvl train`, a sweep trial's actor) through Ray Train's local mode, with medvl persisting, registering
+    and rotating the checkpoints as Ray Train does and retrying a failed attempt from the last one (`max_failures`);
+    it saves the ~10 s of processes Ray Train starts per run. A crash of that process is not retried in it: re-run
+    the command (a sweep: Tune restarts the trial, `resources.trial_max_failures`), it resumes from the last
+    checkpoint."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -301,6 +309,9 @@ class Recipe:
             (self.data.batch_size % max(1, self.train.num_workers) == 0,
              f"data.batch_size ({self.data.batch_size}) must be divisible by train.num_workers ({self.train.num_workers})"),
             (self.train.num_workers >= 1, "train.num_workers must be >= 1"),
+            (self.train.launch != "in_process" or self.train.num_workers == 1,
+             f"train.launch: in_process runs one rank in the calling process; it needs train.num_workers: 1 "
+             f"(got {self.train.num_workers}); use train.launch: workers for data-parallel training"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.optim.lr > 0, "optim.lr must be > 0"),
             (self.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),

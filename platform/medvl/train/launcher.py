@@ -137,7 +137,7 @@ class Job:
 
 RESUME_SAFE_KEYS = ("runtime.", "track.log_model", "track.register_model", "track.pictures",
                     "track.tracking_uri", "track.experiment",
-                    "train.max_failures",
+                    "train.max_failures", "train.launch",
                     "train.keep_checkpoints", "train.log_every", "train.ckpt_every", "train.torch_threads",
                     "train.cpus_per_worker", "data.prefetch_batches", "data.decode_tasks",
                     "data.decode_batch_size", "data.decoded_buffer_mb", "eval.batch_size", "eval.max_memory_mb")
@@ -252,9 +252,12 @@ def build_trainer(job: Job, callbacks: Optional[list] = None, timeline=None):
                            "audit_dir": os.environ.get(AUDIT_ENV) or None,
                            "metrics_journal": str(runs.journal_path(job.run_dir)),
                            "counter": [counter, faults.COUNTER_NAMESPACE],
+                           "in_process": r.train.launch == "in_process",
                            "timeline": None if timeline is None else
                            {"marks": dict(timeline.marks), "token": timeline.token}},
-        scaling_config=ray.train.ScalingConfig(num_workers=r.train.num_workers, use_gpu=r.train.use_gpu,
+        # train.launch: in_process = Ray Train's local mode (num_workers=0): the function runs in this process
+        scaling_config=ray.train.ScalingConfig(num_workers=0 if r.train.launch == "in_process" else
+                                               r.train.num_workers, use_gpu=r.train.use_gpu,
                                                resources_per_worker={"CPU": r.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=r.run_name, storage_path=str(job.storage_path),
@@ -262,6 +265,23 @@ def build_trainer(job: Job, callbacks: Optional[list] = None, timeline=None):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=r.train.keep_checkpoints),
             callbacks=callbacks or None),
     )
+
+
+def fit(trainer, job: Job):
+    """`trainer.fit()`; with `train.launch: in_process`, through `medvl.train.inproc` (checkpoint registry,
+    retries up to `train.max_failures`, the run's callbacks)."""
+    t = job.recipe.train
+    if t.launch != "in_process":
+        return trainer.fit()
+    if t.use_gpu:
+        import torch
+        if not torch.cuda.is_available():
+            from medvl.config import ConfigError
+            raise ConfigError("train.use_gpu with train.launch: in_process trains in this process, which sees no "
+                              "GPU; run it on a GPU machine, or use train.launch: workers (Ray places the worker)")
+    from medvl.train import inproc
+    return inproc.fit(trainer, str(job.storage_path), job.recipe.run_name, t.keep_checkpoints, t.max_failures,
+                      trainer.run_config.callbacks or [])
 
 
 def finalize(job: Job, result, status: str = "FINISHED") -> dict[str, Any]:
@@ -345,7 +365,7 @@ def run_training(recipe: Recipe, parent_run_id: Optional[str] = None, callbacks:
                                job.steps_per_epoch, recipe.train.epochs, recipe.data.batch_size,
                                label=progress_label, logs_dir=None if verbose() or logs is None
                                else logs.resolve()):
-                result = trainer.fit()
+                result = fit(trainer, job)
         except BaseException as e:
             try:
                 runs.finish_run(job.tracking_uri, job.mlflow_run_id, "FAILED",
@@ -365,5 +385,5 @@ def expected_steps(recipe: Recipe) -> int:
     return min(total, recipe.train.max_steps) if recipe.train.max_steps else total
 
 
-__all__ = ["ensure_ray", "prepare_job", "build_trainer", "finalize", "run_training", "Job", "math",
+__all__ = ["ensure_ray", "prepare_job", "build_trainer", "fit", "finalize", "run_training", "Job", "math",
            "check_resume", "recipe_changes", "load_model_from_checkpoint", "expected_steps"]

@@ -42,6 +42,7 @@ from medvl.track.timeline import DRIVER_PHASES, WORKER_PHASES, Timeline
 from medvl.track.timeline import metrics as startup_metrics
 from medvl.track.timeline import summary as startup_summary
 from medvl.train import checkpoint as ck
+from medvl.train import inproc
 from medvl.train.faults import ABORT_KEY, NonFiniteGuard
 from medvl.train.optim import build_optimizer, build_scheduler
 from medvl.train.step import StepSettings, train_step
@@ -115,11 +116,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
     startup.mark("workers")
     recipe = recipe_from_dict(config["recipe"])
     t, d = recipe.train, recipe.data
-    ctx = ray.train.get_context()  # [1] rank/world from Ray Train
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # train.launch: in_process = the one rank, in this process (Ray Train's local mode; in a sweep trial's actor,
+    # where Ray refuses `ray.train.*` calls, so this function makes none of them then: see medvl.train.inproc)
+    run = inproc.current() if config.get("in_process") else None
+    if run is not None:
+        rank, world = 0, 1
+    else:
+        ctx = ray.train.get_context()  # [1] rank/world from Ray Train
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(t.torch_threads or t.cpus_per_worker)
     ck.seed_everything(t.seed + rank)
-    device = ray.train.torch.get_device()  # [2] cuda:<local rank> or cpu
+    # [2] cuda:<local rank> or cpu; in process: the GPU the caller sees (a sweep trial's actor holds one)
+    device = (torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")) \
+        if run is not None else ray.train.torch.get_device()
     coll = _Dist(world, device)
 
     method = resolve_method(recipe)
@@ -137,7 +146,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
     per_rank = d.batch_size // world
     logger = RankZeroLogger(config.get("mlflow_uri"), config.get("mlflow_run_id"), enabled=rank == 0,
                             journal=config.get("metrics_journal"))
-    storage = _Storage(config.get("storage_dir"))
+    if run is not None:  # a failed in-process attempt's metric delivery thread stops before the retry starts its own
+        run.on_failure(lambda: logger.close(timeout=5.0))
+    storage = _Storage(config.get("storage_dir"), run)
     # [pictures] loss curves, retrieval panel, zero-shot confusion: redrawn after each evaluation in a daemon thread
     pictures = EpochPictures(logger.uri, logger.run_id, logger.journal.path, method.loss_terms()) \
         if rank == 0 and logger.enabled and recipe.track.pictures else None
@@ -146,7 +157,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
 
     # [3] the latest registered checkpoint after a restart / re-run (verified; a corrupt one falls back)
     prog, resumed = Progress(), False
-    state = _restore(ray.train.get_checkpoint(), storage, coll, rank, logger)
+    state = _restore(run.registry.latest_checkpoint() if run else ray.train.get_checkpoint(), storage, coll, rank,
+                     logger)
     if state is not None:
         resumed = True
         model.load_state_dict(state["model"])
@@ -168,7 +180,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
         if resumed:
             logger.log({"train/resumed_from_step": resumed_from}, step=resumed_from)
 
-    model = ray.train.torch.prepare_model(model)  # [4] DDP (gloo on CPU, nccl on GPU); no-op for 1 worker
+    if run is None:  # in process: one rank, already on its device
+        model = ray.train.torch.prepare_model(model)  # [4] DDP (gloo on CPU, nccl on GPU); no-op for 1 worker
     startup.mark("model")
     s = StepSettings(recipe.optim.accum_freq, recipe.optim.grad_clip, t.precision, device.type)
     dtypes = method.batch_dtypes()
@@ -184,7 +197,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
         if evaluator is not None and evaluator.get() is not None:
             eval_metrics = evaluator.get()(unwrap(model), device)
         _report(model, opt, sched, scaler, method, prog, {"loss": float("nan")}, eval_metrics, coll, rank,
-                logger, recipe, plan, storage, with_ckpt=False, done=True)
+                logger, recipe, plan, storage, with_ckpt=False, done=True, run=run)
         logger.close()
         return None
 
@@ -208,6 +221,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
 
     batcher = BatchPrefetcher(EpochBatcher(iter(blocks), per_rank), range(prog.epoch, t.epochs), to_torch,
                               depth=max(1, d.prefetch_batches))
+    if run is not None:  # an in-process attempt that fails leaves no prefetch thread behind for the retry
+        run.on_failure(batcher.close)
+        if pictures is not None:
+            run.on_failure(lambda: pictures.close(timeout=5.0))
     sizes = _window_sizes(plan, prog.epoch, rank)
     cursor = _linear(sizes, prog.window, prog.offset)  # next unseen row of this rank's part, as a row index
 
@@ -267,11 +284,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
                                         recipe) or last_loss
                 eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics, pictures)
                 _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger,
-                        recipe, plan, storage, done=True)
+                        recipe, plan, storage, done=True, run=run)
                 break
             if prog.step % t.ckpt_every == 0:
                 _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger,
-                        recipe, plan, storage)
+                        recipe, plan, storage, run=run)
                 t_last = time.perf_counter()
             continue
 
@@ -292,7 +309,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
         if recipe.eval.every_epoch or finished():  # eval.at_end: only after the last epoch
             eval_metrics = _evaluate(evaluator, model, device, logger, prog, eval_metrics, pictures)
         _report(model, opt, sched, scaler, method, prog, last_loss, eval_metrics, coll, rank, logger, recipe,
-                plan, storage, done=finished())
+                plan, storage, done=finished(), run=run)
         t_last = time.perf_counter()
     batcher.close()
     if pictures is not None:
@@ -449,9 +466,12 @@ def _report_startup(startup: Timeline, token: Optional[str], storage: "_Storage"
 class _Storage:
     """The run's checkpoint storage as Ray Train sees it (local path or a pyarrow filesystem)."""
 
-    def __init__(self, local_dir: Optional[str]):
+    def __init__(self, local_dir: Optional[str], run: Optional["inproc.Run"] = None):
         self.key = local_dir or ""  # identifies the run's storage (scratch directory names)
         self.fs = self.root = None
+        if run is not None:  # in-process: the storage medvl's own registry persists into
+            self.fs, self.root, self._sc = run.registry.fs, run.registry.root, run.registry.sc
+            return
         try:
             import ray.train
             sc = ray.train.get_context().get_storage()  # DeveloperAPI: works for local and cloud storage
@@ -520,7 +540,7 @@ def _restore(latest, storage: _Storage, coll: _Dist, rank: int, logger) -> Optio
 
 def _report(model, opt, sched, scaler, method, prog: Progress, losses: dict, eval_metrics: dict, coll: _Dist,
             rank: int, logger, recipe, plan: StreamPlan, storage: _Storage, with_ckpt: bool = True,
-            done: bool = False) -> None:
+            done: bool = False, run: Optional["inproc.Run"] = None) -> None:
     """[6] Every rank reports; rank 0 attaches the checkpoint (the DDP model is replicated) with every rank's
     position and RNG state, gathered here."""
     import ray.train
@@ -543,8 +563,11 @@ def _report(model, opt, sched, scaler, method, prog: Progress, losses: dict, eva
         ck.write_checkpoint(scratch, state, position)
         name = ck.checkpoint_dir_name(prog.step, storage.exists)
     try:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(scratch)) if scratch else None,
-                         checkpoint_dir_name=name)
+        if run is not None:  # in-process: medvl persists and registers it (see medvl.train.inproc)
+            run.report(metrics, str(scratch) if scratch else None, name)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(scratch)) if scratch
+                             else None, checkpoint_dir_name=name)
     finally:
         if scratch is not None:  # SYNC upload: Ray has persisted it (or failed) when report returns
             shutil.rmtree(scratch, ignore_errors=True)

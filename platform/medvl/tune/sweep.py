@@ -219,9 +219,13 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     env = {} if recipe.track.tracking_uri else {"MLFLOW_TRACKING_URI": uri}
     ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric, env=env,
                        pipeline=pipeline, share_stages=spec.share_stages)
-    # [3] each trial: 1 driver CPU here; its TorchTrainer reserves the workers' CPUs itself
+    # [3] each trial: 1 driver CPU here; its TorchTrainer reserves the workers' CPUs itself (train.launch:
+    # in_process trains in the trial's actor, which then holds its worker's CPUs too)
+    inproc = not pipeline and recipe.train.launch == "in_process"
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                    {"CPU": spec.resources.driver_cpus})
+                                    {"CPU": spec.resources.driver_cpus +
+                                     (recipe.train.cpus_per_worker if inproc else 0),
+                                     **({"GPU": 1} if inproc and recipe.train.use_gpu else {})})
     horizon = scheduler_horizon(recipe, spec)
     resumed = tune.Tuner.can_restore(str(sweep_dir))
     if resumed:

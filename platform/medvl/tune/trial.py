@@ -50,8 +50,12 @@ class EpochReportCallback(TuneReportCallback):
     """Forward to Tune one result per completed epoch that carries the objective (mid-epoch checkpoint reports
     repeat the last eval, or have none yet); hold back the final one (see the module docstring)."""
 
-    def __init__(self, metric: str, total_steps: int, t_start: Optional[float] = None):
-        super().__init__()  # [1] must be created inside the Tune trial (it binds to the trial's session)
+    def __init__(self, metric: str, total_steps: int, t_start: Optional[float] = None, direct: bool = False):
+        # direct (train.launch: in_process): the training runs in this trial's own thread and reports to Tune
+        # itself; otherwise Ray Train's controller calls this callback and it forwards through Tune's queue
+        if not direct:
+            super().__init__()  # [1] must be created inside the Tune trial (it binds to the trial's session)
+        self.direct = direct
         self.metric = metric
         self.total_steps = total_steps
         self.last_epoch = -1
@@ -66,6 +70,11 @@ class EpochReportCallback(TuneReportCallback):
         self.last_epoch = m["epoch"]
         if self.t_start is not None:
             metrics = [{**m, TRIAL_WALL: time.time() - self.t_start}, *metrics[1:]]
+        if self.direct:
+            import ray.tune
+            from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+            ray.tune.report({**metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {})})
+            return
         super().after_report(run_context, metrics, checkpoint)
 
 
@@ -78,7 +87,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """The Tune trainable (a function): train one sampled configuration and report its epoch results."""
     import ray.tune
 
-    from medvl.train.launcher import build_trainer, finalize, prepare_job
+    from medvl.train.launcher import build_trainer, finalize, fit, prepare_job
 
     if ctx.pipeline:
         return run_pipeline_trial(config, ctx)
@@ -92,14 +101,16 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     recipe = trial_recipe(ctx, config, trial_id)
     job = prepare_job(recipe, parent_run_id=ctx.parent_run_id,  # [2] MLflow child run of the sweep's parent
                       tags={"medvl.sweep": ctx.sweep, "medvl.trial_id": trial_id})
-    trainer = build_trainer(job, callbacks=[EpochReportCallback(ctx.metric, job.total_steps, t_start)],
+    direct = recipe.train.launch == "in_process"
+    trainer = build_trainer(job, callbacks=[EpochReportCallback(ctx.metric, job.total_steps, t_start, direct)],
                             timeline=timeline)
     # No try/except marking the run FAILED here: when a scheduler stops the trial, Tune ends its reporting and
     # fit() raises, and a FAILED written from here raced SweepCallback (seen: ASHA-stopped trials ending FAILED).
     # SweepCallback on the driver is the one place that closes unfinished runs: KILLED + stopped-early tags when
     # Tune completes the trial, FAILED when Tune reports a trial error (including this actor dying).
     try:
-        result = trainer.fit()  # [3] Train V2: the controller + workers run as their own actors
+        result = fit(trainer, job)  # [3] Train V2: the controller + workers run as their own actors (in_process:
+        # the training runs here, in this trial's actor)
         final = finalize(job, result)
     finally:
         release_skip_counter(job.mlflow_run_id, job.tracking_uri)
