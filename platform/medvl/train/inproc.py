@@ -148,9 +148,23 @@ def current() -> Optional[Run]:
 def fit(trainer, storage_path: str, run_name: str, keep: Optional[int], max_failures: int, callbacks: list):
     """`trainer.fit()` of a `num_workers=0` trainer, with medvl's checkpoint registry, retries and callbacks.
     Returns a Ray Train `Result` whose checkpoint is the run's latest registered one (as with Ray Train workers)."""
+    from medvl.track.console import verbose
+    run = Run(Registry(storage_path, run_name, keep), list(callbacks or []))
+    # Ray Data now runs in this process: its INFO lines and "progress bars disabled" warning would land on the
+    # user's console, where Ray Train workers keep them in their log files (`medvl -v` shows them)
+    data_log = logging.getLogger("ray.data")
+    level = data_log.level
+    if not verbose():
+        data_log.setLevel(logging.ERROR)
+    try:
+        return _fit(trainer, run, storage_path, run_name, keep, max_failures)
+    finally:
+        data_log.setLevel(level)
+
+
+def _fit(trainer, run: Run, storage_path: str, run_name: str, keep: Optional[int], max_failures: int):
     global _current
     from ray.train import Result
-    run = Run(Registry(storage_path, run_name, keep), list(callbacks or []))
     failures = 0
     while True:
         _current = run
