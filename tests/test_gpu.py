@@ -7,7 +7,7 @@ tests/stepcheck.py, tests/test_distributed_loss.py).
 - open_clip's gathered ClipLoss over Ray Train workers with NCCL equals one process on the concatenated batch
   (2 workers when the machine has 2 GPUs, else 1);
 - a real training run on the GPU (Ray Train, bf16 autocast, pinned host batches copied with non_blocking) learns
-  beyond chance.
+  beyond chance, with Ray Train workers and in process (`train.launch: in_process`).
 """
 from pathlib import Path
 
@@ -63,13 +63,16 @@ def test_gathered_loss_over_nccl_equals_one_process(ray_local, tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_training_on_the_gpu_with_bf16_learns(digits_corpus, run_root):
+@pytest.mark.parametrize("launch", ["workers", "in_process"])
+def test_training_on_the_gpu_with_bf16_learns(digits_corpus, run_root, launch):
+    """With Ray Train workers (2 when there are 2 GPUs), and in process (`train.launch: in_process`: the test's own
+    process trains on cuda:0, medvl registers the checkpoints)."""
     from medvl.train.launcher import run_training
-    workers = min(2, torch.cuda.device_count())
+    workers = min(2, torch.cuda.device_count()) if launch == "workers" else 1
     recipe = load_recipe(ROOT / "jobs" / "digits_clip.yaml", [
         f"data.corpus={digits_corpus}", f"train.num_workers={workers}", "train.use_gpu=true",
         "train.precision=bf16", "train.epochs=6", "track.log_model=false", "track.experiment=tests-gpu",
-        "name=gpu-bf16"])
+        f"train.launch={launch}", f"name=gpu-bf16-{launch}"])
     job, metrics = run_training(recipe)
     assert metrics["step"] == job.total_steps
     assert metrics["val/zero_shot_accuracy"] > 0.5, metrics  # 10 classes: chance is 0.1
