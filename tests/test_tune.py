@@ -62,6 +62,7 @@ def test_every_sweep_spec_validates(path, digits_corpus):
     ("search_space.data.batch_size={type: choice, values: [64, 0]}", r"data\.batch_size must be > 0"),
     ("search_space.eval.templates={type: choice, values: [a]}", r"only scalar keys can be searched"),
     ("search_space.train.num_workers={type: int, low: 1, high: 2}", r"set by the sweep itself"),
+    ("search_space.train.launch={type: choice, values: [workers, in_process]}", r"set by the sweep itself"),
     ("search_space.loss.siglip_dist_impl={type: choice, values: [gather], when: {loss.kind: siglip}}",
      r"condition loss\.kind in \['siglip'\] is never true"),
     ("metric=val/accuracy", r"metric: the trainer never reports 'val/accuracy'"),

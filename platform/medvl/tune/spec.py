@@ -305,7 +305,8 @@ def spec_to_dict(spec: SweepSpec) -> dict:
 
 # Recipe keys the sweep itself controls: the run identity, tracking and cluster (same for every trial), and the
 # trial's resources (`resources:` sets them, so concurrency can be derived).
-RESERVED = ("track.", "runtime.", "train.num_workers", "train.cpus_per_worker", "train.use_gpu", "name")
+RESERVED = ("track.", "runtime.", "train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.launch",
+            "name")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
