@@ -32,29 +32,28 @@ class Registry:
     """The run's checkpoint registry in its Ray Train storage (`<storage_path>/<run name>/`)."""
 
     def __init__(self, storage_path: str, run_name: str, num_to_keep: Optional[int]):
+        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
         from ray.train.v2._internal.execution.storage import StorageContext
         self.sc = StorageContext(storage_path=storage_path, experiment_dir_name=run_name)
         self.fs, self.root = self.sc.storage_filesystem, self.sc.experiment_fs_path
         self.keep = num_to_keep
-        self.results: list[dict] = []  # {"checkpoint_dir_name", "metrics"}, in registration order (oldest first)
-        self.indices: list[int] = []
-        self.latest: Optional[dict] = None
-        self.report_index = 0
-        self._load()
-
-    def _load(self) -> None:
+        # Ray's own snapshot model (read and written as Ray Train's checkpoint manager does); its checkpoint
+        # results are in registration order, oldest first
+        self.state = _CheckpointManagerState(checkpoint_results=[], checkpoint_report_indices=[],
+                                             pending_training_results=[], pending_validation_specs=[],
+                                             current_report_index=0, validated_checkpoint_dir_names=[],
+                                             timed_out_validation_checkpoint_dir_names=[],
+                                             failed_validation_checkpoint_dir_names=[])
         try:
             with self.fs.open_input_stream(self.sc.checkpoint_manager_snapshot_path) as f:
-                snap = json.loads(f.read().decode())
-        except (OSError, FileNotFoundError, ValueError):
+                text = f.read().decode()
+        except (OSError, FileNotFoundError):
             return
-        self.results = [{"checkpoint_dir_name": r["checkpoint_dir_name"], "metrics": r.get("metrics") or {}}
-                        for r in snap.get("checkpoint_results") or []]
-        self.indices = list(snap.get("checkpoint_report_indices") or range(len(self.results)))
-        latest = snap.get("latest_checkpoint_result")
-        self.latest = {"checkpoint_dir_name": latest["checkpoint_dir_name"], "metrics": latest.get("metrics") or {}} \
-            if latest else None
-        self.report_index = int(snap.get("current_report_index") or (max(self.indices, default=-1) + 1))
+        try:
+            parse = getattr(_CheckpointManagerState, "model_validate_json", None) or _CheckpointManagerState.parse_raw
+            self.state = parse(text)
+        except ValueError as e:  # unreadable: the worker's _restore reports it (no checkpoint to resume from)
+            log.warning("could not read %s: %s", self.sc.checkpoint_manager_snapshot_path, e)
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -64,24 +63,28 @@ class Registry:
         return ray.train.Checkpoint(path=self.path(name), filesystem=self.fs)
 
     def latest_checkpoint(self):
-        return self.checkpoint(self.latest["checkpoint_dir_name"]) if self.latest else None
+        latest = self.state.latest_checkpoint_result
+        return self.checkpoint(latest.checkpoint_dir_name) if latest else None
 
     def register(self, local_dir: str, name: str, metrics: dict[str, Any]):
         """Persist `local_dir` as checkpoint `name` of the run, register it, rotate; returns the persisted
         checkpoint."""
         import ray.train
+        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _TrainingResultState
         from ray.train.v2._internal.execution.storage import delete_fs_path
         persisted = self.sc.persist_current_checkpoint(ray.train.Checkpoint.from_directory(local_dir), name)
-        entry = {"checkpoint_dir_name": name, "metrics": dict(metrics)}
-        self.results.append(entry)
-        self.indices.append(self.report_index)
-        self.report_index += 1
-        self.latest = entry
+        st = self.state
+        entry = _TrainingResultState(checkpoint_dir_name=name, metrics=dict(metrics))
+        st.checkpoint_results.append(entry)
+        st.checkpoint_report_indices.append(st.current_report_index)
+        st.current_report_index += 1
+        st.latest_checkpoint_result = entry
         drop: list[str] = []
-        if self.keep is not None and len(self.results) > self.keep:
-            k = len(self.results) - self.keep
-            drop = [r["checkpoint_dir_name"] for r in self.results[:k]]
-            self.results, self.indices = self.results[k:], self.indices[k:]
+        if self.keep is not None and len(st.checkpoint_results) > self.keep:
+            k = len(st.checkpoint_results) - self.keep
+            drop = [r.checkpoint_dir_name for r in st.checkpoint_results[:k]]
+            st.checkpoint_results, st.checkpoint_report_indices = \
+                st.checkpoint_results[k:], st.checkpoint_report_indices[k:]
         self._write()  # [faults] the snapshot first: a crash before the deletes leaves no dangling entry
         for old in drop:
             if old != name:
@@ -89,18 +92,9 @@ class Registry:
         return persisted
 
     def _write(self) -> None:
-        from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
-            _CheckpointManagerState, _TrainingResultState)
-        state = _CheckpointManagerState(
-            checkpoint_results=[_TrainingResultState(**r) for r in self.results],
-            checkpoint_report_indices=self.indices,
-            latest_checkpoint_result=_TrainingResultState(**self.latest) if self.latest else None,
-            pending_training_results=[], pending_validation_specs=[], current_report_index=self.report_index,
-            validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
-            failed_validation_checkpoint_dir_names=[])
         tmp = self.sc.checkpoint_manager_snapshot_path + ".tmp"
         with self.fs.open_output_stream(tmp) as f:
-            f.write(getattr(state, "model_dump_json", state.json)().encode())
+            f.write(getattr(self.state, "model_dump_json", self.state.json)().encode())
         self.fs.move(tmp, self.sc.checkpoint_manager_snapshot_path)
 
 
@@ -157,12 +151,12 @@ def fit(trainer, storage_path: str, run_name: str, keep: Optional[int], max_fail
     if not verbose():
         data_log.setLevel(logging.ERROR)
     try:
-        return _fit(trainer, run, storage_path, run_name, keep, max_failures)
+        return _fit(trainer, run, max_failures)
     finally:
         data_log.setLevel(level)
 
 
-def _fit(trainer, run: Run, storage_path: str, run_name: str, keep: Optional[int], max_failures: int):
+def _fit(trainer, run: Run, max_failures: int):
     global _current
     from ray.train import Result
     failures = 0
@@ -178,7 +172,6 @@ def _fit(trainer, run: Run, storage_path: str, run_name: str, keep: Optional[int
             limit = "unlimited" if max_failures == -1 else str(max_failures)
             print(f"medvl: in-process training attempt failed ({type(e).__name__}: {e}); retrying from the last "
                   f"registered checkpoint (retry {failures} of {limit})", flush=True)
-            run.registry = Registry(storage_path, run_name, keep)
             continue
         finally:
             _current = None
