@@ -9,9 +9,10 @@ and `n_startup_trials = samples`, so Optuna proposes the same configurations to 
 reuses finished trials' Tune actors (`resources.reuse_actors`, the default; never with ASHA, see
 `medvl.tune.spec.ResourcesSpec`); `--no-reuse-sweep` adds a third sweep, every trial to the end in a new actor each
 (`resources.reuse_actors=false`), so the reuse's effect on the per-trial overhead is measured in the same
-invocation (`overhead_ratio_reuse_vs_new`); `--in-process` adds the full sweep with `train.launch=in_process` (each
-trial trains inside its Tune actor: no Train controller or worker group per trial), printed as
-`overhead_ratio_in_process_vs_workers`.
+invocation (`overhead_ratio_reuse_vs_new`). The trials train the default way: `train.launch: auto`, which for these
+1-worker trials is `in_process` (each trial trains inside its Tune actor: no Train controller or worker group per
+trial); `--workers` adds the full sweep with `train.launch=workers` (Ray Train's controller and worker group per
+trial, the default before 2026-12-04), printed as `overhead_ratio_in_process_vs_workers`.
 
 Per-trial overhead = the trial's start (Tune `on_trial_start`, recorded by `SweepCallback`) -> its first training
 step done (timestamp of the child run's first `train/loss`, logged every step here), split into trial start ->
@@ -77,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "sweep_overhead"))
     p.add_argument("--no-reuse-sweep", action="store_true",
                    help="also run the full sweep with a new Tune actor per trial (resources.reuse_actors=false)")
-    p.add_argument("--in-process", action="store_true",
-                   help="also run the full sweep with train.launch=in_process (each trial trains in its Tune actor, "
-                        "Ray Train's local mode) and print overhead_ratio_in_process_vs_workers")
+    p.add_argument("--workers", action="store_true",
+                   help="also run the full sweep with train.launch=workers (a Ray Train controller and worker group "
+                        "per trial) and print overhead_ratio_in_process_vs_workers (the default trains 1-worker "
+                        "trials in their Tune actors)")
     a = p.parse_args(argv)
 
     from medvl.tune.spec import load_sweep
@@ -95,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("asha", "asha", True, []), ("full", "none", True, [])]
     if a.no_reuse_sweep:
         variants.append(("full-new-actors", "none", False, []))
-    if a.in_process:
-        variants.append(("full-in-process", "none", True, ["train.launch=in_process"]))
+    if a.workers:
+        variants.append(("full-workers", "none", True, ["train.launch=workers"]))
     for label, sched, reuse, extra in variants:
         spec = load_sweep(SWEEP, [*common, f"name=bench-{label}", f"scheduler.kind={sched}",
                                   f"resources.reuse_actors={str(reuse).lower()}", *extra])
@@ -135,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["overhead_median_new_actors_s"] = statistics.median(new)
         summary["overhead_median_reused_s"] = statistics.median(reused)
         summary["overhead_ratio_reuse_vs_new"] = statistics.median(reused) / statistics.median(new)
-    if "full-in-process" in summary:
-        ip, wk = summary["full-in-process"]["overhead_s"], summary["full"]["overhead_s"]
+    if "full-workers" in summary:
+        ip, wk = summary["full"]["overhead_s"], summary["full-workers"]["overhead_s"]
         summary["overhead_median_in_process_s"] = statistics.median(ip)
         summary["overhead_median_workers_s"] = statistics.median(wk)
         summary["overhead_ratio_in_process_vs_workers"] = statistics.median(ip) / statistics.median(wk)
@@ -148,10 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     A, F = summary["asha"], summary["full"]
     names = [k for k in ("job", "workers", "model", "data", "first_step")
              if any(k in t["phases"] for res in results.values() for t in res["trials"])]
-    summary["phase_median_s"] = {k: statistics.median([t["phases"][k] for res in results.values()
-                                                      for t in res["trials"] if k in t["phases"]]) for k in names}
+    def phases(labels):
+        return {k: statistics.median(v) for k in names
+                if (v := [t["phases"][k] for lb in labels for t in results[lb]["trials"] if k in t["phases"]])}
+    summary["phase_median_s"] = phases([lb for lb in results if lb != "full-workers"])
     print("\nper-trial start-up phases (medvl.track.timeline, trial function start -> first step), median s: "
           + ", ".join(f"{k} {v:.1f}" for k, v in summary["phase_median_s"].items()))
+    if "full-workers" in results:
+        summary["phase_median_workers_s"] = phases(["full-workers"])
+        print("  the same with train.launch=workers: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in summary["phase_median_workers_s"].items()))
     print(f"\nper-trial overhead (trial start -> first step): median {summary['overhead_median_s']:.1f}s, "
           f"mean {summary['overhead_mean_s']:.1f}s over {len(overheads)} trials")
     if "overhead_ratio_reuse_vs_new" in summary:
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if "overhead_ratio_in_process_vs_workers" in summary:
         print(f"every trial to the end, train.launch in_process vs workers: median overhead "
               f"{summary['overhead_median_in_process_s']:.1f}s vs {summary['overhead_median_workers_s']:.1f}s; "
-              f"sweep wall {summary['full-in-process']['sweep_wall_s']:.0f}s vs {F['sweep_wall_s']:.0f}s")
+              f"sweep wall {F['sweep_wall_s']:.0f}s vs {summary['full-workers']['sweep_wall_s']:.0f}s")
         print(f"overhead_ratio_in_process_vs_workers={summary['overhead_ratio_in_process_vs_workers']:.2f}")
     print(f"epochs trained: ASHA {A['epochs_trained']} vs full {F['epochs_trained']} "
           f"(ratio {summary['asha_over_full_epochs_trained']:.2f}; {A['stopped_early']} trial(s) stopped early)")

@@ -69,7 +69,10 @@ def test_sweep_renders_nested_in_mlflow_ui(digits_corpus, tmp_path, monkeypatch,
         spec = load_sweep(SMALL, [f"data.corpus={digits_corpus}", f"runtime.run_root={tmp_path / 'runs'}",
                                   f"track.tracking_uri={url}", "track.experiment=ui-sweep", "name=ui-sweep",
                                   "num_samples=2", "train.epochs=1", "train.max_steps=8", "eval.max_rows=120",
-                                  "n_startup_trials=1"])
+                                  "n_startup_trials=1",
+                                  # trials with Ray Train workers (1-worker trials train in their actors by
+                                  # default): this test also keeps that sweep path covered
+                                  "train.launch=workers"])
         out = run_sweep(spec, verbose=0)
         assert out.complete and out.tracking_uri == url
         trials = {r["run_name"]: r["mlflow_run_id"] for r in out.table.to_dict("records")}

@@ -239,6 +239,20 @@ def test_trial_actors_are_reused_only_when_no_trial_is_stopped_early(digits_corp
     assert not reuses_actors(_spec(digits_corpus, "scheduler.kind=none", "resources.reuse_actors=false"))
 
 
+def test_one_worker_trials_train_in_their_actors_by_default(digits_corpus):
+    """`train.launch: auto` (the default): a sweep's 1-worker trials train in their Tune actors, data-parallel
+    trials with Ray Train workers; an explicit value is kept; `medvl train` stays on workers."""
+    from medvl.config import resolve_launch
+    from medvl.tune.sweep import trial_launch
+    recipe = validate_sweep(_spec(digits_corpus))
+    assert recipe.train.launch == "auto" and trial_launch(recipe) == "in_process"
+    assert resolve_launch(recipe.train) == "workers"  # the same recipe as a `medvl train` job
+    assert trial_launch(validate_sweep(_spec(digits_corpus, "resources.workers=2"))) == "workers"
+    assert trial_launch(validate_sweep(_spec(digits_corpus, "train.launch=workers"))) == "workers"
+    with pytest.raises((ConfigError, SweepError), match=r"in_process .*needs train\.num_workers: 1"):
+        validate_sweep(_spec(digits_corpus, "train.launch=in_process", "resources.workers=2"))
+
+
 @pytest.mark.timeout(60)
 def test_epoch_report_callback_forwards_one_result_per_epoch(monkeypatch):
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -292,15 +306,15 @@ def _artifacts(client, run_id: str, path: str = "") -> list[str]:
 @pytest.mark.timeout(600)
 def test_in_process_trials_train_in_their_actors_report_every_epoch_and_close_their_runs(
         digits_corpus, run_root, fresh_ray):
-    """`train.launch: in_process`: each trial trains inside its Tune actor (no Train controller or worker group is
-    ever created), reports every epoch to the scheduler (ASHA may stop one) and ends with a closed MLflow child run
-    whose checkpoints medvl registered in Ray Train's format."""
+    """`train.launch: in_process` (the default for 1-worker trials): each trial trains inside its Tune actor (no
+    Train controller or worker group is ever created), reports every epoch to the scheduler (ASHA may stop one) and
+    ends with a closed MLflow child run whose checkpoints medvl registered in Ray Train's format."""
     import ray
     import ray._private.state as ray_state
 
     from medvl.tune.sweep import run_sweep
     out = run_sweep(_spec(digits_corpus, f"runtime.run_root={run_root}", "name=t-inproc", "num_samples=3",
-                          "train.epochs=2", "n_startup_trials=3", "eval.max_rows=120", "train.launch=in_process"),
+                          "train.epochs=2", "n_startup_trials=3", "eval.max_rows=120"),  # launch: auto
                     verbose=0)
     assert out.complete and len(out.table) == 3
     classes = {a.get("ActorClassName", "") for a in ray_state.actors().values()}
@@ -311,6 +325,7 @@ def test_in_process_trials_train_in_their_actors_report_every_epoch_and_close_th
     for row in out.table.to_dict("records"):
         child = next(c for c in children if c.info.run_id == row["mlflow_run_id"])
         hist = client.get_metric_history(child.info.run_id, "val/zero_shot_accuracy")
+        assert child.data.params["train.launch"] == "in_process"  # what `auto` became, in the trial's params
         if row["stopped_early"]:  # ASHA stopped it after epoch 1: its run is KILLED, not left RUNNING
             assert child.info.status == "KILLED" and row["epoch"] == 1
         else:
@@ -321,10 +336,84 @@ def test_in_process_trials_train_in_their_actors_report_every_epoch_and_close_th
     assert out.best is not None
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_in_process_trial_whose_actor_dies_resumes_from_its_checkpoint(digits_corpus, run_root, tmp_path):
+    """Fault tolerance of in-process trials: the trial's Tune actor (the process that trains) is SIGKILLed after
+    its first checkpoint; Tune restarts the trial, which resumes from that checkpoint in the same MLflow run and
+    trains to the end: no step before the checkpoint is trained again, none after it is lost."""
+    import psutil
+    import yaml
+    from mlflow.tracking import MlflowClient
+    pace = tmp_path / "pace"
+    pace.write_text("0.5")
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({
+        "name": "crash-base", "plugins": ["medvl_test_plugins"],
+        "data": {"corpus": digits_corpus, "batch_size": 64, "val_split": None, "shuffle_buffer": 0,
+                 "decode_tasks": 1},
+        "model": {"name": "test-vit-micro"},
+        "train": {"epochs": 1, "log_every": 1, "ckpt_every": 5, "max_failures": 0},
+        "eval": {"every_epoch": False},
+        "track": {"experiment": "inproc-crash", "log_model": False},
+        "test_pace": {"seconds_per_step": 0.5, "pace_file": str(pace)}}))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "t-crash", "base": str(base), "search_space": {"optim.lr": {"type": "loguniform", "low": 3e-4,
+                                                                           "high": 3e-3}},
+        "metric": "train/loss", "mode": "min", "num_samples": 1, "seed": 0, "scheduler": {"kind": "none"},
+        "resources": {"workers": 1, "cpus_per_worker": 1, "trial_max_failures": 1}}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "tune.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "medvl.cli", "tune", str(sweep), "--quiet",
+                             f"runtime.run_root={run_root}"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    ray_dir = Path(run_root) / "ray"
+    killed = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            snaps = list(ray_dir.glob("t-crash-*/checkpoint_manager_snapshot.json")) if ray_dir.exists() else []
+            if snaps:
+                actors = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                          if "ImplicitFunc" in " ".join(c.cmdline())]
+                assert len(actors) == 1, [c.cmdline() for c in actors]
+                step = json.loads(snaps[0].read_text())["latest_checkpoint_result"]["metrics"]["step"]
+                actors[0].kill()  # SIGKILL: the process that trains, mid-run
+                killed = (snaps[0].parent.name, step)
+                pace.write_text("0.02")
+            time.sleep(0.2)
+        assert killed, (tmp_path / "tune.log").read_text()[-3000:]
+        rc = proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "tune.log").read_text()
+    assert rc == 0, text[-4000:]
+    import pandas as pd
+    row = pd.read_csv(Path(run_root) / "sweeps" / "t-crash" / "results.csv").iloc[0]
+    assert row["run_name"] == killed[0] and row["tune_status"] == "TERMINATED", row.to_dict()
+    assert row["restarts"] == 1 and "resumed from a checkpoint" in row["incidents"], row.to_dict()
+    client = MlflowClient(f"sqlite:///{Path(run_root).resolve() / 'mlflow.db'}")
+    run = client.get_run(row["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.launch"] == "in_process"
+    resumed = client.get_metric_history(run.info.run_id, "train/resumed_from_step")
+    assert [int(m.value) for m in resumed] in ([killed[1]], [killed[1] + 5])  # the checkpoint seen (or the next)
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    steps = sorted({int(m.step) for m in losses})
+    assert steps == list(range(1, 23)), steps  # 1437 rows / 64: every step of the epoch is in MLflow
+    after = [int(m.step) for m in sorted(losses, key=lambda m: m.timestamp)
+             if m.timestamp >= resumed[0].timestamp]
+    assert min(after) == int(resumed[0].value) + 1  # the restarted trial trained on from the checkpoint
+
+
 def _tune_cmd(corpus: str, run_root: str) -> list[str]:
     return [sys.executable, "-m", "medvl.cli", "tune", SMALL, "--quiet", f"data.corpus={corpus}",
-            f"runtime.run_root={run_root}", "name=t-resume", "num_samples=2", "train.epochs=1",
-            "train.max_steps=8", "eval.max_rows=120", "resources.max_concurrent_trials=1", "n_startup_trials=1"]
+            f"runtime.run_root={run_root}", "name=t-resume", "num_samples=2", "train.epochs=2",
+            # 40 steps: long enough that the second trial, which starts in ~3 s in its (reused) Tune actor, is still
+            # training when the test interrupts the sweep 3 s after its MLflow run appears
+            "train.max_steps=40", "scheduler.kind=none", "eval.max_rows=120", "resources.max_concurrent_trials=1",
+            "n_startup_trials=1"]
 
 
 @pytest.mark.slow

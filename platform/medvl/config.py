@@ -134,14 +134,15 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 2
     """Ray Train workers (data-parallel ranks)."""
-    launch: Literal["workers", "in_process"] = "workers"
+    launch: Literal["auto", "workers", "in_process"] = "auto"
     """`workers`: Ray Train starts a controller and `num_workers` worker processes per run, and restarts them after
     a crash (`max_failures`). `in_process` (1 worker only): the training function runs in the process that calls
     `fit()` (`medvl train`, a sweep trial's actor) through Ray Train's local mode, with medvl persisting, registering
     and rotating the checkpoints as Ray Train does and retrying a failed attempt from the last one (`max_failures`);
     it saves the ~10 s of processes Ray Train starts per run. A crash of that process is not retried in it: re-run
     the command (a sweep: Tune restarts the trial, `resources.trial_max_failures`), it resumes from the last
-    checkpoint."""
+    checkpoint. `auto` (the default): `in_process` for the 1-worker trials of a sweep (where Tune restarts a trial
+    whose actor died, and the start-up is paid per trial), `workers` everywhere else (`resolve_launch`)."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -159,6 +160,13 @@ class TrainConfig:
     """A step whose loss (or clipped gradient norm) is NaN/inf on any rank is skipped on every rank (no optimizer
     or scheduler step) and counted (`train/nonfinite_steps`). Up to this many in a row are skipped; one more stops
     the run with an error that names the last good checkpoint (0: the first non-finite step stops it)."""
+
+
+def resolve_launch(train: "TrainConfig", sweep_trial: bool = False) -> str:
+    """What `train.launch` means for this run: `auto` is `in_process` for a sweep's 1-worker trial, else `workers`."""
+    if train.launch != "auto":
+        return train.launch
+    return "in_process" if sweep_trial and train.num_workers == 1 else "workers"
 
 
 @dataclass

@@ -107,8 +107,10 @@ class ResourcesSpec:
     max_concurrent_trials: Optional[int] = None
     """Cap on trials running at once (default: as many as the cluster's CPUs/GPUs fit)."""
     trial_max_failures: int = 1
-    """How often Tune restarts a trial whose driver died (its node was lost): the restart resumes from the trial's
-    last checkpoint in the same MLflow run. Worker losses are retried inside the trial (`train.max_failures`)."""
+    """How often Tune restarts a trial whose actor died (its node was lost; for a trial that trains in its actor,
+    `train.launch: in_process`, the 1-worker default, also a crash of the training process): the restart resumes
+    from the trial's last checkpoint in the same MLflow run. Failures that leave the actor alive are retried inside
+    the trial (`train.max_failures`: Ray Train's worker restarts, or medvl's in-process retries)."""
     reuse_actors: bool = True
     """With `scheduler.kind: none`, run the next trial in a finished trial's Tune actor (Tune's `reuse_actors`): its
     process has torch, open_clip and MLflow loaded already; the trial still gets its own MLflow child run, Ray Train

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from medvl.config import Recipe, set_path, to_dict
+from medvl.config import Recipe, resolve_launch, set_path, to_dict
 from medvl.redact import redact_text
 from medvl.track import runs
 from medvl.tune.spec import (SweepError, SweepSpec, is_pipeline_sweep, scheduler_horizon, spec_to_dict,
@@ -84,6 +84,13 @@ def cpus_per_trial(recipe: Recipe, spec: SweepSpec) -> int:
     if is_pipeline_sweep(recipe):
         return r.driver_cpus + int(math.ceil(recipe.peak_resources()["CPU"]))
     return r.driver_cpus + recipe.train.num_workers * recipe.train.cpus_per_worker + r.data_cpus
+
+
+def trial_launch(recipe: Recipe) -> str:
+    """How a (non-pipeline) sweep's trials train: `train.launch`, where `auto` (the default) is `in_process` for
+    1-worker trials (each trains in its Tune actor: no Ray Train controller or worker group per trial; a trial
+    whose actor dies is restarted by Tune and resumes from its checkpoint) and `workers` for data-parallel ones."""
+    return resolve_launch(recipe.train, sweep_trial=True)
 
 
 def gpus_per_trial(recipe: Recipe) -> float:
@@ -214,14 +221,17 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     else:
         base = to_dict(recipe)
     set_path(base, "runtime.run_root", str(run_root))  # trial actors run elsewhere: absolute root, explicit URI
+    inproc = not pipeline and trial_launch(recipe) == "in_process"
+    if not pipeline:  # the trials' recipes (and their MLflow params) say how they trained: no `auto` left
+        set_path(base, "train.launch", trial_launch(recipe))
     # The URI goes to the trials through their environment, never their recipe: from $MLFLOW_TRACKING_URI it may
     # carry a password, and every recipe key is logged as an MLflow param and saved with the run.
     env = {} if recipe.track.tracking_uri else {"MLFLOW_TRACKING_URI": uri}
     ctx = SweepContext(sweep=name, base=base, parent_run_id=parent, metric=spec.metric, env=env,
                        pipeline=pipeline, share_stages=spec.share_stages)
     # [3] each trial: 1 driver CPU here; its TorchTrainer reserves the workers' CPUs itself (train.launch:
-    # in_process trains in the trial's actor, which then holds its worker's CPUs too)
-    inproc = not pipeline and recipe.train.launch == "in_process"
+    # in_process, the default for 1-worker trials, trains in the trial's actor, which then holds its worker's CPUs
+    # and GPU too)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                     {"CPU": spec.resources.driver_cpus +
                                      (recipe.train.cpus_per_worker if inproc else 0),
@@ -240,13 +250,15 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
                 max_concurrent_trials=k, reuse_actors=reuses_actors(spec)),
             run_config=tune.RunConfig(
                 name=name, storage_path=str(sweeps_root), verbose=verbose,
-                # a trial whose driver died (node lost) restarts and resumes from its checkpoint; worker losses are
-                # retried inside the trial by Ray Train (train.max_failures)
+                # a trial whose actor died (node lost; in process, also a crash of its training) restarts and
+                # resumes from its checkpoint; with Ray Train workers, worker losses are retried inside the trial
+                # (train.max_failures); in process, a failed attempt is (medvl.train.inproc)
                 failure_config=tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
                 callbacks=[tracking.SweepCallback(name, str(sweep_dir), str(run_root), uri, parent),
                            SweepProgress(spec.num_samples, spec.metric, spec.mode, horizon)]))
+    how = "in their Tune actors" if inproc else "with Ray Train workers" if not pipeline else "as pipelines"
     print(f"medvl tune: sweep '{name}': {spec.num_samples} trials, up to {k} at a time ({per_trial} CPUs each "
-          f"of {ray.cluster_resources().get('CPU', 0):.0f}); MLflow parent run {parent}", flush=True)
+          f"of {ray.cluster_resources().get('CPU', 0):.0f}), trained {how}; MLflow parent run {parent}", flush=True)
     client = runs._client(uri)
     try:
         grid = tuner.fit()
