@@ -473,6 +473,9 @@ def main() -> int:
         r["cpu_whole_run"] = cpu.whole()
         r["cpu_steady_state"] = cpu.between(*st["interval"]) if st["interval"] else None
         Path(a.result).write_text(json.dumps(r))
+        if a.part == "medvl":  # exits as `medvl train` does (medvl.cli.exit_now; a --ref older than it: sys.exit)
+            from medvl import cli
+            getattr(cli, "exit_now", sys.exit)(0)
         return 0
 
     cores = os.cpu_count() or 2

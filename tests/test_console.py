@@ -251,3 +251,32 @@ def test_startup_timeline_phases_and_process_start():
     # a missing mark (no driver marks: a trial's actor) leaves its phase out; the next one counts from the last mark
     assert Timeline({"start": 0.0, "workers": 4.0, "data": 9.0}).phases(WORKER_PHASES) == {"workers": 4.0,
                                                                                             "data": 5.0}
+
+
+_EXIT_SCRIPT = r"""
+import atexit, sys, threading, time
+from medvl.cli import exit_now
+out = sys.argv[1]
+atexit.register(lambda: open(out, "a").write("atexit ran\n"))
+sys.stdout.write("buffered, no newline")  # still in the buffer when exit_now is called (stdout is a pipe)
+if sys.argv[2] == "thread":  # a non-daemon thread: exit_now must let it finish (as sys.exit does)
+    threading.Thread(target=lambda: (time.sleep(1.0), open(out, "a").write("thread done\n"))).start()
+exit_now(int(sys.argv[3]))
+open(out, "a").write("not reached\n")
+"""
+
+
+@pytest.mark.parametrize("mode", ["plain", "thread"])
+def test_exit_now_flushes_runs_atexit_handlers_and_keeps_the_exit_code(tmp_path, mode):
+    """`medvl` ends with `medvl.cli.exit_now`: the interpreter's module teardown is skipped, but stdout/stderr are
+    flushed, every atexit handler runs (Ray's shutdown, MLflow's flush), the exit code is kept, and a running
+    non-daemon thread is waited for."""
+    out = tmp_path / "out.txt"
+    r = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(out), mode, "3"], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "buffered, no newline"
+    lines = out.read_text().splitlines()
+    assert "atexit ran" in lines and "not reached" not in lines
+    if mode == "thread":
+        assert lines == ["thread done", "atexit ran"]  # the thread first, then the handlers, as sys.exit does
