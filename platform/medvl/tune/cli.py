@@ -43,9 +43,14 @@ def main(argv: list[str]) -> int:
         if address:
             check_ray_address(address)
         from medvl.tune.spec import is_pipeline_sweep
-        what = "pipeline" if is_pipeline_sweep(recipe) else "recipe"
+        from medvl.tune.sweep import trial_launch
+        pipeline = is_pipeline_sweep(recipe)
+        what = "pipeline" if pipeline else "recipe"
+        how = "" if pipeline else (", each trained in its Tune actor (train.launch: in_process)"
+                                   if trial_launch(recipe) == "in_process" else
+                                   ", each trained by a Ray Train worker group (train.launch: workers)")
         print(f"sweep '{spec.sweep_name}' is valid: {len(spec.search_space)} dimension(s) over {what} "
-              f"'{recipe.name}', {spec.num_samples} trials, objective {spec.mode} {spec.metric}")
+              f"'{recipe.name}', {spec.num_samples} trials{how}, objective {spec.mode} {spec.metric}")
         return 0
 
     from medvl.tune.sweep import run_sweep
