@@ -92,6 +92,38 @@ def test_bad_override_and_bad_value_are_rejected_locally(tmp_path, capsys):
     assert "optim.lr must be > 0" in err and "cannot reach" not in err
 
 
+def test_a_submission_is_sent_again_while_the_job_agent_is_not_reachable_yet(capsys):
+    """Seen in CI: right after a node joined, the Jobs API answered 500 "Cannot connect to host <node>:<agent
+    port>" (its job agent was not listening yet; no job was created). `medvl submit` sends the same submission again
+    for a while; any other error, or one that lasts, is reported at once / at the end."""
+    from medvl.submit import SubmitError, submit_with_retry
+
+    class Client:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def submit_job(self, **kw):
+            self.calls += 1
+            if self.errors:
+                raise RuntimeError(self.errors.pop(0))
+            return kw["submission_id"]
+
+    plan = type("Plan", (), {"entrypoint": "true", "submission_id": "s-1", "runtime_env": {}, "metadata": {}})()
+    agent = ("Request failed with status code 500: ... aiohttp.client_exceptions.ClientConnectorError: Cannot "
+             "connect to host 192.0.2.2:40011 ssl:default [Connect call failed ('192.0.2.2', 40011)]")
+    c = Client([agent, agent])
+    assert submit_with_retry(c, plan, "http://h:8265", wait_s=5, pause_s=0.01) == "s-1" and c.calls == 3
+    assert "job agent is not reachable yet" in capsys.readouterr().err
+    c = Client(["Request failed with status code 400: runtime_env: bad pip spec"])
+    with pytest.raises(SubmitError, match="rejected the submission: .*bad pip spec"):
+        submit_with_retry(c, plan, "http://h:8265", wait_s=5, pause_s=0.01)
+    assert c.calls == 1  # not retried
+    c = Client([agent] * 1000)
+    with pytest.raises(SubmitError, match=r"rejected the submission \(after \d+ s of retries\): .*Cannot connect"):
+        submit_with_retry(c, plan, "http://h:8265", wait_s=0.2, pause_s=0.05)
+    assert 2 <= c.calls < 10
+
+
 def test_missing_recipe_file_is_named(tmp_path, capsys):
     assert submit_main([str(tmp_path / "nope.yaml"), "--address", UNREACHABLE]) == 2
     assert f"recipe file not found: {tmp_path / 'nope.yaml'}" in capsys.readouterr().err

@@ -530,6 +530,33 @@ def _quiet_packaging_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+AGENT_NOT_READY = ("Cannot connect to host", "Connect call failed")
+"""In a Jobs API error: the head could not reach the job agent of the node it chose (a node that has just started
+and whose agent does not listen yet). The job was not created, so the same submission can be sent again."""
+
+
+def submit_with_retry(client, plan: "JobPlan", address: str, wait_s: float = 60.0, pause_s: float = 2.0) -> str:
+    """`client.submit_job(...)`, sent again while the Jobs API answers that its job agent is not reachable yet
+    (`AGENT_NOT_READY`, seen on a cluster whose nodes had just joined), for up to `wait_s` seconds; any other
+    error is a `SubmitError` at once."""
+    t0 = time.time()
+    said = False
+    while True:
+        try:
+            return client.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id,
+                                     runtime_env=plan.runtime_env, metadata=plan.metadata)
+        except Exception as e:  # noqa: BLE001 - upload / runtime_env / duplicate id errors from the Jobs API
+            transient = any(m in str(e) for m in AGENT_NOT_READY)
+            if not transient or time.time() - t0 + pause_s > wait_s:
+                waited = f" (after {time.time() - t0:.0f} s of retries)" if said else ""
+                raise SubmitError(f"the Jobs API at {address} rejected the submission{waited}: {e}") from None
+            if not said:
+                print(f"medvl submit: note: the cluster's job agent is not reachable yet (a node that has just "
+                      f"started?); retrying for up to {wait_s:.0f} s", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(pause_s)
+
+
 def submit_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="medvl submit", description="Submit a recipe or sweep to a Ray cluster "
                                 "(Ray Jobs API). " + README_HINT)
@@ -578,11 +605,7 @@ def submit_main(argv: list[str]) -> int:
                   file=sys.stderr)
         client = _client(address)
         _quiet_packaging_logs()
-        try:
-            job_id = client.submit_job(entrypoint=plan.entrypoint, submission_id=plan.submission_id,
-                                       runtime_env=plan.runtime_env, metadata=plan.metadata)
-        except Exception as e:  # noqa: BLE001 - upload / runtime_env / duplicate id errors from the Jobs API
-            raise SubmitError(f"the Jobs API at {address} rejected the submission: {e}") from None
+        job_id = submit_with_retry(client, plan, address)
     except (ConfigError, SubmitError) as e:
         print(f"medvl submit: error: {e}", file=sys.stderr)
         return 2
