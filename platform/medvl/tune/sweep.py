@@ -221,9 +221,10 @@ def run_sweep(spec: SweepSpec, verbose: int = 1) -> SweepOutcome:
     else:
         base = to_dict(recipe)
     set_path(base, "runtime.run_root", str(run_root))  # trial actors run elsewhere: absolute root, explicit URI
-    inproc = not pipeline and trial_launch(recipe) == "in_process"
+    inproc = False
     if not pipeline:  # the trials' recipes (and their MLflow params) say how they trained: no `auto` left
-        set_path(base, "train.launch", trial_launch(recipe))
+        set_path(base, "train.launch", launch := trial_launch(recipe))
+        inproc = launch == "in_process"
     # The URI goes to the trials through their environment, never their recipe: from $MLFLOW_TRACKING_URI it may
     # carry a password, and every recipe key is logged as an MLflow param and saved with the run.
     env = {} if recipe.track.tracking_uri else {"MLFLOW_TRACKING_URI": uri}
