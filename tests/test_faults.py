@@ -242,7 +242,8 @@ def test_logger_buffers_through_an_outage_warns_once_and_delivers_everything(tmp
             raise ConnectionError("Connection refused (test outage)")
         real(rid, metrics)
 
-    logger = JournalLogger(uri, run_id, journal=tmp_path / "run" / "metrics.jsonl", max_backoff_s=0.2)
+    logger = JournalLogger(uri, run_id, journal=tmp_path / "run" / "metrics.jsonl", max_backoff_s=0.2,
+                           min_interval_s=0.05)
     logger._send = flaky
     for step in range(1, 31):
         logger.log({"train/loss": float(step)}, step)
@@ -256,6 +257,43 @@ def test_logger_buffers_through_an_outage_warns_once_and_delivers_everything(tmp
     err = capfd.readouterr().err
     assert err.count("is unreachable") == 1 and "reachable again after" in err
     assert len(logger.outages) == 1
+
+
+def test_logger_coalesces_deliveries_and_flush_does_not_wait_for_the_interval(tmp_path):
+    """While training logs, the delivery thread calls MLflow at most once per interval (each call is milliseconds
+    of Python that would take the GIL from the training thread after every window); a flush delivers at once."""
+    import time
+
+    from medvl.track.buffer import make_sender
+    uri, client, run_id = _sqlite(tmp_path)
+    real = make_sender(uri)
+    calls = []
+
+    def counting(rid, metrics):
+        calls.append(len(metrics))
+        real(rid, metrics)
+
+    logger = JournalLogger(uri, run_id, journal=tmp_path / "run" / "metrics.jsonl", min_interval_s=30.0)
+    logger._send = counting
+    for step in range(1, 21):
+        logger.log({"train/loss": float(step)}, step)
+        time.sleep(0.02)
+    assert len(calls) <= 1  # the first window goes at once, the next ones wait for the interval
+    t0 = time.monotonic()
+    assert logger.flush(timeout=10.0) is True
+    assert time.monotonic() - t0 < 10.0 and len(calls) <= 2 and sum(calls) == 20
+    logger.log({"train/loss": 21.0}, 21)
+    assert logger.close(timeout=10.0) is True
+    assert [p[0] for p in _points(client, run_id, "train/loss")] == list(range(1, 22))
+
+    # interval 0: one delivery per logged window (the behaviour before coalescing), for contrast
+    calls.clear()
+    eager = JournalLogger(uri, run_id, journal=tmp_path / "run2" / "metrics.jsonl", min_interval_s=0.0)
+    eager._send = counting
+    for step in range(1, 11):
+        eager.log({"train/acc": float(step)}, step)
+        time.sleep(0.2)
+    assert eager.close(timeout=10.0) is True and len(calls) >= 5 and sum(calls) == 10
 
 
 # --------------------------------------------------------------------------- a real run whose loss goes NaN

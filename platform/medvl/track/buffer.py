@@ -36,6 +36,9 @@ JOURNAL_FILE = "metrics.jsonl"
 CURSOR_FILE = "metrics.delivered"
 LOCK_FILE = "metrics.lock"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+DELIVERY_INTERVAL_S = 1.0
+"""Least time between two deliveries of a logger's journal (`MEDVL_METRIC_INTERVAL_S` overrides; 0 = one delivery
+per logged window)."""
 
 
 class MetricJournal:
@@ -213,7 +216,8 @@ class JournalLogger:
     says when the server is back and how much it delivered. Nothing here ever raises into training."""
 
     def __init__(self, uri: Optional[str], run_id: Optional[str], journal: Optional[str | os.PathLike] = None,
-                 enabled: bool = True, max_backoff_s: float = 10.0, name: str = "rank 0"):
+                 enabled: bool = True, max_backoff_s: float = 10.0, name: str = "rank 0",
+                 min_interval_s: Optional[float] = None):
         self.enabled = bool(enabled and run_id and uri)
         self.uri, self.run_id, self.name = uri, run_id, name
         self._tmp = None
@@ -222,6 +226,10 @@ class JournalLogger:
             journal = Path(self._tmp) / JOURNAL_FILE
         self.journal = MetricJournal(journal) if self.enabled else None
         self.max_backoff_s = max_backoff_s
+        self.min_interval_s = float(os.environ.get("MEDVL_METRIC_INTERVAL_S", DELIVERY_INTERVAL_S)) \
+            if min_interval_s is None else float(min_interval_s)
+        self._urgent = False  # flush/close: deliver now, without waiting for the interval
+        self._now = threading.Event()  # set with _urgent / _stop: ends the interval's wait
         self.down_since: Optional[float] = None
         self.outages: list[tuple[float, float]] = []
         """(start, end) wall times of the outages this logger saw (for the README's recovery figures)."""
@@ -263,13 +271,22 @@ class JournalLogger:
 
     def _run(self) -> None:
         backoff = 1.0
+        last = float("-inf")
         while not self._stop:
             self._wake.wait(timeout=backoff if self.down_since is not None else None)
             self._wake.clear()
+            # Coalesce: at most one delivery per `min_interval_s` while training logs, so that an MLflow call (a
+            # database transaction or an HTTP request, milliseconds of Python) does not run after every logged
+            # window and take the GIL from the training thread; flush() and close() cut the wait short.
+            rest = last + self.min_interval_s - time.monotonic()
+            while rest > 0 and not (self._stop or self._urgent):
+                self._now.wait(timeout=rest)
+                rest = last + self.min_interval_s - time.monotonic()
             if self._stop:
                 break
             if self.journal.pending_bytes() == 0:
                 continue
+            last = time.monotonic()
             if self._deliver_once():
                 backoff = 1.0
             else:
@@ -283,16 +300,23 @@ class JournalLogger:
             return True
         self.journal.sync()
         deadline = time.monotonic() + timeout
+        self._urgent = True
+        self._now.set()
         self._wake.set()
-        while self.journal.pending_bytes() and time.monotonic() < deadline and \
-                (wait_if_down or self.down_since is None):
-            time.sleep(0.05)
+        try:
+            while self.journal.pending_bytes() and time.monotonic() < deadline and \
+                    (wait_if_down or self.down_since is None):
+                time.sleep(0.05)
+        finally:
+            self._urgent = False
+            self._now.clear()
         return self.journal.pending_bytes() == 0
 
     def close(self, timeout: float = 10.0) -> bool:
         """Flush, waiting up to `timeout` s even through an outage, then stop the delivery thread."""
         done = self.flush(timeout, wait_if_down=True)
         self._stop = True
+        self._now.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=20)
