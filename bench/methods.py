@@ -5,6 +5,7 @@ one run).
     ./dev bench methods [--methods clip,cxr_clip,pmc_clip,clipin,clip_it,slice_classifier,unet3d] [--epochs 2]
                         [--repeat 2] [--rounds 1]
                         [--batch-size 64] [--warmup 10] [--log-every 5] [--out bench/out]
+                        [--ref GIT_REV] [--variant LABEL:K=V[,K=V]]
 
 For each method, its shipped digits recipe (`jobs/digits_clip.yaml`, `jobs/cxr_clip_digits.yaml`,
 `jobs/pmc_clip_digits.yaml`, `jobs/clipin_digits.yaml`: the same `digits-vit-tiny` towers, global batch 64), on
@@ -26,6 +27,9 @@ Printed per method: medvl and bare samples/s, over all steady-state steps and as
 whole overhead for that method: Ray, streaming, logging) and `cost_vs_clip` (the method's bare samples/s / plain
 CLIP's bare samples/s: what the method's extra terms and branches cost on the same towers and batch). Last line:
 `methods_ratio_vs_bare=<min over methods> <method>_ratio_vs_bare=... <method>_cost_vs_clip=...`.
+A/B in the same invocation: `--ref REV` adds, per method, a medvl part run from that git revision's `platform/`
+(a regression check of a change), `--variant LABEL:K=V` one with other environment variables / dotted recipe keys;
+each prints `<method>_ratio_vs_<label>` (this code / that part) and `<method>@<label>_ratio_vs_bare`.
 CLISC's two trained models run on data made here from brain phantoms (`--phantoms` cases at 2 mm, seed 0):
 `slice_classifier` (`jobs/clisc_classifier.yaml`: resnet18 widths 16-128, 128 px, batch 32) on the phantoms'
 brain-slices corpus with its `tumour` labels, `unet3d` (`jobs/clisc_unet.yaml`: MONAI UNet, 48^3 patches, batch 2)
@@ -125,7 +129,8 @@ def _overrides(a) -> list[str]:
     return [f"data.corpus={a.corpus}", f"data.batch_size={a.batch_size}", "data.val_split=null",
             f"train.epochs={a.epochs}", "train.num_workers=1", f"train.cpus_per_worker={a.cpus}",
             f"train.log_every={a.log_every}", "train.ckpt_every=1000000000", "train.max_failures=0",
-            "train.precision=fp32", "eval.every_epoch=false", "track.log_model=false", "track.pictures=false"]
+            "train.precision=fp32", "eval.every_epoch=false", "track.log_model=false", "track.pictures=false"] + \
+        list(getattr(a, "set", None) or [])  # a --variant's recipe keys last: they win
 
 
 def part_medvl(a) -> dict:
@@ -172,20 +177,23 @@ def part_bare(a) -> dict:
     return {"windows": windows, "torch_threads": torch.get_num_threads(), "terms": sorted(terms)}
 
 
-def run_part(name: str, method: str, a) -> dict:
+def run_part(name: str, method: str, a, env: dict | None = None, sets: list[str] | None = None,
+             tag: str = "") -> dict:
     from throughput import wait_quiet
     waited = wait_quiet(a.wait_quiet, os.cpu_count() or 2)
     if waited > 6:
         print(f"      (waited {waited:.0f} s for the machine to go quiet)", flush=True)
     a.seq = getattr(a, "seq", 0) + 1
-    res = Path(a.work) / f"part{a.seq:02d}-{name}-{method}.json"
+    res = Path(a.work) / f"part{a.seq:02d}-{name}-{method}{'-' + tag if tag else ''}.json"
     d = a.per[method]  # this method's corpus, global batch and planned steps
     args = [sys.executable, __file__, "--part", name, "--method", method, "--work", a.work, "--corpus", d["corpus"],
             "--batch-size", str(d["batch"]), "--epochs", str(a.epochs), "--log-every", str(a.log_every),
             "--warmup", str(a.warmup), "--steps-total", str(d["steps_total"]), "--cpus", str(a.cpus),
-            "--result", str(res)] + (["--recipe", d["recipe"]] if d.get("recipe") else [])
+            "--result", str(res)] + (["--recipe", d["recipe"]] if d.get("recipe") else []) + \
+        [f"--set={x}" for x in sets or []]
     t0 = time.perf_counter()
-    p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "platform")})
+    p = subprocess.run(args, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "platform"), **(env or {})})
     res.with_suffix(".log").write_text(p.stdout + p.stderr)
     if p.returncode != 0 or not res.exists():
         raise RuntimeError(f"part {name} {method} failed (rc {p.returncode}):\n{(p.stdout + p.stderr)[-4000:]}")
@@ -209,6 +217,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--wait-quiet", type=float, default=60)
     ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--ref", action="append", default=[], metavar="GIT_REV",
+                    help="also run each method through medvl from this git revision's platform/ in the same "
+                         "invocation; prints <method>_ratio_vs_<rev> (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:K=V[,K=V]",
+                    help="also run each method through medvl with these environment variables and dotted recipe "
+                         "overrides; prints <method>_ratio_vs_<label> (repeatable)")
+    ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=["medvl", "bare", "clip_it_data"], help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -268,17 +283,30 @@ def main() -> int:
             d = a.per[m] = repeated_for_steps(a, base[m], load_recipe(ROOT / "jobs" / RECIPES[m]).data.batch_size, m)
             print(f"{m}: jobs/{RECIPES[m]}, {a.phantoms} phantoms -> {d['rows']} train rows x {d['k']}, global batch "
                   f"{d['batch']}, {d['steps_total']} steps", flush=True)
-    got: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
-    win: dict[str, dict[str, list[float]]] = {m: {"medvl": [], "bare": []} for m in methods}
+    from throughput import checkout_platform
+    others: dict[str, tuple[dict, list[str]]] = {}  # label -> (environment, recipe overrides) of a medvl part
+    for rev in a.ref:
+        others[rev] = ({"PYTHONPATH": checkout_platform(rev, work), "MEDVL_BENCH_LABEL": rev}, [])
+    for v in a.variant:
+        label, _, kv = v.partition(":")
+        pairs = dict(x.split("=", 1) for x in kv.split(",") if x)
+        others[label] = ({k: v for k, v in pairs.items() if "." not in k},  # recipe keys are dotted, variables not
+                        [f"{k}={v}" for k, v in pairs.items() if "." in k])
+    parts = ["medvl"] + [f"medvl@{k}" for k in others] + ["bare"]
+    got: dict[str, dict[str, list[float]]] = {m: {p: [] for p in parts} for m in methods}
+    win: dict[str, dict[str, list[float]]] = {m: {p: [] for p in parts} for m in methods}
     for rnd in range(a.rounds):
         for m in methods:
-            for part in ("medvl", "bare"):
-                r = run_part(part, m, a)
+            for part in parts:
+                label = part.partition("@")[2]
+                env, sets = others.get(label, ({}, []))
+                r = run_part(part.partition("@")[0], m, a, env=env, sets=sets,
+                             tag="".join(c if c.isalnum() else "_" for c in label))
                 sps = r["steady"]["samples_per_s"]
                 got[m][part].append(sps)
                 win[m][part].append(r["steady"]["median_window_samples_per_s"])
                 extra = f", terms {', '.join(r['terms'])}" if part == "bare" else ""
-                print(f"  round {rnd + 1} {m:16s} {part:5s} {sps:8.1f} samples/s (median window "
+                print(f"  round {rnd + 1} {m:16s} {part:12s} {sps:8.1f} samples/s (median window "
                       f"{r['steady']['median_window_samples_per_s']:.1f}; process {r['process_wall_s']:.0f} s"
                       f"{extra})", flush=True)
     med = {m: {p: statistics.median(v) for p, v in d.items()} for m, d in got.items()}
@@ -294,6 +322,10 @@ def main() -> int:
         print(f"{m:17s} {med[m]['medvl']:6.1f} [{wmed[m]['medvl']:6.1f}]  {med[m]['bare']:6.1f} "
               f"[{wmed[m]['bare']:6.1f}]  {rv:5.2f} [all {rv_all:4.2f}]   {cost_s}")
         tail += [f"{m}_ratio_vs_bare={rv:.2f}"] + ([f"{m}_cost_vs_clip={cost:.2f}"] if m in COSTED else [])
+        for label in others:  # this code against the other revision / variant, and that one against the bare loop
+            other = wmed[m][f"medvl@{label}"]
+            tail += [f"{m}_ratio_vs_{label}={wmed[m]['medvl'] / other:.2f}",
+                     f"{m}@{label}_ratio_vs_bare={other / wmed[m]['bare']:.2f}"]
     (work / "results.json").write_text(json.dumps({"samples_per_s": got, "median_window_samples_per_s": win,
                                                    "median": med, "median_window": wmed}, indent=1))
     print(f"(results: {work})")
