@@ -211,7 +211,8 @@ def make_sender(uri: str, fast: bool = True, timeout_s: float = 15.0) -> Callabl
 class JournalLogger:
     """Metrics from one process into one MLflow run through the run's journal.
 
-    `log` appends to the journal (no network) and wakes a background thread that delivers pending lines; while
+    `log` appends to the journal (no network) and wakes a background thread that delivers pending lines (at most
+    once per `min_interval_s`, default `DELIVERY_INTERVAL_S`; `flush` and `close` deliver at once); while
     the server is unreachable the thread retries with backoff (1 s doubling to `max_backoff_s`), warns once, and
     says when the server is back and how much it delivered. Nothing here ever raises into training."""
 
@@ -228,8 +229,7 @@ class JournalLogger:
         self.max_backoff_s = max_backoff_s
         self.min_interval_s = float(os.environ.get("MEDVL_METRIC_INTERVAL_S", DELIVERY_INTERVAL_S)) \
             if min_interval_s is None else float(min_interval_s)
-        self._urgent = False  # flush/close: deliver now, without waiting for the interval
-        self._now = threading.Event()  # set with _urgent / _stop: ends the interval's wait
+        self._now = threading.Event()  # set by flush/close: deliver now, without waiting for the interval
         self.down_since: Optional[float] = None
         self.outages: list[tuple[float, float]] = []
         """(start, end) wall times of the outages this logger saw (for the README's recovery figures)."""
@@ -279,7 +279,7 @@ class JournalLogger:
             # database transaction or an HTTP request, milliseconds of Python) does not run after every logged
             # window and take the GIL from the training thread; flush() and close() cut the wait short.
             rest = last + self.min_interval_s - time.monotonic()
-            while rest > 0 and not (self._stop or self._urgent):
+            while rest > 0 and not (self._stop or self._now.is_set()):
                 self._now.wait(timeout=rest)
                 rest = last + self.min_interval_s - time.monotonic()
             if self._stop:
@@ -300,7 +300,6 @@ class JournalLogger:
             return True
         self.journal.sync()
         deadline = time.monotonic() + timeout
-        self._urgent = True
         self._now.set()
         self._wake.set()
         try:
@@ -308,7 +307,6 @@ class JournalLogger:
                     (wait_if_down or self.down_since is None):
                 time.sleep(0.05)
         finally:
-            self._urgent = False
             self._now.clear()
         return self.journal.pending_bytes() == 0
 
