@@ -283,15 +283,11 @@ def main() -> int:
             d = a.per[m] = repeated_for_steps(a, base[m], load_recipe(ROOT / "jobs" / RECIPES[m]).data.batch_size, m)
             print(f"{m}: jobs/{RECIPES[m]}, {a.phantoms} phantoms -> {d['rows']} train rows x {d['k']}, global batch "
                   f"{d['batch']}, {d['steps_total']} steps", flush=True)
-    from throughput import checkout_platform
+    from throughput import checkout_platform, parse_variant
     others: dict[str, tuple[dict, list[str]]] = {}  # label -> (environment, recipe overrides) of a medvl part
     for rev in a.ref:
         others[rev] = ({"PYTHONPATH": checkout_platform(rev, work), "MEDVL_BENCH_LABEL": rev}, [])
-    for v in a.variant:
-        label, _, kv = v.partition(":")
-        pairs = dict(x.split("=", 1) for x in kv.split(",") if x)
-        others[label] = ({k: v for k, v in pairs.items() if "." not in k},  # recipe keys are dotted, variables not
-                        [f"{k}={v}" for k, v in pairs.items() if "." in k])
+    others.update(parse_variant(v) for v in a.variant)
     parts = ["medvl"] + [f"medvl@{k}" for k in others] + ["bare"]
     got: dict[str, dict[str, list[float]]] = {m: {p: [] for p in parts} for m in methods}
     win: dict[str, dict[str, list[float]]] = {m: {p: [] for p in parts} for m in methods}

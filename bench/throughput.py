@@ -234,6 +234,14 @@ def check_same_preprocessing(model: str) -> bool:
     return repr(oc_train) == repr(ours)
 
 
+def parse_variant(v: str) -> tuple[str, tuple[dict, list[str]]]:
+    """`LABEL:K=V[,K=V]` -> (label, (environment variables, dotted recipe overrides)): recipe keys are dotted,
+    variable names not."""
+    label, _, kv = v.partition(":")
+    pairs = dict(x.split("=", 1) for x in kv.split(",") if x)
+    return label, ({k: x for k, x in pairs.items() if "." not in k}, [f"{k}={x}" for k, x in pairs.items() if "." in k])
+
+
 def checkout_platform(rev: str, work: Path) -> str:
     """`platform/` of an older git revision, extracted under the results directory; its path goes first on
     PYTHONPATH of that part (medvl's own package, while the benchmark script and the data stay this one's)."""
@@ -498,10 +506,7 @@ def main() -> int:
     res: dict[str, dict] = {}
     rounds: dict[str, list[float]] = {}
     refs = {rev: checkout_platform(rev, work) for rev in a.ref}
-    variants = {}
-    for v in a.variant:
-        label, _, kv = v.partition(":")
-        variants[label] = dict(x.split("=", 1) for x in kv.split(",") if x)
+    variants = dict(parse_variant(v) for v in a.variant)
 
     walls: dict[str, list[float]] = {}
 
@@ -544,9 +549,7 @@ def main() -> int:
             show(f"medvl_1w@{rev}", f"(b) medvl 1 worker at {rev}",
                  run_part("medvl", a, env={"PYTHONPATH": path, "MEDVL_BENCH_LABEL": rev},
                           corpus=corpus, workers=1, cpus_per_worker=cores))
-        for label, kv in variants.items():
-            env = {k: v for k, v in kv.items() if "." not in k}  # recipe keys are dotted, variable names not
-            sets = [f"{k}={v}" for k, v in kv.items() if "." in k]
+        for label, (env, sets) in variants.items():
             show(f"medvl_1w[{label}]", f"(b) medvl 1 worker [{label}]",
                  run_part("medvl", a, env={**env, "MEDVL_BENCH_LABEL": label}, sets=sets,
                           corpus=corpus, workers=1, cpus_per_worker=cores))
