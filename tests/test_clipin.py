@@ -267,6 +267,16 @@ def test_two_view_decoder_second_view_differs_and_is_reproducible():
     assert not np.array_equal(a["image"], a["image2"])  # view 2 is another augmentation
     assert not np.array_equal(a["image2"], c["image2"])  # and a new one next epoch
     assert np.array_equal(a["text"][1], a["text2"][1])  # one caption: the same text
+    # the image file is decoded once per row: only the augmentation runs twice
+    import medvl.data.decode as decode_mod
+    opened = []
+    real = decode_mod._open_image
+    try:
+        decode_mod._open_image = lambda row: opened.append(row["sample_id"]) or real(row)
+        d = decode_rows(dec, batch, seed=0, epoch=0)
+    finally:
+        decode_mod._open_image = real
+    assert sorted(opened) == ["a", "b"] and all(np.array_equal(d[k], a[k]) for k in a)
     # cxr_clip already has two views: its own decoder is used
     mc = resolve_method(load_recipe(data={**_recipe(), "method": "cxr_clip"}))
     assert set(mc.batch_dtypes()) == {"image", "image2", "text", "text2"}

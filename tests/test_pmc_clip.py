@@ -93,7 +93,7 @@ def test_wordpiece_whole_word_masking_statistics(wordpiece):
     # the ids are exactly what open_clip's HF tokenizer feeds the text tower
     import open_clip
     ref = open_clip.get_tokenizer("minilm-efficientnet-lite0")(["Pneumothorax with effusion."])[0]
-    assert torch.equal(torch.from_numpy(ids), ref)
+    assert torch.equal(torch.tensor(ids), ref)
     ratio, kinds, words = _mask_stats(tok, 250)  # deterministic draws; ~13k words, ~2k chosen
     assert words > 12000
     assert ratio == pytest.approx(0.15, abs=0.01)
@@ -109,7 +109,7 @@ def test_bpe_word_boundaries_mask_token_and_truncation(bpe):
     assert tok.kind == "bpe" and tok.mask_id == base.vocab_size and tok.vocab_size == base.vocab_size + 1
     cap = "pneumothorax, effusion."
     ids, wids, trunc = tok.encode(cap)
-    assert torch.equal(torch.from_numpy(ids), base([cap])[0]) and not trunc
+    assert torch.equal(torch.tensor(ids), base([cap])[0]) and not trunc
     body = [tok.tok.decoder[int(i)] for i in ids[1:int(np.flatnonzero(ids == tok.eot_id)[0])]]
     # a word ends at its `</w>` piece: "pneumothorax" spans several pieces, "," and "." are words of their own
     n_pieces = body.index(next(p for p in body if p.endswith("</w>"))) + 1
@@ -118,10 +118,33 @@ def test_bpe_word_boundaries_mask_token_and_truncation(bpe):
     # over-long captions are truncated as open_clip does (end-of-text kept) and flagged
     long = " ".join(CAPTIONS)
     ids, wids, trunc = tok.encode(long)
-    assert trunc and ids[-1] == tok.eot_id and torch.equal(torch.from_numpy(ids), base([long])[0])
-    assert tok.valid_mask(torch.from_numpy(ids)[None]).all()
+    assert trunc and ids[-1] == tok.eot_id and torch.equal(torch.tensor(ids), base([long])[0])
+    assert tok.valid_mask(torch.tensor(ids)[None]).all()
     ratio, kinds, _ = _mask_stats(tok, 150, ratio=0.3)
     assert ratio == pytest.approx(0.3, abs=0.02) and kinds["mask"] == pytest.approx(0.8, abs=0.04)
+
+
+def test_encode_is_memoised_read_only_and_masking_leaves_the_memo_intact(bpe):
+    tok = bpe
+    cap = "pneumothorax, effusion."
+    ids, wids, _ = tok.encode(cap)
+    again = tok.encode(cap)
+    assert again[0] is ids and again[1] is wids  # one tokenisation per caption and decode process
+    assert not ids.flags.writeable and not wids.flags.writeable
+    before = ids.copy()
+    seen = set()
+    for s in range(40):  # every masking draws on its own copy: the memo keeps the unmasked ids
+        inp, labels, _ = tok.mask(cap, np.random.default_rng(s), ratio=0.5)
+        seen.add(inp.tobytes())
+        assert inp.flags.writeable and labels.flags.writeable
+    assert np.array_equal(tok.encode(cap)[0], before) and len(seen) > 1
+    tok.MEMO_SIZE, tok._memo = 2, {}  # bounded: a full memo starts over
+    try:
+        for c in ("a", "b", "c"):
+            tok.encode(c)
+        assert list(tok._memo) == ["c"]
+    finally:
+        del tok.MEMO_SIZE  # the module's shared tokenizer gets its class default back
 
 
 def test_masking_is_seeded_per_sample_and_order_free(digits_corpus):

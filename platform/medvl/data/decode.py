@@ -164,8 +164,31 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+IMAGE_MEMO = "_image_memo"
+"""Row key of an `ImageMemo`: a decoder that reads one row's image more than once (two augmented views) puts one in
+its copy of the row, and `open_image` then decodes the image file once."""
+
+
+class ImageMemo:
+    """The row's opened image, filled by the first `open_image` call (transforms never modify their input)."""
+    __slots__ = ("image",)
+
+    def __init__(self):
+        self.image = None
+
+
 def open_image(row: dict):
     """The row's image as an RGB PIL image (fully loaded; see `to_rgb` for 16-bit and palette images)."""
+    memo = row.get(IMAGE_MEMO)
+    if memo is not None and memo.image is not None:
+        return memo.image
+    im = _open_image(row)
+    if memo is not None:
+        memo.image = im
+    return im
+
+
+def _open_image(row: dict):
     from PIL import Image, UnidentifiedImageError
     data = load_image_bytes(row)
     try:

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvl.config import ConfigError, Recipe
-from medvl.data.decode import RowDecoder, normalize_images
+from medvl.data.decode import IMAGE_MEMO, ImageMemo, RowDecoder, normalize_images
 from medvl.losses import Dist, gather_with_grad
 from medvl.methods.base import Method, Plugin, register_method
 from medvl.models.factory import image_norm, unwrap
@@ -344,7 +344,8 @@ class ClipinView(nn.Module):
 class TwoViewDecoder(RowDecoder):
     """Adds a second independently augmented image view (`image2`, and `text2` with `second`) to a one-view
     decoder by decoding the row twice: the seam seeds the row's rng and torch's global generator per (seed, epoch,
-    sample), so view 2 differs from view 1 (the generators moved on) and is reproducible."""
+    sample), so view 2 differs from view 1 (the generators moved on) and is reproducible. The image file itself is
+    decoded once (`ImageMemo`): only the augmentation runs twice."""
 
     def __init__(self, inner: RowDecoder, second_text: bool):
         self.inner, self.second_text = inner, second_text
@@ -361,6 +362,7 @@ class TwoViewDecoder(RowDecoder):
         self.inner.setup()
 
     def decode(self, row, rng):
+        row = {**row, IMAGE_MEMO: ImageMemo()}
         a = self.inner.decode(row, rng)
         b = self.inner.decode(row, rng)
         a["image2"] = b["image"]

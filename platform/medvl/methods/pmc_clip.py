@@ -154,7 +154,25 @@ class MlmTokenizer:
         self.random_pool = np.asarray(pool, dtype=np.int64)
 
     # ------------------------------------------------------------------ encoding
+    MEMO_SIZE = 16384
+    """Captions whose encoding `encode` keeps (a caption repeats every epoch, and prompt-like captions across rows;
+    the memo is cleared when full, so a corpus of unique captions only pays one dict lookup per row)."""
+
     def encode(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(ids, word_ids, truncated) of one caption; the arrays are shared by later calls with the same text, so
+        they are read-only (the masking copies them)."""
+        memo = self.__dict__.setdefault("_memo", {})
+        hit = memo.get(text)
+        if hit is None:
+            if len(memo) >= self.MEMO_SIZE:
+                memo.clear()
+            ids, words, truncated = self._encode(text)
+            ids.setflags(write=False)
+            words.setflags(write=False)
+            hit = memo[text] = (ids, words, truncated)
+        return hit
+
+    def _encode(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
         L = self.context_length
         ids = np.zeros(L, dtype=np.int64)
         if self.pad_id:
