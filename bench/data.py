@@ -1,6 +1,6 @@
 """Data-path benchmark: medvl's Ray Data stream vs a torch DataLoader + PIL on the same Parquet shards.
 
-    ./dev bench data [--model cxr-vit-small] [--scale 1 10] [--workers 2]
+    ./dev bench data [--model cxr-vit-small] [--scale 1 10 30] [--workers 2]
 
 Both decode the same encoded images with the model's own open_clip train transform, tokenise the captions and end
 with the same normalised float32 image tensors (the Ray side ships uint8 and normalises in the consumer, as the
@@ -8,12 +8,14 @@ training worker does; the DataLoader's transform normalises in its workers); bot
 Data decode tasks / DataLoader workers) and batch 64. Sides (`--variants`): `ray`, `dataloader`, `ray-f32` (the
 Ray stream shipping float32 normalised in the decode tasks, as before the method seam: the uint8 transport's gain,
 reported on its own) and `ray-b256` (the Ray stream with `data.decoded_buffer_mb=256`: an object-store budget that
-trades decode speed for memory). For each corpus scale (the digits train split copied 1x and 10x) it prints rows/s
+trades decode speed for memory). For each corpus scale (the digits train split copied 1x, 10x and 30x) it prints rows/s
 (steady state, after the first batch), the bytes per row the consumer receives, and the peak memory of the whole
 process tree (driver + Ray / DataLoader workers) as RSS and as PSS (RSS counts Ray's shared-memory object store
 once per process that maps it; PSS divides shared pages among them), then, as the last line,
-`ratio_ray_vs_dataloader=<x> rss_growth_10x_<side>=... pss_growth_10x_<side>=... uint8_vs_float32_rows_per_s=...
-uint8_vs_float32_bytes=...` (the ratio and the uint8 figures at the largest scale).
+`ratio_ray_vs_dataloader=<x> rss_growth_10x_<side>=... pss_growth_10x_<side>=... (every larger scale against the
+smallest) rss_growth_30x_vs_10x_<side>=... (the two largest against each other: ~1.0 once the peak has levelled off,
+i.e. memory is bounded, not proportional to the corpus) uint8_vs_float32_rows_per_s=... uint8_vs_float32_bytes=...`
+(the ratio and the uint8 figures at the largest scale).
 One invocation measures everything: compare numbers only within one run (the machine is shared).
 """
 from __future__ import annotations
@@ -218,7 +220,9 @@ VARIANTS = ("ray", "dataloader", "ray-f32", "ray-b256")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cxr-vit-small", help="its train transform is applied (224 px default)")
-    ap.add_argument("--scale", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--scale", type=int, nargs="+", default=[1, 10, 30],
+                    help="corpus sizes (copies of the digits train split); growth is reported against the smallest, "
+                         "and the two largest against each other (does the peak keep rising, or has it levelled?)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--variants", default=",".join(VARIANTS),
@@ -252,15 +256,22 @@ def main() -> int:
                   f"{r['bytes_per_row'] / 1024:6.1f} KiB/row delivered  peak RSS (process tree) "
                   f"{r['peak_rss_mib']:7.0f} MiB, PSS {r['peak_pss_mib']:7.0f} MiB", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    lo, hi = min(a.scale), max(a.scale)
+    scales = sorted(set(a.scale))
+    lo, hi = scales[0], scales[-1]
     parts = []
     if "ray" in variants and "dataloader" in variants:
         parts.append(f"ratio_ray_vs_dataloader={results[('ray', hi)]['rows_per_s'] / results[('dataloader', hi)]['rows_per_s']:.2f}")
     for v in variants:
-        if lo != hi:
-            key = v.replace("-", "_")
-            parts.append(f"rss_growth_{hi}x_{key}={results[(v, hi)]['peak_rss_mib'] / results[(v, lo)]['peak_rss_mib']:.2f}")
-            parts.append(f"pss_growth_{hi}x_{key}={results[(v, hi)]['peak_pss_mib'] / results[(v, lo)]['peak_pss_mib']:.2f}")
+        key = v.replace("-", "_")
+        for x in scales[1:]:  # growth over the smallest corpus, at every larger scale
+            for m in ("rss", "pss"):
+                parts.append(f"{m}_growth_{x}x_{key}="
+                             f"{results[(v, x)][f'peak_{m}_mib'] / results[(v, lo)][f'peak_{m}_mib']:.2f}")
+        if len(scales) > 2:  # the plateau: the two largest corpora against each other
+            mid = scales[-2]
+            for m in ("rss", "pss"):
+                parts.append(f"{m}_growth_{hi}x_vs_{mid}x_{key}="
+                             f"{results[(v, hi)][f'peak_{m}_mib'] / results[(v, mid)][f'peak_{m}_mib']:.2f}")
     if "ray" in variants and "ray-f32" in variants:  # the uint8 transport's gain, reported on its own
         parts.append(f"uint8_vs_float32_rows_per_s={results[('ray', hi)]['rows_per_s'] / results[('ray-f32', hi)]['rows_per_s']:.2f}")
         parts.append(f"uint8_vs_float32_bytes={results[('ray', hi)]['bytes_per_row'] / results[('ray-f32', hi)]['bytes_per_row']:.2f}")
