@@ -20,7 +20,9 @@ the digits corpus (train split repeated `--repeat` times), fp32:
       process, torch threads = cores, no Ray, no data loading in the loop: the compute limit.
 
 Each part runs in a fresh interpreter, one after the other ((m) then (b) per method, methods in order; with
-`--rounds R` the whole sequence repeats and each figure is the median over rounds).
+`--rounds R` the whole sequence repeats and each figure is the median over rounds; round r starts each method's
+parts at the r-th, so no part always runs first: an A/A run of identical code measured the first part at 0.96-1.00 of
+the second).
 
 Printed per method: medvl and bare samples/s, over all steady-state steps and as the median of 5-step windows
 (robust to bursts of other jobs on a shared machine; the ratios use it), `ratio_vs_bare` (medvl / bare: medvl's
@@ -283,7 +285,7 @@ def main() -> int:
             d = a.per[m] = repeated_for_steps(a, base[m], load_recipe(ROOT / "jobs" / RECIPES[m]).data.batch_size, m)
             print(f"{m}: jobs/{RECIPES[m]}, {a.phantoms} phantoms -> {d['rows']} train rows x {d['k']}, global batch "
                   f"{d['batch']}, {d['steps_total']} steps", flush=True)
-    from throughput import checkout_platform, parse_variant
+    from throughput import checkout_platform, parse_variant, rotated
     others: dict[str, tuple[dict, list[str]]] = {}  # label -> (environment, recipe overrides) of a medvl part
     for rev in a.ref:
         others[rev] = ({"PYTHONPATH": checkout_platform(rev, work), "MEDVL_BENCH_LABEL": rev}, [])
@@ -293,7 +295,7 @@ def main() -> int:
     win: dict[str, dict[str, list[float]]] = {m: {p: [] for p in parts} for m in methods}
     for rnd in range(a.rounds):
         for m in methods:
-            for part in parts:
+            for part in rotated(parts, rnd):  # round r starts at the r-th part (see throughput.rotated)
                 label = part.partition("@")[2]
                 env, sets = others.get(label, ({}, []))
                 r = run_part(part.partition("@")[0], m, a, env=env, sets=sets,

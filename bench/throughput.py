@@ -24,7 +24,8 @@ model config, images, captions, preprocessing, batch size, number of steps and m
 
 Every part runs in its own fresh interpreter (and its own Ray instance), one after the other; with `--rounds R`
 the sequence repeats R times, interleaved, and each figure is the median over the rounds (a shared machine has
-bursts of other jobs: compare only figures from one invocation).
+bursts of other jobs: compare only figures from one invocation). Round r starts at the r-th part, so no part
+always runs first or after the same neighbour.
 
 Steady-state samples/s = batch x steps / summed step time over all steps after the first `--warmup` (so
 epoch-boundary stalls count, as a user pays them; checkpoint saving is outside both trainers' step timers).
@@ -232,6 +233,12 @@ def check_same_preprocessing(model: str) -> bool:
     _, oc_train, _ = open_clip.create_model_and_transforms(model, pretrained=None)
     ours, _ = image_transforms(ModelConfig(name=model))
     return repr(oc_train) == repr(ours)
+
+
+def rotated(parts: list, k: int) -> list:
+    """`parts` starting at index k (mod len): the order of round k, so that every part takes every position."""
+    k %= max(1, len(parts))
+    return parts[k:] + parts[:k]
 
 
 def parse_variant(v: str) -> tuple[str, tuple[dict, list[str]]]:
@@ -536,29 +543,35 @@ def main() -> int:
                   flush=True)
 
     parts = set(a.parts.split(","))
+    jobs = []  # (key, title, run): one round's parts
+    if "a" in parts:
+        jobs.append(("open_clip_train", f"(a) open_clip_train, {a.loader_workers} loader workers",
+                     lambda: run_part("open_clip_train", a, tsv=tsv)))
+    if "b1" in parts:
+        jobs.append(("medvl_1w", f"(b) medvl 1 worker x {cores} CPUs",
+                     lambda: run_part("medvl", a, corpus=corpus, workers=1, cpus_per_worker=cores)))
+    for rev, path in refs.items():
+        jobs.append((f"medvl_1w@{rev}", f"(b) medvl 1 worker at {rev}",
+                     lambda path=path, rev=rev: run_part("medvl", a, env={"PYTHONPATH": path, "MEDVL_BENCH_LABEL": rev},
+                                                         corpus=corpus, workers=1, cpus_per_worker=cores)))
+    for label, (env, sets) in variants.items():
+        jobs.append((f"medvl_1w[{label}]", f"(b) medvl 1 worker [{label}]",
+                     lambda label=label, env=env, sets=sets: run_part(
+                         "medvl", a, env={**env, "MEDVL_BENCH_LABEL": label}, sets=sets, corpus=corpus, workers=1,
+                         cpus_per_worker=cores)))
+    if "b2" in parts and not a.skip_two_workers and a.batch_size % 2 == 0 and cores >= 2:
+        jobs.append(("medvl_2w", f"(b) medvl 2 workers x {cores // 2} CPU",
+                     lambda: run_part("medvl", a, corpus=corpus, workers=2, cpus_per_worker=cores // 2)))
+    if "c" in parts:
+        jobs.append(("bare", f"(c) bare PyTorch loop, {cores} threads",
+                     lambda: run_part("bare", a, steps_total=total, cpus_per_worker=cores)))
     for k in range(a.rounds):
         if a.rounds > 1:
             print(f"--- round {k + 1}/{a.rounds}", flush=True)
-        if "a" in parts:
-            show("open_clip_train", f"(a) open_clip_train, {a.loader_workers} loader workers",
-                 run_part("open_clip_train", a, tsv=tsv))
-        if "b1" in parts:
-            show("medvl_1w", f"(b) medvl 1 worker x {cores} CPUs",
-                 run_part("medvl", a, corpus=corpus, workers=1, cpus_per_worker=cores))
-        for rev, path in refs.items():
-            show(f"medvl_1w@{rev}", f"(b) medvl 1 worker at {rev}",
-                 run_part("medvl", a, env={"PYTHONPATH": path, "MEDVL_BENCH_LABEL": rev},
-                          corpus=corpus, workers=1, cpus_per_worker=cores))
-        for label, (env, sets) in variants.items():
-            show(f"medvl_1w[{label}]", f"(b) medvl 1 worker [{label}]",
-                 run_part("medvl", a, env={**env, "MEDVL_BENCH_LABEL": label}, sets=sets,
-                          corpus=corpus, workers=1, cpus_per_worker=cores))
-        if "b2" in parts and not a.skip_two_workers and a.batch_size % 2 == 0 and cores >= 2:
-            show("medvl_2w", f"(b) medvl 2 workers x {cores // 2} CPU",
-                 run_part("medvl", a, corpus=corpus, workers=2, cpus_per_worker=cores // 2))
-        if "c" in parts:
-            show("bare", f"(c) bare PyTorch loop, {cores} threads",
-                 run_part("bare", a, steps_total=total, cpus_per_worker=cores))
+        # round k starts at the k-th part: no part always runs first or right after the same neighbour (an A/A run
+        # of identical code measured 0.96-1.00 for the first part against the second, 2026-12-05)
+        for key, title, run in rotated(jobs, k):
+            show(key, title, run())
     for key, vals in rounds.items():
         res[key]["samples_per_s"] = statistics.median(vals)
     if a.rounds > 1:
