@@ -22,6 +22,11 @@ model config, images, captions, preprocessing, batch size, number of steps and m
       uses torch's default AdamW (the per-parameter for-loop kernel on CPU); medvl's fused AdamW is part of why it
       is faster than (a).
 
+  (r) optional (`--parts ...,r`): the bare loop (c) in a process that has first started an embedded Ray the way
+      medvl does (`ensure_ray`) and waited for it to settle; Ray stays idle. `ratio_bare_ray_vs_bare` is what Ray's
+      own processes (raylet, GCS, agents, prestarted workers) cost a compute-bound loop on this machine, a floor
+      for any trainer that runs next to them; `medvl_ratio_vs_bare_ray` is medvl against that floor.
+
 Every part runs in its own fresh interpreter (and its own Ray instance), one after the other; with `--rounds R`
 the sequence repeats R times, interleaved, and each figure is the median over the rounds (a shared machine has
 bursts of other jobs: compare only figures from one invocation). Round r starts at the r-th part, so no part
@@ -352,6 +357,11 @@ def part_bare(a) -> dict:
     import math
 
     import torch
+    if a.with_ray:  # the same loop next to an idle embedded Ray, started as medvl starts it
+        os.environ.pop("RAY_ADDRESS", None)
+        from medvl.train.launcher import ensure_ray
+        ensure_ray()
+        settle_ray(a.cpus_per_worker)
     from open_clip.loss import ClipLoss
 
     from medvl.config import ModelConfig, OptimConfig
@@ -382,6 +392,13 @@ def part_bare(a) -> dict:
             float(loss)
             windows.append([1, time.perf_counter() - t0, time.time()])
     return {"windows": windows, "torch_threads": torch.get_num_threads(), "cpu": cpu}
+
+
+def settle_ray(cores: int, timeout: float = 30.0) -> None:
+    """Wait until the Ray just started has finished starting its processes (the machine quiet again), so the
+    loop next to it meets Ray's idle state, not its start-up."""
+    time.sleep(2.0)
+    wait_quiet(timeout, cores)
 
 
 # --------------------------------------------------------------------------- driver
@@ -419,12 +436,12 @@ def run_part(name: str, a, env: dict | None = None, sets: list[str] | None = Non
             "--batch-size", str(a.batch_size), "--epochs", str(a.epochs),
             "--loader-workers", str(a.loader_workers), "--log-every", str(a.log_every), "--warmup", str(a.warmup)]
     for k, v in extra.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+        args += [f"--{k.replace('_', '-')}"] if v is True else [f"--{k.replace('_', '-')}", str(v)]
     for s in (a.set or []) + (sets or []):
         args += ["--set", s]
     a.part_seq = getattr(a, "part_seq", 0) + 1  # rounds keep their own result and log files
     tag = "".join(c if c.isalnum() else "_" for c in (env or {}).get("MEDVL_BENCH_LABEL", ""))
-    res_file = Path(a.work) / f"part{a.part_seq:02d}-{name}-{extra.get('workers', '')}{tag}.json"
+    res_file = Path(a.work) / f"part{a.part_seq:02d}-{name}{'_ray' if extra.get('with_ray') else ''}-{extra.get('workers', '')}{tag}.json"
     args += ["--result", str(res_file)]
     t0 = time.perf_counter()
     p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -453,7 +470,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=10, help="steps excluded from the steady state")
     ap.add_argument("--skip-two-workers", action="store_true", help="skip the medvl 2 workers x 1 CPU run")
     ap.add_argument("--parts", default="a,b1,b2,c", help="which runs: a (open_clip_train), b1 / b2 (medvl 1 / 2 "
-                                                         "workers), c (bare); comma-separated (default: all)")
+                                                         "workers), c (bare), r (bare next to an idle embedded Ray: "
+                                                         "what Ray's own processes cost the loop); comma-separated "
+                                                         "(default: a,b1,b2,c)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the parts this many times, interleaved (a, b1, b2, c, a, b1, ...); each figure is "
                          "the median over rounds, so one burst of other jobs on a shared machine cannot decide it")
@@ -477,12 +496,16 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 2, help=argparse.SUPPRESS)
     ap.add_argument("--steps-total", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--with-ray", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.part:
         fn = {"open_clip_train": part_open_clip_train, "medvl": part_medvl, "bare": part_bare}[a.part]
         r = fn(a)
+        if a.with_ray:
+            import ray
+            ray.shutdown()
         cpu = r.pop("cpu")
         st = steady(r["windows"], a.batch_size, a.warmup, max(a.log_every, 5))
         r["cpu_whole_run"] = cpu.whole()
@@ -565,6 +588,9 @@ def main() -> int:
     if "c" in parts:
         jobs.append(("bare", f"(c) bare PyTorch loop, {cores} threads",
                      lambda: run_part("bare", a, steps_total=total, cpus_per_worker=cores)))
+    if "r" in parts:
+        jobs.append(("bare_ray", f"(r) bare loop next to an idle Ray",
+                     lambda: run_part("bare", a, steps_total=total, cpus_per_worker=cores, with_ray=True)))
     for k in range(a.rounds):
         if a.rounds > 1:
             print(f"--- round {k + 1}/{a.rounds}", flush=True)
@@ -578,7 +604,7 @@ def main() -> int:
         print("median over rounds (samples/s): " + ", ".join(f"{k} {statistics.median(v):.1f} "
               f"[{' '.join(f'{x:.0f}' for x in v)}]" for k, v in rounds.items()), flush=True)
         if "medvl_1w" in rounds:
-            for ref in ("open_clip_train", "bare"):
+            for ref in ("open_clip_train", "bare", "bare_ray"):
                 if ref in rounds:
                     per = [o / r for o, r in zip(rounds["medvl_1w"], rounds[ref])]
                     print(f"per-round medvl 1 worker / {ref}: {' '.join(f'{x:.2f}' for x in per)}", flush=True)
@@ -608,6 +634,10 @@ def main() -> int:
             print(f"{k}: ratio_vs_open_clip_train={r['samples_per_s'] / oc:.2f} "
                   f"ratio_vs_bare={r['samples_per_s'] / bare:.2f} "
                   f"ratio_wall_vs_open_clip_train={wall(k) / wall_oc:.2f}", flush=True)
+    if "bare_ray" in res:  # Ray's idle processes' share of the gap to the bare loop (this machine, this load)
+        bare_ray = res["bare_ray"]["samples_per_s"]
+        print(f"ratio_bare_ray_vs_bare={bare_ray / bare:.2f} medvl_ratio_vs_bare_ray={ours / bare_ray:.2f}",
+              flush=True)
     print(f"ratio_vs_open_clip_train={ours / oc:.2f} ratio_vs_bare={ours / bare:.2f} "
           f"ratio_wall_vs_open_clip_train={wall_ours / wall_oc:.2f}{extra}")
     return 0
