@@ -589,7 +589,7 @@ def main() -> int:
         jobs.append(("bare", f"(c) bare PyTorch loop, {cores} threads",
                      lambda: run_part("bare", a, steps_total=total, cpus_per_worker=cores)))
     if "r" in parts:
-        jobs.append(("bare_ray", f"(r) bare loop next to an idle Ray",
+        jobs.append(("bare_ray", "(r) bare loop next to an idle Ray",
                      lambda: run_part("bare", a, steps_total=total, cpus_per_worker=cores, with_ray=True)))
     for k in range(a.rounds):
         if a.rounds > 1:
