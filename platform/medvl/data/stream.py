@@ -80,15 +80,13 @@ class SkipCounter:
         return self.count, self.examples
 
 
-def skip_counter(name: str, namespace: Optional[str] = None, node_id: Optional[str] = None):
-    """Get or create the run's named counter (detached from the driver so worker restarts keep it) on `node_id`,
-    the driver's node (a 0-CPU actor could land anywhere, and a lost worker node would take the count with it);
-    without it, on this node. The decode tasks create it when they first drop a row: a run without bad rows
-    starts no counter process (an idle actor process wakes a hundred times a second next to the trainer)."""
+def skip_counter(name: str, namespace: Optional[str] = None):
+    """Get or create the run's named counter (detached from the driver so worker restarts keep it), on the
+    driver's node (a 0-CPU actor could land anywhere, and a lost worker node would take the count with it)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    node = NodeAffinitySchedulingStrategy(node_id or ray.get_runtime_context().get_node_id(), soft=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return SkipCounter.options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
-                               scheduling_strategy=node).remote()
+                               scheduling_strategy=here).remote()
 
 
 # --------------------------------------------------------------------------- read units and the epoch plan
@@ -258,7 +256,7 @@ def _object_array(values: list) -> np.ndarray:
 
 
 def read_window(items: dict[str, np.ndarray], *, decoder: RowDecoder, decode_rows_n: int, seed: int,
-                on_skip_counter: Optional[tuple] = None) -> Iterator[dict[str, np.ndarray]]:
+                on_skip_counter: Optional[tuple[str, Optional[str]]] = None) -> Iterator[dict[str, np.ndarray]]:
     """Generator UDF, one item = one window: read its rows (raw columns only), permute them, drop the first
     `skip` (already trained on), decode the rest in chunks and yield them with their stream coordinates."""
     import pyarrow.parquet as pq
@@ -269,7 +267,7 @@ def read_window(items: dict[str, np.ndarray], *, decoder: RowDecoder, decode_row
     def on_skip(bad, n=None):
         if on_skip_counter:
             if counter[0] is None:
-                counter[0] = skip_counter(*on_skip_counter)  # (name, namespace[, the driver's node])
+                counter[0] = ray.get_actor(on_skip_counter[0], namespace=on_skip_counter[1])
             counter[0].add.remote(len(bad) if n is None else n, bad, cur_epoch[0])
 
     for spec_json, epoch, win, skip in zip(items["spec"], items["epoch"], items["window"], items["skip"]):
@@ -334,7 +332,7 @@ class StreamStart:
 
 
 def rank_stream(plan: StreamPlan, decoder: RowDecoder, *, rank: int, start: StreamStart, epochs: int,
-                decode_tasks: int, decode_batch_size: int, counter: Optional[tuple] = None,
+                decode_tasks: int, decode_batch_size: int, counter: Optional[tuple[str, Optional[str]]] = None,
                 buffer_mb: float = 0) -> "ray.data.Dataset":
     """One rank's streaming dataset over epochs [start.epoch, epochs), starting at `start`; `buffer_mb` > 0 bounds
     the decoded batches it holds in the object store (`data.decoded_buffer_mb`)."""

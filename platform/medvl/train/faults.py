@@ -11,9 +11,8 @@ for the job, a tracking server that is down when the run ends, the per-run skip 
   of waiting for resources that never come.
 - `defer_finalize` / `complete_finalize`: when MLflow is still down after `track.outage_wait_s` at the end of a
   run, the training is kept (checkpoints, metric journal) and `medvl sync-metrics` finishes the run later.
-- `release_skip_counter`: the detached per-run `SkipCounter` actor (created by the decode tasks at the first
-  dropped row; a run without one has none) is killed after every run (it used to leak one actor per `medvl
-  train`); its count and first examples are logged to the run first.
+- `release_skip_counter`: the detached per-run `SkipCounter` actor is killed after every run (it used to leak one
+  actor per `medvl train`); its count and first examples are logged to the run first.
 """
 from __future__ import annotations
 

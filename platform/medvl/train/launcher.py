@@ -234,11 +234,10 @@ def build_trainer(job: Job, callbacks: Optional[list] = None, timeline=None):
     from medvl.train.worker import train_fn_per_worker
 
     r = job.recipe
+    from medvl.data.stream import skip_counter
     from medvl.train import faults
-    # ids and reasons of skipped rows: an actor the decode tasks create at the first one (on this node), released
-    # after the run
-    counter = faults.counter_name(job.mlflow_run_id)
-    node_id = ray.get_runtime_context().get_node_id()
+    counter = faults.counter_name(job.mlflow_run_id)  # ids and reasons of skipped rows; released after the run
+    skip_counter(counter, namespace=faults.COUNTER_NAMESPACE)
     quiet_ray_data()
     # No `datasets=`: each rank builds its own stream from the plan (exact positions; see medvl.data.stream).
     from medvl.train.pg_cleaner import MedvlTorchTrainer
@@ -252,7 +251,7 @@ def build_trainer(job: Job, callbacks: Optional[list] = None, timeline=None):
                            "storage_dir": str(job.storage_path / r.run_name),
                            "audit_dir": os.environ.get(AUDIT_ENV) or None,
                            "metrics_journal": str(runs.journal_path(job.run_dir)),
-                           "counter": [counter, faults.COUNTER_NAMESPACE, node_id],
+                           "counter": [counter, faults.COUNTER_NAMESPACE],
                            "in_process": r.train.launch == "in_process",
                            "timeline": None if timeline is None else
                            {"marks": dict(timeline.marks), "token": timeline.token}},
