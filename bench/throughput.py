@@ -441,7 +441,8 @@ def run_part(name: str, a, env: dict | None = None, sets: list[str] | None = Non
         args += ["--set", s]
     a.part_seq = getattr(a, "part_seq", 0) + 1  # rounds keep their own result and log files
     tag = "".join(c if c.isalnum() else "_" for c in (env or {}).get("MEDVL_BENCH_LABEL", ""))
-    res_file = Path(a.work) / f"part{a.part_seq:02d}-{name}{'_ray' if extra.get('with_ray') else ''}-{extra.get('workers', '')}{tag}.json"
+    kind = name + ("_ray" if extra.get("with_ray") else "")
+    res_file = Path(a.work) / f"part{a.part_seq:02d}-{kind}-{extra.get('workers', '')}{tag}.json"
     args += ["--result", str(res_file)]
     t0 = time.perf_counter()
     p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})

@@ -408,12 +408,6 @@ def test_training_over_bad_rows_completes_and_mlflow_counts_every_skip(ray_local
     assert set(reasons) - {f"{tmp_path / 'mixed' / 'shards' / 'train-extra.parquet'}#row-group"} <= set(bad)
     assert not set(reasons) & set(odd), "a valid 16-bit or palette image was skipped"
     assert any("image file is truncated" in r for r in reasons.values())
-    # the run's skip counter was released after the run (an actor left behind wakes up 100 times a second)
-    from ray._private import state
-
-    from medvl.train.faults import counter_name
-    assert [a["State"] for a in state.actors().values() if a.get("Name") == counter_name(job.mlflow_run_id)] == \
-        ["DEAD"]
     import ray
     left = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("medvl-skips-")]
     assert left == [], f"skip-counter actors survived the run: {left}"
