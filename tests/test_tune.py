@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -537,6 +538,39 @@ def _cleaner_callbacks() -> list[str]:
 
 def _env(name: str):
     return os.environ.get(name)
+
+
+def _worker_settings() -> tuple[int, Optional[str], Optional[str]]:
+    return os.getpid(), os.environ.get("GOMP_SPINCOUNT"), os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+
+
+@pytest.mark.timeout(120)
+def test_embedded_ray_runs_tasks_in_its_prestarted_workers_with_medvl_settings(fresh_ray, monkeypatch):
+    """The embedded Ray's workers get medvl's settings (OpenMP's short spin, no preemption watcher) from the
+    node's environment, not from a job runtime_env: Ray only gives a task or actor an idle worker started with
+    the same runtime_env, and the workers it prestarts when the node starts have none. With the settings in a job
+    runtime_env those prestarted workers never ran anything and every task waited for a new process. The
+    driver's own environment is left as it was."""
+    import psutil
+    import ray
+    from ray._private import ray_constants
+
+    from medvl.config import load_recipe
+    from medvl.train.launcher import ensure_ray
+    for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        monkeypatch.delenv(k, raising=False)
+    ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}))
+    assert "GOMP_SPINCOUNT" not in os.environ and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    node = ray._private.worker._global_node
+    raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
+    deadline, prestarted = time.time() + 60, set()
+    while not prestarted and time.time() < deadline:
+        time.sleep(0.5)
+        prestarted = {c.pid for c in raylet.children() if c.cmdline()[:1] == ["ray::IDLE"]}
+    assert prestarted, "the embedded Ray prestarted no worker"
+    pid, spin, watcher = ray.get(ray.remote(_worker_settings).remote())
+    assert (spin, watcher) == ("20000", "0")
+    assert pid in prestarted, f"the task ran in a new worker {pid}, not in one of the prestarted {sorted(prestarted)}"
 
 
 @pytest.mark.slow

@@ -446,8 +446,9 @@ def _start_ray(workers: int) -> bool:
     if addr:
         ray.init(address=addr, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}})
+        # no job runtime_env: the workers inherit RAY_AUTH_MODE from this environment, and Ray only gives
+        # an actor one of the workers it prestarted when the node started if the runtime_envs match
+        ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 

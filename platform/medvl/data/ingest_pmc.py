@@ -237,8 +237,9 @@ def run_chunks(chunks: Iterable[Any], make_worker: Callable[[], ChunkWorker], ca
     from ray.util import ActorPool
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}})
+        # no job runtime_env: the workers inherit RAY_AUTH_MODE from this environment, and Ray only gives
+        # an actor one of the workers it prestarted when the node started if the runtime_envs match
+        ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING")
     Remote = ray.remote(num_cpus=1)(_ActorWorker)
     actors = [Remote.remote(make_worker) for _ in range(workers)]
     pool = ActorPool(actors)

@@ -11,6 +11,7 @@ once) travels to the workers in the loop config; each rank streams its own part 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -71,15 +72,19 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
     # Ray Train V2's PlacementGroupCleaner needed its State API to notice a dead TrainController (without it, it
     # warned every second and every trial ASHA stopped leaked its workers' CPUs): medvl's trainer asks the GCS
     # instead (`medvl.train.pg_cleaner`), so sweeps run without it too. `dashboard=True` is for people who want it.
+    # The workers' settings go into the environment that the embedded node's processes inherit, not into a job
+    # `runtime_env`: Ray matches idle workers to tasks and actors by runtime_env, and the workers it prestarts when
+    # the node starts have none. With a job runtime_env those prestarted workers never ran anything (they only
+    # polled, ~150 wake-ups a second each) and every task and actor, Ray Data's decode tasks included, waited for a
+    # new Python process. The driver's own environment is restored once the node runs.
+    node_env = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
+                "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
+                "PYTHONWARNINGS": "ignore::DeprecationWarning", **_omp_env(), **_one_machine_env()}
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                     logging_level=logging.WARNING, **quiet,
-                     runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
-                                               "RAY_DATA_DISABLE_PROGRESS_BARS":
-                                                   os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
-                                               "PYTHONWARNINGS": "ignore::DeprecationWarning",
-                                               **_omp_env(), **_one_machine_env()}})
+            with _environment(node_env):
+                ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                         logging_level=logging.WARNING, **quiet)
             return
         except Exception as e:  # noqa: BLE001
             # [faults] Ray gives a new node's raylet a fixed 30 s to register; an overloaded machine can miss it
@@ -88,6 +93,21 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
                 raise
             log.warning("embedded Ray did not start in time (%s); starting it again", e)
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """`env` in os.environ inside the block (the processes started in it inherit it), the previous values after."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def quiet_ray_data() -> None:
