@@ -33,9 +33,10 @@ def ray_local():
     import ray
     if ray.is_initialized():
         ray.shutdown()
-    # PYTHONPATH: Ray workers unpickle train functions defined in test modules by module name
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.environ["PYTHONPATH"]}})
+    # The workers inherit this process's environment: RAY_AUTH_MODE, and PYTHONPATH (Ray workers unpickle train
+    # functions defined in test modules by module name). No job runtime_env, so Ray's prestarted workers are used.
+    from medvl.raynode import init_local
+    init_local(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -54,8 +54,8 @@ def test_corpus_larger_than_object_store_streams(big_corpus):
     assert nbytes > 3.5 * OBJECT_STORE
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    from medvl.raynode import init_local
+    init_local(num_cpus=4, object_store_memory=OBJECT_STORE, include_dashboard=False)
     try:
         from dataclasses import asdict
 

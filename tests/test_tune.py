@@ -550,7 +550,13 @@ def test_embedded_ray_runs_tasks_in_its_prestarted_workers_with_medvl_settings(f
     node's environment, not from a job runtime_env: Ray only gives a task or actor an idle worker started with
     the same runtime_env, and the workers it prestarts when the node starts have none. With the settings in a job
     runtime_env those prestarted workers never ran anything and every task waited for a new process. The
-    driver's own environment is left as it was."""
+    driver's own environment is left as it was.
+    And a second Ray on the machine does not slow it down: with Ray's fixed dashboard-agent port (52365) taken,
+    as it is here, the agent binds a port the OS chooses instead of retrying for ~3 s and running without its
+    HTTP server (`medvl.raynode`)."""
+    import socket
+    import urllib.request
+
     import psutil
     import ray
     from ray._private import ray_constants
@@ -559,9 +565,23 @@ def test_embedded_ray_runs_tasks_in_its_prestarted_workers_with_medvl_settings(f
     from medvl.train.launcher import ensure_ray
     for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         monkeypatch.delenv(k, raising=False)
-    ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}))
-    assert "GOMP_SPINCOUNT" not in os.environ and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    taken = socket.socket()
+    try:  # another Ray's agent may hold it already (two test files run at once): taken either way
+        taken.bind(("0.0.0.0", ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT))
+        taken.listen()
+    except OSError:
+        pass
+    try:
+        ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}))
+    finally:
+        taken.close()
     node = ray._private.worker._global_node
+    port = node.dashboard_agent_listen_port
+    assert port > 0 and port != ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+    assert "failed to bind" not in (Path(node.get_logs_dir_path()) / "dashboard_agent.log").read_text()
+    with urllib.request.urlopen(f"http://{node.node_ip_address}:{port}/api/local_raylet_healthz", timeout=10) as r:
+        assert r.status == 200
+    assert "GOMP_SPINCOUNT" not in os.environ and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
     raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
     deadline, prestarted = time.time() + 60, set()
     while not prestarted and time.time() < deadline:

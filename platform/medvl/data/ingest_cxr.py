@@ -448,7 +448,8 @@ def _start_ray(workers: int) -> bool:
     else:
         # no job runtime_env: the workers inherit RAY_AUTH_MODE from this environment, and Ray only gives
         # an actor one of the workers it prestarted when the node started if the runtime_envs match
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
+        from medvl.raynode import init_local  # the dashboard agent's port chosen by the OS
+        init_local(num_cpus=workers, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 

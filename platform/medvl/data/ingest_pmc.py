@@ -239,7 +239,8 @@ def run_chunks(chunks: Iterable[Any], make_worker: Callable[[], ChunkWorker], ca
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # no job runtime_env: the workers inherit RAY_AUTH_MODE from this environment, and Ray only gives
         # an actor one of the workers it prestarted when the node started if the runtime_envs match
-        ray.init(num_cpus=workers, include_dashboard=False, logging_level="WARNING")
+        from medvl.raynode import init_local  # the dashboard agent's port chosen by the OS
+        init_local(num_cpus=workers, include_dashboard=False, logging_level="WARNING")
     Remote = ray.remote(num_cpus=1)(_ActorWorker)
     actors = [Remote.remote(make_worker) for _ in range(workers)]
     pool = ActorPool(actors)

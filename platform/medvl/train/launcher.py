@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from medvl.config import Recipe, to_dict
 from medvl.data.corpus import load_manifest
+from medvl.raynode import init_local
 from medvl.track import runs
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,9 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
                 "PYTHONWARNINGS": "ignore::DeprecationWarning", **_omp_env(), **_one_machine_env()}
     for attempt in (1, 2):
         try:
-            with _environment(node_env):
-                ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                         logging_level=logging.WARNING, **quiet)
+            with _environment(node_env):  # the agent's HTTP port chosen by the OS: see medvl.raynode
+                init_local(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                           logging_level=logging.WARNING, **quiet)
             return
         except Exception as e:  # noqa: BLE001
             # [faults] Ray gives a new node's raylet a fixed 30 s to register; an overloaded machine can miss it
