@@ -540,6 +540,14 @@ def _env(name: str):
     return os.environ.get(name)
 
 
+def _cmdline(proc) -> list[str]:
+    import psutil
+    try:
+        return proc.cmdline()
+    except psutil.Error:  # it exited (or became a zombie) between the listing and this call
+        return []
+
+
 def _worker_settings() -> tuple[int, Optional[str], Optional[str]]:
     return os.getpid(), os.environ.get("GOMP_SPINCOUNT"), os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 
@@ -586,7 +594,7 @@ def test_embedded_ray_runs_tasks_in_its_prestarted_workers_with_medvl_settings(f
     deadline, prestarted = time.time() + 60, set()
     while not prestarted and time.time() < deadline:
         time.sleep(0.5)
-        prestarted = {c.pid for c in raylet.children() if c.cmdline()[:1] == ["ray::IDLE"]}
+        prestarted = {c.pid for c in raylet.children() if _cmdline(c)[:1] == ["ray::IDLE"]}
     assert prestarted, "the embedded Ray prestarted no worker"
     pid, spin, watcher = ray.get(ray.remote(_worker_settings).remote())
     assert (spin, watcher) == ("20000", "0")
