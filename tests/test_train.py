@@ -63,6 +63,11 @@ def test_siglip_loss_trains_on_two_workers(ray_local, digits_corpus, run_root):
     job, metrics = run_training(recipe)
     losses = [m.value for m in _metric(recipe, job.mlflow_run_id, "train/loss")]
     assert metrics["step"] == 12 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    # the worker group started no DatasetManager: medvl passes no `datasets=`, and Ray's DatasetsCallback would
+    # start one (a Python process per job that serves nothing; medvl.train.pg_cleaner.MedvlTorchTrainer drops it)
+    import ray._private.state
+    started = [a["ActorClassName"] for a in ray._private.state.actors().values()]
+    assert started.count("RayTrainWorker") >= 2 and "DatasetManager" not in started, sorted(set(started))
 
 
 @pytest.mark.slow

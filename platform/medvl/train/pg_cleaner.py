@@ -40,6 +40,11 @@ def gcs_actor_alive(actor_id: str, timeout: float = 0) -> bool:
 
 
 try:
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+except ImportError:  # another Ray: its callbacks as they are
+    DatasetsCallback = None
+
+try:
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.controller import placement_group_cleaner as _cleaner_mod
     from ray.train.v2._internal.execution.controller.placement_group_cleaner import PlacementGroupCleaner
@@ -78,6 +83,12 @@ class MedvlTorchTrainer(TorchTrainer):
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
+        if not self.datasets and DatasetsCallback is not None:
+            # medvl passes no `datasets=` (each rank streams its own plan), but Ray's DatasetsCallback starts a
+            # DatasetManager actor for every worker group anyway: one more Python process per job and trial
+            # (about 1.5 CPU-s of imports while the workers start) that serves no dataset. Its other duty,
+            # copying the driver's DataContext to the workers, medvl's worker does itself (medvl.train.worker).
+            callbacks = [c for c in callbacks if type(c) is not DatasetsCallback]
         if not _AVAILABLE:
             log.warning("medvl: this Ray has no PlacementGroupCleanerCallback where Ray 2.60 has it; using Ray's "
                         "own placement-group cleaner")

@@ -203,7 +203,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
 
     # [5] this rank's own stream: its plan from its position on, decoded in Ray Data tasks, order preserved
     data_ctx = ray.data.DataContext.get_current()
-    data_ctx.enable_progress_bars = data_ctx.print_on_execution_start = False
+    # set here, not copied from the driver: medvl's trainer starts no DatasetsCallback (see medvl.train.pg_cleaner)
+    data_ctx.enable_progress_bars = data_ctx.print_on_execution_start = data_ctx.enable_auto_log_stats = False
     stream = rank_stream(plan, method.decoder(train=True), rank=rank,
                          start=StreamStart(prog.epoch, prog.window, prog.offset), epochs=t.epochs,
                          decode_tasks=-(-d.decode_tasks // world), decode_batch_size=d.decode_batch_size,
