@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medvl.config import ConfigError, Recipe, apply_overrides, flatten, load_recipe, to_dict
+from medvl.config import ConfigError, Recipe, RuntimeConfig, apply_overrides, flatten, load_recipe, peek_runtime, \
+    to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,21 @@ def test_overrides_parse_and_validate(tmp_path):
         load_recipe(p, ["train.launch=in_process"])
     with pytest.raises(ConfigError, match=r"train\.launch: must be one of"):
         load_recipe(p, ["train.launch=local"])
+
+
+def test_peek_runtime_reads_only_the_runtime_section(tmp_path):
+    """`medvl train` starts Ray from the recipe's runtime section while the rest loads (medvl.train.cli): the
+    section and its `runtime.*` overrides as `load_recipe` reads them, other keys (even wrong ones) ignored, None
+    when the section itself is wrong (load_recipe then reports it)."""
+    p = _write(tmp_path, "data: {corpus: x}\nruntime: {num_cpus: 3, ray_address: 'ray://h:10001'}\noptim: {lrr: 2}\n")
+    assert peek_runtime(p, ["runtime.num_cpus=6", "optim.lr=1e-3", "nonsense"]) == RuntimeConfig(
+        num_cpus=6, ray_address="ray://h:10001")
+    assert peek_runtime(_write(tmp_path, "data: {corpus: x}\n")) == RuntimeConfig()
+    full = load_recipe(_write(tmp_path, "data: {corpus: x}\nruntime: {num_cpus: 3}\n"), ["runtime.run_root=/r"])
+    assert peek_runtime(tmp_path / "r.yaml", ["runtime.run_root=/r"]) == full.runtime
+    assert peek_runtime(_write(tmp_path, "runtime: {num_cpus: many}\n")) is None
+    assert peek_runtime(_write(tmp_path, "runtime: {cpus: 2}\n")) is None
+    assert peek_runtime(tmp_path / "missing.yaml") is None
 
 
 def test_round_trip_dict_flat():

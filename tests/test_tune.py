@@ -569,8 +569,8 @@ def test_embedded_ray_runs_tasks_in_its_prestarted_workers_with_medvl_settings(f
     import ray
     from ray._private import ray_constants
 
-    from medvl.config import load_recipe
-    from medvl.train.launcher import ensure_ray
+    from medvl.config import RuntimeConfig, load_recipe
+    from medvl.train.launcher import load_while_ray_starts
     for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         monkeypatch.delenv(k, raising=False)
     taken = socket.socket()
@@ -579,10 +579,27 @@ def test_embedded_ray_runs_tasks_in_its_prestarted_workers_with_medvl_settings(f
         taken.listen()
     except OSError:
         pass
+    seen: dict = {"env": set()}
+
+    def load():
+        """As `medvl train` loads its recipe: in another thread, while the main thread starts Ray. It returns
+        only once Ray runs (it times out if the two ran one after the other), and watches this process's
+        environment meanwhile: the node's settings go to the raylet, never into os.environ, where this thread
+        (importing torch loads libgomp, which reads GOMP_SPINCOUNT once) would pick them up."""
+        import threading
+        seen["thread"], seen["ray_at_start"] = threading.current_thread().name, ray.is_initialized()
+        deadline = time.time() + 120
+        while not ray.is_initialized() and time.time() < deadline:
+            seen["env"] |= {k for k in ("GOMP_SPINCOUNT", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") if k in os.environ}
+            time.sleep(0.001)
+        return load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}})
+
     try:
-        ensure_ray(load_recipe(data={"data": {"corpus": "unused"}, "runtime": {"num_cpus": 4}}))
+        recipe = load_while_ray_starts(load, RuntimeConfig(num_cpus=4))
     finally:
         taken.close()
+    assert recipe.runtime.num_cpus == 4 and ray.cluster_resources()["CPU"] == 4
+    assert seen["thread"] != "MainThread" and seen["ray_at_start"] is False and seen["env"] == set(), seen
     node = ray._private.worker._global_node
     port = node.dashboard_agent_listen_port
     assert port > 0 and port != ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT

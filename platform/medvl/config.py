@@ -629,6 +629,21 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[st
     return recipe.validate()
 
 
+def peek_runtime(path: str | os.PathLike, overrides: list[str] | None = None) -> Optional[RuntimeConfig]:
+    """The `runtime` section of a recipe file with its `runtime.*` overrides, read without validating the rest
+    (no method is imported: it is cheap), so a command can start Ray while `load_recipe` runs. None when the
+    section itself is not valid: `load_recipe` reports that."""
+    try:
+        raw = load_yaml(path).get("runtime") or {}
+        for ov in overrides or []:
+            k, sep, v = ov.partition("=")
+            if sep and k.strip().startswith("runtime."):
+                set_path(raw, k.strip()[len("runtime."):], yaml.safe_load(v) if v != "" else "")
+        return from_dict(RuntimeConfig, raw)
+    except Exception:  # noqa: BLE001 - anything wrong here is load_recipe's to report, with its context
+        return None
+
+
 def recipe_from_dict(d: dict) -> Recipe:
     return from_dict(Recipe, d).validate()
 

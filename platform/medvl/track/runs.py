@@ -36,6 +36,13 @@ def tracking_uri(recipe: Recipe) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def import_client_modules() -> None:
+    """Import what the first MLflow call of a job needs (the client, the default SQLite store: about 1 s on a
+    small machine), e.g. in a thread while something else waits."""
+    import mlflow.tracking  # noqa: F401
+    from mlflow.store.tracking import sqlalchemy_store  # noqa: F401
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
     return MlflowClient(tracking_uri=uri)

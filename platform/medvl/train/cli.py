@@ -12,7 +12,9 @@ from pathlib import Path
 from medvl.config import load_recipe
 
 
-def _parse(prog: str, argv: list[str], extra=None):
+def _parse(prog: str, argv: list[str], extra=None, start_ray: bool = False):
+    """The parsed arguments and the recipe; with `start_ray`, the recipe loads while Ray starts (the command
+    needs Ray next: see medvl.train.launcher.load_while_ray_starts)."""
     p = argparse.ArgumentParser(prog=prog)
     p.add_argument("recipe", help="YAML recipe in jobs/")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-4")
@@ -22,7 +24,11 @@ def _parse(prog: str, argv: list[str], extra=None):
     from medvl.config import ConfigError, load_yaml
     if "stages" in load_yaml(a.recipe):
         raise ConfigError(f"{a.recipe} is a pipeline (it has `stages:`); run it with `medvl pipeline {a.recipe}`")
-    return a, load_recipe(a.recipe, a.overrides)
+    if not start_ray:
+        return a, load_recipe(a.recipe, a.overrides)
+    from medvl.config import peek_runtime
+    from medvl.train.launcher import load_while_ray_starts
+    return a, load_while_ray_starts(lambda: load_recipe(a.recipe, a.overrides), peek_runtime(a.recipe, a.overrides))
 
 
 def _ui_hint(uri: str, run_id: str, experiment: str) -> str:
@@ -38,7 +44,7 @@ def train_main(argv: list[str]) -> int:
         p.add_argument("--allow-recipe-change", action="store_true",
                        help="resume an existing run although its recipe changed (the changes are logged in its "
                             "MLflow run); without it such a resume is refused with the list of changed keys")
-    a, recipe = _parse("medvl train", argv, extra)
+    a, recipe = _parse("medvl train", argv, extra, start_ray=True)
     if a.allow_recipe_change:
         recipe.runtime.allow_recipe_change = True
     from medvl.train.launcher import run_training

@@ -11,21 +11,21 @@ once) travels to the workers in the loop config; each rank streams its own part 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
-from medvl.config import Recipe, to_dict
+from medvl.config import Recipe, RuntimeConfig, to_dict
 from medvl.data.corpus import load_manifest
 from medvl.raynode import init_local
 from medvl.track import runs
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _omp_env() -> dict[str, str]:
@@ -49,15 +49,16 @@ def _one_machine_env() -> dict[str, str]:
     return {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") or "0"}
 
 
-def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None:
+def ensure_ray(recipe: Optional[Recipe | RuntimeConfig] = None, dashboard: bool = False) -> None:
     """Connect to `runtime.ray_address` / $RAY_ADDRESS, or start an embedded local Ray (with the dashboard
-    only when `dashboard`; see below)."""
+    only when `dashboard`; see below). `recipe`: a recipe, or only its `runtime` section."""
     import ray
     if ray.is_initialized():
         return
+    runtime = recipe.runtime if isinstance(recipe, Recipe) else recipe
     from medvl.redact import default_ray_auth_mode
     os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_TOKEN(_PATH) is set
-    addr = (recipe.runtime.ray_address if recipe else None) or os.environ.get("RAY_ADDRESS")
+    addr = (runtime.ray_address if runtime else None) or os.environ.get("RAY_ADDRESS")
     from medvl.track.console import verbose
     # Worker and driver-side Ray output (Train's per-report lines, Ray Data's progress, the workers' warnings)
     # stays in the session's log files (`link_ray_logs` points the run directory at them); `medvl -v` streams it.
@@ -65,7 +66,7 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
     if addr:
         ray.init(address=addr, logging_level=logging.WARNING, **quiet)
         return
-    cpus = (recipe.runtime.num_cpus if recipe else None) or max(4, 2 * (os.cpu_count() or 2))
+    cpus = (runtime.num_cpus if runtime else None) or max(4, 2 * (os.cpu_count() or 2))
     # Logical CPUs above the core count give Ray Data's decode tasks and the Train controller room next to
     # the train workers on a small machine (the workers still set their own torch thread counts).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -77,15 +78,16 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
     # `runtime_env`: Ray matches idle workers to tasks and actors by runtime_env, and the workers it prestarts when
     # the node starts have none. With a job runtime_env those prestarted workers never ran anything (they only
     # polled, ~150 wake-ups a second each) and every task and actor, Ray Data's decode tasks included, waited for a
-    # new Python process. The driver's own environment is restored once the node runs.
+    # new Python process. They go to the raylet alone (its workers and agents inherit them): the driver's own
+    # environment never holds them, so a thread of the driver that loads libgomp meanwhile keeps its defaults.
     node_env = {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
                 "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"],
                 "PYTHONWARNINGS": "ignore::DeprecationWarning", **_omp_env(), **_one_machine_env()}
     for attempt in (1, 2):
         try:
-            with _environment(node_env):  # the agent's HTTP port chosen by the OS: see medvl.raynode
-                init_local(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                           logging_level=logging.WARNING, **quiet)
+            # node_env goes to the raylet only; the agent's HTTP port is chosen by the OS (see medvl.raynode)
+            init_local(node_env, num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       logging_level=logging.WARNING, **quiet)
             return
         except Exception as e:  # noqa: BLE001
             # [faults] Ray gives a new node's raylet a fixed 30 s to register; an overloaded machine can miss it
@@ -96,19 +98,38 @@ def ensure_ray(recipe: Optional[Recipe] = None, dashboard: bool = False) -> None
             ray.shutdown()
 
 
-@contextlib.contextmanager
-def _environment(env: dict[str, str]):
-    """`env` in os.environ inside the block (the processes started in it inherit it), the previous values after."""
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def load_while_ray_starts(load: Callable[[], T], runtime: Optional[RuntimeConfig]) -> T:
+    """`load()` in a helper thread while this thread starts Ray (`ensure_ray(runtime)`), then MLflow's client
+    modules in that thread too; returns what `load` returned, or raises its error (before Ray's).
+
+    Why: loading a recipe imports torch, open_clip and every method (about 3.3 s of one core here), and
+    starting an embedded Ray is mostly waiting for the node's processes, which run on the other cores. One after
+    the other they took 3.3 + 2.6 s of a job's start-up on this 2-core machine; side by side, about the longer
+    of the two. Ray starts in this (the main) thread, as `ray.init` expects; the helper thread only imports and
+    validates. A recipe that does not load has then started Ray for nothing (it stops when the command exits)."""
+    import threading
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            out["value"] = load()
+            runs.import_client_modules()
+        except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+            out.setdefault("error", e)
+
+    helper = threading.Thread(target=work, name="medvl-load-recipe", daemon=True)
+    helper.start()
     try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        ensure_ray(runtime)
+    except BaseException:
+        helper.join()
+        if "error" in out:  # the recipe's own error is the one to fix first
+            raise out["error"] from None
+        raise
+    helper.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def quiet_ray_data() -> None:
