@@ -327,7 +327,7 @@ def part_medvl(a) -> dict:
     root = Path(a.work) / f"medvl-{a.workers}w"
     shutil.rmtree(root, ignore_errors=True)
     os.environ["MEDVL_RUN_ROOT"] = str(root)
-    recipe = load_recipe(data={
+    data = {
         "name": f"bench-throughput-{a.workers}w",
         "data": {"corpus": a.corpus, "batch_size": a.batch_size, "val_split": None, "text_sampling": "first",
                  "decode_tasks": a.loader_workers},
@@ -338,7 +338,15 @@ def part_medvl(a) -> dict:
         "eval": {"every_epoch": False},
         "track": {"experiment": "bench-throughput", "log_model": False,
                   "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
-        "runtime": {"run_root": str(root)}}, overrides=a.set or None)
+        "runtime": {"run_root": str(root)}}
+    try:  # as `medvl train` loads its recipe: while Ray starts (a --ref older than 35e088c: one after the other)
+        from medvl.config import peek_runtime
+        from medvl.train.launcher import load_while_ray_starts
+    except ImportError:
+        recipe = load_recipe(data=data, overrides=a.set or None)
+    else:
+        recipe = load_while_ray_starts(lambda: load_recipe(data=data, overrides=a.set or None),
+                                       peek_runtime(overrides=a.set, data=data))
     t0 = time.perf_counter()
     with CpuSampler() as cpu:
         job, _ = run_training(recipe)

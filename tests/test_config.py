@@ -64,6 +64,7 @@ def test_peek_runtime_reads_only_the_runtime_section(tmp_path):
     assert peek_runtime(_write(tmp_path, "runtime: {num_cpus: many}\n")) is None
     assert peek_runtime(_write(tmp_path, "runtime: {cpus: 2}\n")) is None
     assert peek_runtime(tmp_path / "missing.yaml") is None
+    assert peek_runtime(data={"runtime": {"num_cpus": 3}}, overrides=["runtime.num_cpus=5"]).num_cpus == 5
 
 
 def test_round_trip_dict_flat():

@@ -629,12 +629,13 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict | list[st
     return recipe.validate()
 
 
-def peek_runtime(path: str | os.PathLike, overrides: list[str] | None = None) -> Optional[RuntimeConfig]:
-    """The `runtime` section of a recipe file with its `runtime.*` overrides, read without validating the rest
-    (no method is imported: it is cheap), so a command can start Ray while `load_recipe` runs. None when the
-    section itself is not valid: `load_recipe` reports that."""
+def peek_runtime(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                 data: dict | None = None) -> Optional[RuntimeConfig]:
+    """The `runtime` section of a recipe (a file, or a dict, as `load_recipe` takes them) with its `runtime.*`
+    overrides, read without validating the rest (no method is imported: it is cheap), so a command can start Ray
+    while `load_recipe` runs. None when the section itself is not valid: `load_recipe` reports that."""
     try:
-        raw = load_yaml(path).get("runtime") or {}
+        raw = copy.deepcopy((load_yaml(path) if path is not None else data or {}).get("runtime") or {})
         for ov in overrides or []:
             k, sep, v = ov.partition("=")
             if sep and k.strip().startswith("runtime."):
