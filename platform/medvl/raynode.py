@@ -7,6 +7,11 @@ retries the bind with a growing back-off for about 3 s, gives up and runs withou
 waits for it. Measured on this 2-core machine next to another Ray node (`./dev bench ray_start --ref 0b4e93a`):
 `ensure_ray` 6.71 s median before, 2.73 s with the port chosen by the operating system (`ray start` has `--dashboard-agent-listen-port` for this; the raylet and
 the GCS learn the bound port from the agent, as they do for its other ports).
+
+`init_local(node_env)` also hands settings to the node's raylet (`RayParams.env_vars`), which its workers and
+agents inherit, without ever putting them into this process's own environment: `medvl train` loads its recipe
+in a helper thread while Ray starts (medvl.train.launcher.load_while_ray_starts), and that thread loads libgomp
+with torch, which reads GOMP_SPINCOUNT once.
 """
 from __future__ import annotations
 
