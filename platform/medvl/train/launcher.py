@@ -103,10 +103,12 @@ def load_while_ray_starts(load: Callable[[], T], runtime: Optional[RuntimeConfig
     modules in that thread too; returns what `load` returned, or raises its error (before Ray's).
 
     Why: loading a recipe imports torch, open_clip and every method (about 3.3 s of one core here), and
-    starting an embedded Ray is mostly waiting for the node's processes, which run on the other cores. One after
-    the other they took 3.3 + 2.6 s of a job's start-up on this 2-core machine; side by side, about the longer
-    of the two. Ray starts in this (the main) thread, as `ray.init` expects; the helper thread only imports and
-    validates. A recipe that does not load has then started Ray for nothing (it stops when the command exits)."""
+    starting an embedded Ray is mostly waiting for the node's processes, which run on the other cores. Side by
+    side, `medvl train` reaches its first MLflow call in 6.47 s instead of 7.71 s on this 2-core machine
+    (`./dev bench ray_start`, medians): less than the 2.6 s Ray's start takes alone, because the loading shares
+    the cores with Ray's own starting processes. Ray starts in this (the main) thread, as `ray.init` expects; the
+    helper thread only imports and validates. A recipe that does not load has then started Ray for nothing (it
+    stops when the command exits)."""
     import threading
     out: dict[str, Any] = {}
 
