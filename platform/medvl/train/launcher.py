@@ -49,13 +49,15 @@ def _one_machine_env() -> dict[str, str]:
     return {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER") or "0"}
 
 
-def ensure_ray(recipe: Optional[Recipe | RuntimeConfig] = None, dashboard: bool = False) -> None:
+def ensure_ray(recipe: Optional[Any] = None, dashboard: bool = False) -> None:
     """Connect to `runtime.ray_address` / $RAY_ADDRESS, or start an embedded local Ray (with the dashboard
-    only when `dashboard`; see below). `recipe`: a recipe, or only its `runtime` section."""
+    only when `dashboard`; see below). `recipe`: a recipe or a pipeline (what has a `runtime` section), or only
+    that section."""
     import ray
     if ray.is_initialized():
         return
-    runtime = recipe.runtime if isinstance(recipe, Recipe) else recipe
+    # a RuntimeConfig, or anything that has one as `.runtime` (a Recipe, a pipeline)
+    runtime = recipe if recipe is None or isinstance(recipe, RuntimeConfig) else recipe.runtime
     from medvl.redact import default_ray_auth_mode
     os.environ["RAY_AUTH_MODE"] = default_ray_auth_mode()  # `token` when RAY_AUTH_TOKEN(_PATH) is set
     addr = (runtime.ray_address if runtime else None) or os.environ.get("RAY_ADDRESS")
