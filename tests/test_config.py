@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medvl.config import ConfigError, Recipe, RuntimeConfig, apply_overrides, flatten, load_recipe, peek_runtime, \
-    to_dict
+from medvl.config import ConfigError, Recipe, RuntimeConfig, apply_overrides, flatten, load_recipe, parse_override, \
+    peek_runtime, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +65,27 @@ def test_peek_runtime_reads_only_the_runtime_section(tmp_path):
     assert peek_runtime(_write(tmp_path, "runtime: {cpus: 2}\n")) is None
     assert peek_runtime(tmp_path / "missing.yaml") is None
     assert peek_runtime(data={"runtime": {"num_cpus": 3}}, overrides=["runtime.num_cpus=5"]).num_cpus == 5
+
+
+def test_recipes_pipelines_and_sweeps_parse_overrides_alike(tmp_path):
+    """One parser (`medvl.config.parse_override`) for every command's `key=value` overrides: YAML values, an
+    empty value is "", the first "=" splits, and a missing "=" is an error worded for the command."""
+    from medvl.pipelines.recipe import _parse_overrides
+    from medvl.tune.spec import SweepError, apply_sweep_overrides
+    assert parse_override(" optim.lr =0.001") == ("optim.lr", 0.001)
+    assert parse_override("name=") == ("name", "")
+    assert parse_override("track.experiment=a=b") == ("track.experiment", "a=b")
+    assert parse_override("data.corpus=[1, 2]") == ("data.corpus", [1, 2])
+    assert peek_runtime(data={}, overrides=["runtime.num_cpus=4", "runtime"]) == RuntimeConfig(num_cpus=4)
+    assert apply_overrides({}, ["optim.lr=0.5"])["optim"]["lr"] == 0.5
+    assert apply_sweep_overrides({}, ["num_samples=3", "optim.lr=0.5"]) == {
+        "num_samples": 3, "overrides": {"optim.lr": 0.5}}
+    with pytest.raises(ConfigError, match=r"override 'optim\.lr' must look like key\.sub=value"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"must look like <stage>\.<key>=value or <section>\.<key>=value"):
+        _parse_overrides(["train.epochs"])
+    with pytest.raises(SweepError, match=r"override 'num_samples' must look like key=value or key\.sub=value"):
+        apply_sweep_overrides({}, ["num_samples"])
 
 
 def test_round_trip_dict_flat():

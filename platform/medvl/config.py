@@ -548,6 +548,15 @@ def set_path(d: dict, path: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def parse_override(ov: str, form: str = "key.sub=value", error: type[Exception] = ConfigError) -> tuple[str, Any]:
+    """`"optim.lr=0.001"` -> `("optim.lr", 0.001)`: the value is parsed as YAML (an empty value is ""). Recipes,
+    pipelines and sweeps parse their command-line overrides with it; `form` / `error` word their own complaint."""
+    k, sep, v = ov.partition("=")
+    if not sep:
+        raise error(f"override {ov!r} must look like {form}")
+    return k.strip(), (yaml.safe_load(v) if v != "" else "")
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any] | list[str]) -> dict:
     """Apply `{"optim.lr": 1e-3}` or `["optim.lr=1e-3", ...]` to a nested recipe dict (values parsed as YAML)."""
     data = copy.deepcopy(data)
@@ -555,12 +564,7 @@ def apply_overrides(data: dict, overrides: dict[str, Any] | list[str]) -> dict:
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
-        items = []
-        for ov in overrides:
-            if "=" not in ov:
-                raise ConfigError(f"override {ov!r} must look like key.sub=value")
-            k, v = ov.split("=", 1)
-            items.append((k.strip(), yaml.safe_load(v) if v != "" else "")) 
+        items = [parse_override(ov) for ov in overrides]
     for k, v in items:
         field_type(k)  # raises for unknown paths
         set_path(data, k, v)
@@ -637,9 +641,9 @@ def peek_runtime(path: str | os.PathLike | None = None, overrides: list[str] | N
     try:
         raw = copy.deepcopy((load_yaml(path) if path is not None else data or {}).get("runtime") or {})
         for ov in overrides or []:
-            k, sep, v = ov.partition("=")
-            if sep and k.strip().startswith("runtime."):
-                set_path(raw, k.strip()[len("runtime."):], yaml.safe_load(v) if v != "" else "")
+            if ov.split("=", 1)[0].strip().startswith("runtime."):
+                k, v = parse_override(ov)
+                set_path(raw, k[len("runtime."):], v)
         return from_dict(RuntimeConfig, raw)
     except Exception:  # noqa: BLE001 - anything wrong here is load_recipe's to report, with its context
         return None

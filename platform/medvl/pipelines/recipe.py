@@ -39,7 +39,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from medvl.config import (ConfigError, RuntimeConfig, field_type, flatten, from_dict, get_path, import_plugins,
-                          load_yaml, set_path)
+                          load_yaml, parse_override, set_path)
 from medvl.pipelines.stage import PipelineError, Stage, stage_kinds
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -254,10 +254,8 @@ def _parse_overrides(overrides: dict[str, Any] | list[str] | None) -> list[tuple
         return [(_normal(k), v) for k, v in overrides.items()]
     items = []
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like <stage>.<key>=value or <section>.<key>=value")
-        k, v = ov.split("=", 1)
-        items.append((_normal(k.strip()), yaml.safe_load(v) if v != "" else ""))
+        k, v = parse_override(ov, "<stage>.<key>=value or <section>.<key>=value")
+        items.append((_normal(k), v))
     return items
 
 

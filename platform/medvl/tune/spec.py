@@ -39,7 +39,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from medvl.config import ConfigError, Recipe, field_type, from_dict, load_recipe, load_yaml, to_dict
+from medvl.config import ConfigError, Recipe, field_type, from_dict, load_recipe, load_yaml, parse_override, to_dict
 
 
 class SweepError(ConfigError):
@@ -224,11 +224,7 @@ def apply_sweep_overrides(raw: dict, overrides: list[str], key_type=field_type) 
     `key_type` checks a base key (a training recipe's by default; a pipeline's for a pipeline base)."""
     raw = copy.deepcopy(raw)
     for ov in overrides:
-        if "=" not in ov:
-            raise SweepError(f"override {ov!r} must look like key=value or key.sub=value")
-        key, val = ov.split("=", 1)
-        key = key.strip()
-        value = yaml.safe_load(val) if val != "" else ""
+        key, value = parse_override(ov, "key=value or key.sub=value", SweepError)
         parts = _split_override(key)
         if parts[0] not in SWEEP_KEYS:
             try:
