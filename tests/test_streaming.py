@@ -79,3 +79,41 @@ def test_corpus_larger_than_object_store_streams(big_corpus):
     assert rss_growth < 300, f"driver RSS grew by {rss_growth:.0f} MiB"
     print(f"streamed {2 * nbytes / 1024**2:.0f} MiB through a {OBJECT_STORE / 1024**2:.0f} MiB object store; "
           f"spilled {spilled:.0f} MiB; driver peak RSS growth {rss_growth:.0f} MiB")
+
+
+@pytest.mark.timeout(300)
+def test_ray_datas_helper_actors_started_ahead_are_the_ones_the_stream_uses(digits_corpus):
+    """The trainer's driver starts Ray Data's per-cluster helper actors before the worker group
+    (`medvl.data.stream.start_ray_data_actors`, called by `build_trainer`), so that a rank's first stream does not
+    wait for their processes. Checked on a fresh Ray: they exist right after the call, and the stream then uses
+    them (still one of each, the same actors). Fails if Ray moves or renames the getters (the optimisation would
+    then be lost silently)."""
+    import ray
+    from dataclasses import asdict
+
+    from medvl.data.stream import build_dataset, start_ray_data_actors
+    from medvl.methods.clip import ClipDecoder
+    from medvl.raynode import init_local
+    if ray.is_initialized():
+        ray.shutdown()
+    init_local(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+
+    def helpers():
+        return {a["name"]: a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"] in ("datasets_stats_actor", "AutoscalingCoordinator")}
+
+    try:
+        assert helpers() == {}
+        start_ray_data_actors()
+        ahead = {n: ray.get_actor(n, namespace=a["namespace"])._actor_id.hex() for n, a in helpers().items()}
+        assert set(ahead) == {"datasets_stats_actor", "AutoscalingCoordinator"}, ahead
+        ds = build_dataset(DataConfig(corpus=digits_corpus, decode_batch_size=64),
+                           ClipDecoder(asdict(ModelConfig(name="test-vit-micro")), train=True), "train")
+        assert sum(len(b["image"]) for b in ds.iter_batches(batch_size=None)) > 1000
+        after = {n: ray.get_actor(n, namespace=a["namespace"])._actor_id.hex() for n, a in helpers().items()}
+        assert after == ahead
+        import ray._private.state
+        classes = [a["ActorClassName"] for a in ray._private.state.actors().values()]
+        assert classes.count("_StatsActor") == 1 and classes.count("_AutoscalingCoordinatorActor") == 1, classes
+    finally:
+        ray.shutdown()

@@ -280,11 +280,12 @@ def build_trainer(job: Job, callbacks: Optional[list] = None, timeline=None):
     from medvl.train.worker import train_fn_per_worker
 
     r = job.recipe
-    from medvl.data.stream import skip_counter
+    from medvl.data.stream import skip_counter, start_ray_data_actors
     from medvl.train import faults
     counter = faults.counter_name(job.mlflow_run_id)  # ids and reasons of skipped rows; released after the run
     skip_counter(counter, namespace=faults.COUNTER_NAMESPACE)
     quiet_ray_data()
+    start_ray_data_actors()  # their processes start beside the worker group's, not after it
     # No `datasets=`: each rank builds its own stream from the plan (exact positions; see medvl.data.stream).
     from medvl.train.pg_cleaner import MedvlTorchTrainer
     if timeline is not None:
