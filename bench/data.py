@@ -7,8 +7,9 @@ with the same normalised float32 image tensors (the Ray side ships uint8 and nor
 training worker does; the DataLoader's transform normalises in its workers); both use 2 parallel decoders (Ray
 Data decode tasks / DataLoader workers) and batch 64. Sides (`--variants`): `ray`, `dataloader`, `ray-f32` (the
 Ray stream shipping float32 normalised in the decode tasks, as before the method seam: the uint8 transport's gain,
-reported on its own) and `ray-b256` (the Ray stream with `data.decoded_buffer_mb=256`: an object-store budget that
-trades decode speed for memory). For each corpus scale (the digits train split copied 1x, 10x and 30x) it prints rows/s
+reported on its own), `ray-b256` (the Ray stream with `data.decoded_buffer_mb=256`: an object-store budget that
+trades decode speed for memory) and `ray-k128` (the Ray stream with `data.decoded_block_mb=128`, Ray Data's own block
+size: a decode task's window then leaves in blocks of ~870 rows instead of 128). For each corpus scale (the digits train split copied 1x, 10x and 30x) it prints rows/s
 (steady state, after the first batch), the bytes per row the consumer receives, and the peak memory of the whole
 process tree (driver + Ray / DataLoader workers) as RSS and as PSS (RSS counts Ray's shared-memory object store
 once per process that maps it; PSS divides shared pages among them), then, as the last line,
@@ -133,7 +134,8 @@ def run_ray(corpus: str, model: str, workers: int, batch: int, variant: str = "r
             ) -> tuple[float, int, float, float, float]:
     """`variant`: ray (uint8 transport, normalised by the consumer, as in training; data.decoded_buffer_mb's
     default), ray-f32 (float32 transport, normalised in the decode tasks: the path before the method seam),
-    ray-b<MB> (ray with data.decoded_buffer_mb=<MB>, the object-store budget of the decode pipeline)."""
+    ray-b<MB> (ray with data.decoded_buffer_mb=<MB>, the object-store budget of the decode pipeline), ray-k<MB>
+    (ray with data.decoded_block_mb=<MB>: ray-k128 is Ray Data's own block size, medvl's before 16 MB blocks)."""
     import ray
     import torch
 
@@ -151,6 +153,8 @@ def run_ray(corpus: str, model: str, workers: int, batch: int, variant: str = "r
         data = DataConfig(corpus=corpus, decode_tasks=workers, decode_batch_size=batch)
         if variant.startswith("ray-b"):  # ray-b<MB>: another decoded_buffer_mb
             data.decoded_buffer_mb = float(variant[len("ray-b"):])
+        if variant.startswith("ray-k"):  # ray-k<MB>: another decoded_block_mb (ray-k128: Ray Data's own size)
+            data.decoded_block_mb = float(variant[len("ray-k"):])
         ds = build_dataset(data, dec, "train")
         norm = image_norm(mc)
         with PeakSampler() as ps:
@@ -214,7 +218,7 @@ def run_dataloader(corpus: str, model: str, workers: int, batch: int, variant: s
     return rows / dt, rows + n, ps.peak, ps.peak_pss, nbytes / max(1, rows)
 
 
-VARIANTS = ("ray", "dataloader", "ray-f32", "ray-b256")
+VARIANTS = ("ray", "dataloader", "ray-f32", "ray-b256", "ray-k128")
 
 
 def main() -> int:

@@ -150,7 +150,8 @@ def test_train_stage_key_hashes_the_recipe_but_not_run_settings(digits_corpus, e
 
     k0 = key()
     assert key("clip.train.log_every=1", "clip.train.ckpt_every=7", "clip.track.experiment=x", "clip.name=y",
-               "clip.runtime.num_cpus=3", "clip.train.max_failures=0", "clip.data.decoded_buffer_mb=256") == k0
+               "clip.runtime.num_cpus=3", "clip.train.max_failures=0", "clip.data.decoded_buffer_mb=256",
+               "clip.data.decoded_block_mb=8") == k0
     assert key("clip.optim.lr=3e-4") != k0
     assert key("clip.model.init_logit_scale=2.0") != k0
     assert key("probe.C=0.5") == k0  # a later stage's setting

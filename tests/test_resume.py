@@ -243,8 +243,8 @@ def _corrupt_copy(src: str, dst: Path, every: int, offset: int = 3, limit: int =
 def test_stream_follows_the_plan_resumes_exactly_and_skips_corrupt_rows(ray_local, digits_corpus, tmp_path):
     """Each rank's Ray Data stream delivers exactly its plan's rows in plan order (2 decode tasks, many small
     windows: out-of-order completion must not reorder them), starting mid-window on resume, minus corrupt rows.
-    The resumed stream runs under a tiny object-store budget (`data.decoded_buffer_mb`): backpressure changes
-    speed, never the rows or their order."""
+    The resumed stream runs under a tiny object-store budget (`data.decoded_buffer_mb`) and in tiny blocks
+    (`data.decoded_block_mb`): backpressure and block size change speed, never the rows or their order."""
     from dataclasses import asdict
 
     from medvl.data.stream import StreamStart, rank_stream
@@ -255,16 +255,24 @@ def test_stream_follows_the_plan_resumes_exactly_and_skips_corrupt_rows(ray_loca
     plan = StreamPlan(read_units(str(corpus), "train"), seed=3, world=2, window_rows=120)
     dec = ClipDecoder(asdict(ModelConfig(name="test-vit-micro")), train=True)
 
-    def stream(rank, start, buffer_mb=0):
+    blocks: dict[int, list[int]] = {}
+
+    def stream(rank, start, buffer_mb=0, block_mb=16):
         import ray.data
         ds = rank_stream(plan, dec, rank=rank, start=start, epochs=2, decode_tasks=2, decode_batch_size=16,
-                         buffer_mb=buffer_mb)
+                         buffer_mb=buffer_mb, block_mb=block_mb)
         limit = ds.context.execution_options.resource_limits.object_store_memory
         assert limit == (buffer_mb * 2**20 if buffer_mb else float("inf"))
-        assert ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory == \
-            float("inf")  # the budget is the dataset's own: the process's context is left as it was
-        return [(int(e), int(w), int(p), int(s)) for b in ds.iter_batches(batch_size=None, batch_format="numpy")
-                for e, w, p, s in zip(b["_epoch"], b["_window"], b["_pos"], b["_sid"])]
+        assert ds.context.target_max_block_size == int(block_mb * 2**20)
+        here = ray.data.DataContext.get_current()  # the budget and block size are the dataset's own:
+        assert here.execution_options.resource_limits.object_store_memory == float("inf")  # the process's
+        assert here.target_max_block_size == 128 * 2**20  # context is left as it was
+        out = []
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            blocks.setdefault(rank, []).append(len(b["_sid"]))
+            out += [(int(e), int(w), int(p), int(s)) for e, w, p, s in zip(b["_epoch"], b["_window"], b["_pos"],
+                                                                           b["_sid"])]
+        return out
 
     got = stream(0, StreamStart(0, 0, 0))
     want = [sample_hash(ids[x]) for e in range(2) for x in plan.rank_rows(e, 0)]
@@ -272,11 +280,14 @@ def test_stream_follows_the_plan_resumes_exactly_and_skips_corrupt_rows(ray_loca
     assert len(plan.windows(0, 0)) >= 6 and len(want) - len(got) >= 20  # many windows, many corrupt rows
     # resume in the middle of window 3 of epoch 0 (rank 1): exactly the rest, in order
     start = StreamStart(0, 3, 17)
-    got = stream(1, start, buffer_mb=2)
+    got = stream(1, start, buffer_mb=2, block_mb=0.02)  # 20 KiB blocks: a 16-row chunk (48 KiB) is cut in pieces
     skip = sum(w.rows for w in plan.windows(0, 1)[:3]) + 17
     want = [sample_hash(ids[x]) for x in plan.rank_rows(0, 1)[skip:] + plan.rank_rows(1, 1)]
     assert [s for *_, s in got] == [s for s in want if s not in bad]
     assert got[0][:2] == (0, 3) and got[0][2] >= 17
+    # 16 MB blocks hold whole 120-row windows of these tiny images (the decode chunks of 16 rows joined); 20 KiB
+    # blocks are smaller than one chunk
+    assert max(blocks[0]) > 16 and max(blocks[1]) < 16, {r: sorted(set(v)) for r, v in blocks.items()}
 
 
 # --------------------------------------------------------------------------- training runs (real Ray Train)

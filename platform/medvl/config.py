@@ -69,6 +69,13 @@ class DataConfig:
     A trade of speed for memory: measured with `bench/data` (2026-12-03, 2 decode tasks, 224 px), 128-512 MB cut
     the peak memory growth for a 10x corpus from 1.37x to 1.20-1.27x (RSS) and decoding from 1234 to 890-940
     rows/s, so it is off by default; set it on nodes where memory, not decode speed, is short."""
+    decoded_block_mb: float = 16
+    """Size of the blocks the decode tasks hand to Ray Data (its `target_max_block_size` for the decode stage,
+    MB; 0 = Ray Data's own 128 MiB). A decode task yields its window in blocks of about this size, so the trainer
+    can take a window's first rows while the rest decodes and the pipeline holds parts of windows, not whole ones.
+    Measured with `bench/data` (2 decode tasks, 224 px, 147 KiB per row): against 128 MiB blocks (about 870 rows
+    each), the first batch came about 0.8 s sooner and the peak memory at 10x the corpus was about 700 MiB (18 %)
+    lower, at the same decode rate. It changes speed and memory, never the data order."""
     text_sampling: Literal["random", "first", "join"] = "random"
     """How one caption is chosen from a row's `texts`: a random one per epoch, the first, or all joined."""
 
@@ -334,6 +341,8 @@ class Recipe:
             (self.data.max_unit_rows >= 1, "data.max_unit_rows must be >= 1"),
             (self.data.shuffle_buffer_mb > 0, "data.shuffle_buffer_mb must be > 0"),
             (self.data.decoded_buffer_mb >= 0, "data.decoded_buffer_mb must be >= 0 (0 = Ray Data's own budget)"),
+            (self.data.decoded_block_mb >= 0,
+             "data.decoded_block_mb must be >= 0 (0 = Ray Data's own block size)"),
             (self.eval.max_memory_mb > 0, "eval.max_memory_mb must be > 0"),
             (self.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0"),
             (self.track.outage_wait_s >= 0, "track.outage_wait_s must be >= 0"),

@@ -350,9 +350,11 @@ class StreamStart:
 
 def rank_stream(plan: StreamPlan, decoder: RowDecoder, *, rank: int, start: StreamStart, epochs: int,
                 decode_tasks: int, decode_batch_size: int, counter: Optional[tuple[str, Optional[str]]] = None,
-                buffer_mb: float = 0) -> "ray.data.Dataset":
+                buffer_mb: float = 0, block_mb: float = 16) -> "ray.data.Dataset":
     """One rank's streaming dataset over epochs [start.epoch, epochs), starting at `start`; `buffer_mb` > 0 bounds
-    the decoded batches it holds in the object store (`data.decoded_buffer_mb`)."""
+    the decoded batches it holds in the object store (`data.decoded_buffer_mb`); `block_mb` > 0 is the size of the
+    blocks the decode tasks yield (`data.decoded_block_mb`; Ray Data would coalesce a window's decoded chunks into
+    128 MiB blocks, most of a window at 224 px)."""
     items = []
     for e in range(start.epoch, epochs):
         for w in plan.windows(e, rank):
@@ -367,10 +369,12 @@ def rank_stream(plan: StreamPlan, decoder: RowDecoder, *, rank: int, start: Stre
                           "spec": json.dumps({"slices": slices,
                                               "order": order.tolist() if order is not None else None})})
     ctx = ray.data.DataContext.get_current()
-    old = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits
+    old = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits, ctx.target_max_block_size
     ctx.execution_options.preserve_order = True  # the window order is the data order; datasets copy the context
     if buffer_mb > 0:
         ctx.execution_options.resource_limits = old[1].copy(object_store_memory=int(buffer_mb * 2**20))
+    if block_mb > 0:
+        ctx.target_max_block_size = max(1, int(block_mb * 2**20))
     try:
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
         return ds.map_batches(
@@ -382,7 +386,7 @@ def rank_stream(plan: StreamPlan, decoder: RowDecoder, *, rank: int, start: Stre
             num_cpus=1,
         )
     finally:
-        ctx.execution_options.preserve_order, ctx.execution_options.resource_limits = old
+        ctx.execution_options.preserve_order, ctx.execution_options.resource_limits, ctx.target_max_block_size = old
 
 
 # --------------------------------------------------------------------------- per-rank batches
@@ -525,7 +529,7 @@ def build_dataset(data: DataConfig, decoder: RowDecoder, split: str, *, train: b
     return rank_stream(plan, decoder, rank=0, start=StreamStart(epochs.start, 0, 0), epochs=epochs.stop,
                        decode_tasks=data.decode_tasks, decode_batch_size=data.decode_batch_size,
                        counter=(counter_name, namespace) if counter_name else None,
-                       buffer_mb=data.decoded_buffer_mb)
+                       buffer_mb=data.decoded_buffer_mb, block_mb=data.decoded_block_mb)
 
 
 def meta_and_batch(batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -186,7 +186,8 @@ RESUME_SAFE_KEYS = ("runtime.", "track.log_model", "track.register_model", "trac
                     "train.max_failures", "train.launch",
                     "train.keep_checkpoints", "train.log_every", "train.ckpt_every", "train.torch_threads",
                     "train.cpus_per_worker", "data.prefetch_batches", "data.decode_tasks",
-                    "data.decode_batch_size", "data.decoded_buffer_mb", "eval.batch_size", "eval.max_memory_mb")
+                    "data.decode_batch_size", "data.decoded_buffer_mb", "data.decoded_block_mb",
+                    "eval.batch_size", "eval.max_memory_mb")
 """Recipe keys that change how fast or where a run goes, never what it trains on: they may change on resume."""
 
 

@@ -209,7 +209,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> Optional[dict]:
                          start=StreamStart(prog.epoch, prog.window, prog.offset), epochs=t.epochs,
                          decode_tasks=-(-d.decode_tasks // world), decode_batch_size=d.decode_batch_size,
                          counter=tuple(config["counter"]) if config.get("counter") else None,
-                         buffer_mb=d.decoded_buffer_mb)
+                         buffer_mb=d.decoded_buffer_mb, block_mb=d.decoded_block_mb)
     blocks = stream.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=d.prefetch_batches)
     pin = device.type == "cuda"
 

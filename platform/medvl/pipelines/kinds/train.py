@@ -41,8 +41,8 @@ class TrainStage(Stage):
     executor = "driver"  # it starts the TorchTrainer (its workers are Ray actors) from the pipeline process
     owns_mlflow_run = True
     ignore_keys = ("name", "track.", "runtime.", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                   "train.max_failures", "data.decoded_buffer_mb")  # the last: a memory budget, added later (so
-    # caches built before it keep their keys)
+                   "train.max_failures", "data.decoded_buffer_mb", "data.decoded_block_mb")  # the last two:
+    # memory and speed settings added later (so caches built before them keep their keys)
     reserved_keys = ("name", "track.", "runtime.", "train.num_workers", "train.cpus_per_worker", "train.use_gpu")
 
     @classmethod
