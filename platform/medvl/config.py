@@ -66,9 +66,11 @@ class DataConfig:
     decoded_buffer_mb: float = 0
     """Object-store budget of each rank's decode pipeline (Ray Data backpressure, MB): decode tasks wait once this
     many MB of decoded batches wait for the trainer. 0 = Ray Data's own budget (a share of the whole object store).
-    A trade of speed for memory: measured with `bench/data` (2026-12-03, 2 decode tasks, 224 px), 128-512 MB cut
-    the peak memory growth for a 10x corpus from 1.37x to 1.20-1.27x (RSS) and decoding from 1234 to 890-940
-    rows/s, so it is off by default; set it on nodes where memory, not decode speed, is short."""
+    Measured with `bench/data` (2 decode tasks, 224 px): with 16 MB blocks (`decoded_block_mb`, 2026-12-06) 256 MB
+    kept the peak memory growth from 1x to 10x / 30x the corpus at 1.09x / 1.10x (PSS; 1.14x / 1.11x without) at
+    no cost in decode speed (1335 vs 1223 rows/s at 10x); with Ray Data's 128 MiB blocks (2026-12-03) such budgets
+    cut decoding from 1234 to 890-940 rows/s. Off by default because it is one budget per rank whatever the number
+    of decode tasks: on a node with many decode tasks (a GPU node) it would throttle them (not measured)."""
     decoded_block_mb: float = 16
     """Size of the blocks the decode tasks hand to Ray Data (its `target_max_block_size` for the decode stage,
     MB; 0 = Ray Data's own 128 MiB). A decode task yields its window in blocks of about this size, so the trainer
