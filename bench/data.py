@@ -7,9 +7,10 @@ with the same normalised float32 image tensors (the Ray side ships uint8 and nor
 training worker does; the DataLoader's transform normalises in its workers); both use 2 parallel decoders (Ray
 Data decode tasks / DataLoader workers) and batch 64. Sides (`--variants`): `ray`, `dataloader`, `ray-f32` (the
 Ray stream shipping float32 normalised in the decode tasks, as before the method seam: the uint8 transport's gain,
-reported on its own), `ray-b256` (the Ray stream with `data.decoded_buffer_mb=256`: an object-store budget that
-trades decode speed for memory) and `ray-k128` (the Ray stream with `data.decoded_block_mb=128`, Ray Data's own block
-size: a decode task's window then leaves in blocks of ~870 rows instead of 128). For each corpus scale (the digits train split copied 1x, 10x and 30x) it prints rows/s
+reported on its own), `ray-b256` (the Ray stream with `data.decoded_buffer_mb=256`: an object-store budget for
+the decode pipeline, off by default) and `ray-k128` (the Ray stream with `data.decoded_block_mb=128`, Ray Data's own
+block size: a decode task's window then leaves in blocks of ~870 rows instead of 128 at 224 px). For each corpus
+scale (the digits train split copied 1x, 10x and 30x) it prints rows/s
 (steady state, after the first batch), the bytes per row the consumer receives, and the peak memory of the whole
 process tree (driver + Ray / DataLoader workers) as RSS and as PSS (RSS counts Ray's shared-memory object store
 once per process that maps it; PSS divides shared pages among them), then, as the last line,
